@@ -1,0 +1,104 @@
+"""Building blocks of the FLUX MMDiT: dense layers with logical axes, norms, embeddings, RoPE, attention.
+
+Every parameter carries logical axis names; `pnapo_jax.sharding` maps them to mesh axes. Norm statistics,
+the sinusoidal timestep embedding and RoPE are computed in fp32 whatever the compute dtype.
+"""
+
+import math
+from collections.abc import Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Dtype = jnp.dtype
+
+
+def dense(features: int, axes: tuple[str, str], dtype: Dtype, param_dtype: Dtype, name: str,
+          zero_init: bool = False) -> nn.Dense:
+    """nn.Dense (kernel [in, out], bias [out]) whose params carry the logical axes `axes`."""
+    kernel_init = nn.initializers.zeros_init() if zero_init else nn.initializers.xavier_uniform()
+    return nn.Dense(
+        features,
+        dtype=jnp.dtype(dtype),
+        param_dtype=jnp.dtype(param_dtype),
+        kernel_init=nn.with_logical_partitioning(kernel_init, axes),
+        bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), (axes[1],)),
+        name=name,
+    )
+
+
+def layer_norm(x: jax.Array, eps: float = 1e-6) -> jax.Array:
+    """LayerNorm without affine parameters; statistics in fp32."""
+    x32 = x.astype(jnp.float32)
+    mean = x32.mean(-1, keepdims=True)
+    var = jnp.square(x32 - mean).mean(-1, keepdims=True)
+    return ((x32 - mean) * jax.lax.rsqrt(var + eps)).astype(x.dtype)
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm over the last axis with a learned scale (diffusers `.weight`, BFL `.scale`)."""
+
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+    eps: float = 1e-6
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones_init(), ("norm",)),
+                           (x.shape[-1],), jnp.dtype(self.param_dtype))
+        x32 = x.astype(jnp.float32)
+        x32 = x32 * jax.lax.rsqrt(jnp.square(x32).mean(-1, keepdims=True) + self.eps)
+        return (x32 * scale.astype(jnp.float32)).astype(jnp.dtype(self.dtype))
+
+
+def timestep_sinusoid(t_B: jax.Array, dim: int = 256, max_period: float = 10000.0) -> jax.Array:
+    """diffusers `Timesteps(dim, flip_sin_to_cos=True, downscale_freq_shift=0)`, always in fp32."""
+    half = dim // 2
+    freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / half)
+    args_BxH = t_B.astype(jnp.float32)[:, None] * freqs[None]
+    return jnp.concatenate([jnp.cos(args_BxH), jnp.sin(args_BxH)], axis=-1)
+
+
+class MLPEmbedder(nn.Module):
+    """Linear -> SiLU -> Linear (diffusers TimestepEmbedding / PixArtAlphaTextProjection)."""
+
+    features: int
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x = dense(self.features, ("cond_in", "embed"), self.dtype, self.param_dtype, "linear_1")(x)
+        return dense(self.features, ("embed", "embed_out"), self.dtype, self.param_dtype, "linear_2")(nn.silu(x))
+
+
+def rope_cos_sin(ids_BxSx3: jax.Array, axes_dim: Sequence[int], theta: float = 10000.0
+                 ) -> tuple[jax.Array, jax.Array]:
+    """FLUX 3-axis RoPE tables, each [B, S, head_dim], interleaved pairs as diffusers' FluxPosEmbed."""
+    cos, sin = [], []
+    for i, d in enumerate(axes_dim):
+        inv_freq = 1.0 / (theta ** (jnp.arange(0, d, 2, dtype=jnp.float32) / d))
+        ang_BxSxF = ids_BxSx3[..., i].astype(jnp.float32)[..., None] * inv_freq
+        cos.append(jnp.repeat(jnp.cos(ang_BxSxF), 2, axis=-1))
+        sin.append(jnp.repeat(jnp.sin(ang_BxSxF), 2, axis=-1))
+    return jnp.concatenate(cos, -1), jnp.concatenate(sin, -1)
+
+
+def apply_rope(x_BxSxNxH: jax.Array, cos_BxSxH: jax.Array, sin_BxSxH: jax.Array) -> jax.Array:
+    """Rotate interleaved pairs (x[2i], x[2i+1]) by the RoPE angle; computed in fp32."""
+    x32 = x_BxSxNxH.astype(jnp.float32)
+    pairs = x32.reshape(*x32.shape[:-1], -1, 2)
+    rotated = jnp.stack([-pairs[..., 1], pairs[..., 0]], axis=-1).reshape(x32.shape)
+    out = x32 * cos_BxSxH[:, :, None, :] + rotated * sin_BxSxH[:, :, None, :]
+    return out.astype(x_BxSxNxH.dtype)
+
+
+def attention(q_BxSxNxH: jax.Array, k_BxSxNxH: jax.Array, v_BxSxNxH: jax.Array, impl: str) -> jax.Array:
+    """Full (unmasked) multi-head attention; softmax in fp32. impl: 'xla' | 'cudnn' | 'dot'."""
+    if impl == "dot":
+        scale = 1.0 / math.sqrt(q_BxSxNxH.shape[-1])
+        logits = jnp.einsum("bqnh,bknh->bnqk", q_BxSxNxH, k_BxSxNxH, preferred_element_type=jnp.float32)
+        probs = jax.nn.softmax(logits * scale, axis=-1).astype(v_BxSxNxH.dtype)
+        return jnp.einsum("bnqk,bknh->bqnh", probs, v_BxSxNxH)
+    return jax.nn.dot_product_attention(q_BxSxNxH, k_BxSxNxH, v_BxSxNxH, implementation=impl)
