@@ -1,0 +1,20 @@
+"""The batch contract between any data source and the train step.
+
+One training example is a preference pair with its prior noises (a sextuple). A batch stacks examples on a
+leading axis B. Latents and noises are packed the way the transformer consumes them: I image tokens
+(= latent_h/2 * latent_w/2, 4096 at 1024x1024) of C channels (64 for FLUX: 16 VAE channels x 2 x 2).
+
+    x0_w, x0_l            float32 [B, I, C]  winner / loser clean latents (what the sampler ended at)
+    x1_w, x1_l            float32 [B, I, C]  winner / loser recorded prior noises (t = 1); absent -> only
+                                             `independent` noise mode can train
+    prompt_embeds         float32 [B, T, joint_attention_dim]  T5 sequence embedding
+    pooled_prompt_embeds  float32 [B, pooled_projection_dim]   CLIP pooled embedding
+    reward_w, reward_l    float32 [B]  reward of winner / loser (reward_w >= reward_l)
+    reward_gap            float32 [B]  reward_w - reward_l, input of dynamic beta
+"""
+
+LATENT_KEYS = ("x0_w", "x0_l")
+NOISE_KEYS = ("x1_w", "x1_l")
+TEXT_KEYS = ("prompt_embeds", "pooled_prompt_embeds")
+REWARD_KEYS = ("reward_w", "reward_l", "reward_gap")
+BATCH_KEYS = LATENT_KEYS + NOISE_KEYS + TEXT_KEYS + REWARD_KEYS
