@@ -96,3 +96,35 @@ def test_bf16_compute_close_to_fp32():
     bf = flux.FluxTransformer(dataclasses.replace(cfg, dtype="bfloat16")).apply({"params": params}, **inputs)
     assert bf.dtype == jax.numpy.bfloat16
     assert _rel_err(np.asarray(bf, np.float32), np.asarray(ref)) < 5e-2
+
+
+@pytest.mark.parametrize("scan", [False, True])
+def test_lora_adapters_equal_merged_weights(scan):
+    """Applied with adapters the model equals the base model whose kernels are W + (alpha/r) A B;
+    applied without the `lora` collection it is exactly the base model (the frozen reference)."""
+    cfg = flux.FluxConfig.from_diffusers(TINY, lora_rank=3, lora_alpha=6.0, scan_layers=scan,
+                                         lora_targets=("to_q", "to_v", "proj_mlp"))
+    plain_cfg = dataclasses.replace(cfg, lora_rank=0, scan_layers=False)
+    base = params_from_torch(torch_flux(), plain_cfg)
+    params = flux.scan_params(base, cfg) if scan else base
+    variables = flux.nn.meta.unbox(flux.FluxTransformer(cfg).init(jax.random.key(0), **flux.dummy_inputs(cfg)))
+    lora = jax.tree.map(lambda x: jax.random.normal(jax.random.key(1), x.shape) * 0.1, variables["lora"])
+    inputs = random_inputs(cfg, 2, 4, 4, 8)
+    model = flux.FluxTransformer(cfg)
+    with_lora = model.apply({"params": params, "lora": lora}, **inputs)
+    without = model.apply({"params": params}, **inputs)
+    no_lora_model = flux.FluxTransformer(dataclasses.replace(cfg, lora_rank=0))
+    np.testing.assert_array_equal(np.asarray(without), np.asarray(no_lora_model.apply({"params": params}, **inputs)))
+    merged = jax.tree.map(lambda x: x, base)
+    flat_lora = lora if not scan else flux.unscan_params(lora, cfg)
+    for blk, mods in flat_lora.items():
+        stack = [(mods, merged[blk])]
+        while stack:
+            lo, pa = stack.pop()
+            if "lora_a" in lo:
+                pa["kernel"] = pa["kernel"] + 2.0 * lo["lora_a"] @ lo["lora_b"]
+            else:
+                stack.extend((lo[k], pa[k]) for k in lo)
+    ref = flux.FluxTransformer(plain_cfg).apply({"params": merged}, **inputs)
+    assert _rel_err(np.asarray(with_lora), np.asarray(ref)) < 1e-5
+    assert _rel_err(np.asarray(with_lora), np.asarray(without)) > 1e-3

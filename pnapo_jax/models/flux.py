@@ -15,11 +15,11 @@ import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
 from pnapo_jax.models.layers import (
+    Dense,
     MLPEmbedder,
     RMSNorm,
     apply_rope,
     attention,
-    dense,
     layer_norm,
     rope_cos_sin,
     timestep_sinusoid,
@@ -53,6 +53,9 @@ class FluxConfig:
     scan_layers: bool = False  # nn.scan over each block stack (faster compiles, stacked params)
     remat_policy: str = "none"  # none | full | save_named
     remat_saved_names: tuple[str, ...] = ("qkv", "attn_out")  # kept by save_named
+    lora_rank: int = 0  # > 0: LoRA adapters (collection "lora") on the Dense layers named in lora_targets
+    lora_alpha: float = 0.0  # LoRA scale is alpha / rank; 0 means alpha = rank
+    lora_targets: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out_0")  # diffusers' default FLUX targets
     attention_impl: str = "xla"  # jax.nn.dot_product_attention implementation, or "dot"
 
     def __post_init__(self):
@@ -86,6 +89,13 @@ class FluxConfig:
         return out
 
 
+def _dense(cfg: FluxConfig, features: int, axes: tuple[str, str], name: str, zero_init: bool = False) -> Dense:
+    """A Dense in the config's dtypes, with LoRA when the config targets this layer's name."""
+    rank = cfg.lora_rank if name in cfg.lora_targets else 0
+    return Dense(features, axes, cfg.dtype, cfg.param_dtype, zero_init, rank, cfg.lora_alpha or cfg.lora_rank,
+                 name=name)
+
+
 def _remat(module_cls: type[nn.Module], cfg: FluxConfig) -> type[nn.Module]:
     if cfg.remat_policy == "none":
         return module_cls
@@ -108,8 +118,7 @@ class AdaLNModulation(nn.Module):
     @nn.compact
     def __call__(self, temb_BxD: jax.Array) -> list[jax.Array]:
         cfg = self.cfg
-        mod = dense(self.n * cfg.inner_dim, ("embed", "mod"), cfg.dtype, cfg.param_dtype, "linear",
-                    zero_init=True)(nn.silu(temb_BxD))
+        mod = _dense(cfg, self.n * cfg.inner_dim, ("embed", "mod"), "linear", zero_init=True)(nn.silu(temb_BxD))
         return [m[:, None, :] for m in jnp.split(mod, self.n, axis=-1)]
 
 
@@ -123,7 +132,7 @@ class FeedForward(nn.Module):
         cfg = self.cfg
         h = _ProjOnly(cfg, 4 * cfg.inner_dim, name="net_0")(x_BxLxD)
         h = checkpoint_name(nn.gelu(h, approximate=True), "mlp_hidden")
-        return dense(cfg.inner_dim, ("mlp", "embed"), cfg.dtype, cfg.param_dtype, "net_2")(h)
+        return _dense(cfg, cfg.inner_dim, ("mlp", "embed"), "net_2")(h)
 
 
 class _ProjOnly(nn.Module):
@@ -134,7 +143,7 @@ class _ProjOnly(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        return dense(self.features, ("embed", "mlp"), self.cfg.dtype, self.cfg.param_dtype, "proj")(x)
+        return _dense(self.cfg, self.features, ("embed", "mlp"), "proj")(x)
 
 
 def _project_qkv(cfg: FluxConfig, x_BxLxD: jax.Array, names: tuple[str, str, str, str, str]
@@ -142,7 +151,7 @@ def _project_qkv(cfg: FluxConfig, x_BxLxD: jax.Array, names: tuple[str, str, str
     """q, k, v (with RMSNorm on q, k) as [B, L, N, H]; `names` = (q, k, v, norm_q, norm_k) submodule names."""
     B, L, _ = x_BxLxD.shape
     N, H = cfg.num_attention_heads, cfg.attention_head_dim
-    q, k, v = (dense(cfg.inner_dim, ("embed", "heads"), cfg.dtype, cfg.param_dtype, n)(x_BxLxD)
+    q, k, v = (_dense(cfg, cfg.inner_dim, ("embed", "heads"), n)(x_BxLxD)
                .reshape(B, L, N, H) for n in names[:3])
     q = RMSNorm(cfg.dtype, cfg.param_dtype, name=names[3])(q)
     k = RMSNorm(cfg.dtype, cfg.param_dtype, name=names[4])(k)
@@ -171,8 +180,8 @@ class JointAttention(nn.Module):
         cat = lambda a, b: jnp.concatenate([a, b], axis=1)
         out = _rope_attend(cfg, cat(qt, qi), cat(kt, ki), cat(vt, vi), cos, sin)
         T = txt_BxTxD.shape[1]
-        img = dense(cfg.inner_dim, ("heads", "embed"), cfg.dtype, cfg.param_dtype, "to_out_0")(out[:, T:])
-        txt = dense(cfg.inner_dim, ("heads", "embed"), cfg.dtype, cfg.param_dtype, "to_add_out")(out[:, :T])
+        img = _dense(cfg, cfg.inner_dim, ("heads", "embed"), "to_out_0")(out[:, T:])
+        txt = _dense(cfg, cfg.inner_dim, ("heads", "embed"), "to_add_out")(out[:, :T])
         return img, txt
 
 
@@ -218,10 +227,10 @@ class SingleStreamBlock(nn.Module):
         cfg = self.cfg
         shift, scale, gate = AdaLNModulation(cfg, 3, name="norm")(temb_BxD)
         h = layer_norm(x_BxLxD) * (1 + scale) + shift
-        mlp = dense(4 * cfg.inner_dim, ("embed", "mlp"), cfg.dtype, cfg.param_dtype, "proj_mlp")(h)
+        mlp = _dense(cfg, 4 * cfg.inner_dim, ("embed", "mlp"), "proj_mlp")(h)
         mlp = checkpoint_name(nn.gelu(mlp, approximate=True), "mlp_hidden")
         attn = SelfAttention(cfg, name="attn")(h, cos, sin)
-        out = dense(cfg.inner_dim, ("mlp", "embed"), cfg.dtype, cfg.param_dtype, "proj_out")(
+        out = _dense(cfg, cfg.inner_dim, ("mlp", "embed"), "proj_out")(
             jnp.concatenate([attn, mlp], axis=-1))
         return _constrain(x_BxLxD + gate * out), None
 
@@ -230,7 +239,7 @@ def _run_stack(parent_cfg: FluxConfig, block_cls: type[nn.Module], n: int, name:
     """`n` blocks in order: a Python loop (params `{name}_{i}`) or one nn.scan (params `{name}`, stacked)."""
     block = _remat(block_cls, parent_cfg)
     if parent_cfg.scan_layers:
-        scanned = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
+        scanned = nn.scan(block, variable_axes={"params": 0, "lora": 0}, split_rngs={"params": True},
                           in_axes=(nn.broadcast, nn.broadcast, nn.broadcast), length=n,
                           metadata_params={nn.PARTITION_NAME: "layers"})
         carry, _ = scanned(parent_cfg, name=name)(carry, temb, cos, sin)
@@ -260,8 +269,8 @@ class FluxTransformer(nn.Module):
 
         temb_BxD = _TimeTextEmbed(cfg, name="time_text_embed")(timestep, guidance, pooled_projections)
 
-        img = dense(D, ("latent", "embed"), dt, cfg.param_dtype, "x_embedder")(hidden_states.astype(dt))
-        txt = dense(D, ("text_in", "embed"), dt, cfg.param_dtype, "context_embedder")(
+        img = _dense(cfg, D, ("latent", "embed"), "x_embedder")(hidden_states.astype(dt))
+        txt = _dense(cfg, D, ("text_in", "embed"), "context_embedder")(
             encoder_hidden_states.astype(dt))
         img, txt = _constrain(img), _constrain(txt)
 
@@ -276,7 +285,7 @@ class FluxTransformer(nn.Module):
 
         scale, shift = AdaLNModulation(cfg, 2, name="norm_out")(temb_BxD)
         img = layer_norm(img) * (1 + scale) + shift
-        return dense(cfg.out_dim, ("embed", "latent"), dt, cfg.param_dtype, "proj_out", zero_init=True)(img)
+        return _dense(cfg, cfg.out_dim, ("embed", "latent"), "proj_out", zero_init=True)(img)
 
 
 class _TimeTextEmbed(nn.Module):

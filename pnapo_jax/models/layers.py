@@ -6,6 +6,7 @@ the sinusoidal timestep embedding and RoPE are computed in fp32 whatever the com
 
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -14,18 +15,45 @@ import jax.numpy as jnp
 Dtype = jnp.dtype
 
 
-def dense(features: int, axes: tuple[str, str], dtype: Dtype, param_dtype: Dtype, name: str,
-          zero_init: bool = False) -> nn.Dense:
-    """nn.Dense (kernel [in, out], bias [out]) whose params carry the logical axes `axes`."""
-    kernel_init = nn.initializers.zeros_init() if zero_init else nn.initializers.xavier_uniform()
-    return nn.Dense(
-        features,
-        dtype=jnp.dtype(dtype),
-        param_dtype=jnp.dtype(param_dtype),
-        kernel_init=nn.with_logical_partitioning(kernel_init, axes),
-        bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), (axes[1],)),
-        name=name,
-    )
+class Dense(nn.Module):
+    """y = x W + b with logical axes on W and b, plus an optional low-rank update (LoRA).
+
+    Params are named as nn.Dense's (`kernel` [in, out], `bias`). With lora_rank > 0 the adapters `lora_a`
+    [in, r] and `lora_b` [r, out] live in the separate `lora` collection and add (alpha / r) x A B. Applied
+    without a `lora` collection the layer is the plain base layer: that is how the frozen reference shares the
+    policy's base weights instead of holding a second copy.
+    """
+
+    features: int
+    axes: tuple[str, str]
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+    zero_init: bool = False
+    lora_rank: int = 0
+    lora_alpha: float = 1.0
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        dt, pdt = jnp.dtype(self.dtype), jnp.dtype(self.param_dtype)
+        kernel_init = nn.initializers.zeros_init() if self.zero_init else nn.initializers.xavier_uniform()
+        kernel = self.param("kernel", nn.with_logical_partitioning(kernel_init, self.axes),
+                            (x.shape[-1], self.features), pdt)
+        bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros_init(), (self.axes[1],)),
+                          (self.features,), pdt)
+        x = x.astype(dt)
+        y = x @ kernel.astype(dt) + bias.astype(dt)
+        if self.lora_rank and (self.is_initializing() or self.has_variable("lora", "lora_a")):
+            def lora_init(name: str, init: Any, axes: tuple, shape: tuple[int, int]) -> nn.Variable:
+                boxed = nn.with_logical_partitioning(init, axes)
+                return self.variable("lora", name, lambda: boxed(self.make_rng("params"), shape, pdt))
+
+            a = lora_init("lora_a", nn.initializers.variance_scaling(1 / 3, "fan_in", "uniform"),
+                          (self.axes[0], None), (x.shape[-1], self.lora_rank))
+            b = lora_init("lora_b", nn.initializers.zeros_init(), (None, self.axes[1]),
+                          (self.lora_rank, self.features))
+            a, b = nn.meta.unbox(a.value), nn.meta.unbox(b.value)
+            y = y + (self.lora_alpha / self.lora_rank) * ((x @ a.astype(dt)) @ b.astype(dt))
+        return y
 
 
 def layer_norm(x: jax.Array, eps: float = 1e-6) -> jax.Array:
@@ -69,8 +97,8 @@ class MLPEmbedder(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        x = dense(self.features, ("cond_in", "embed"), self.dtype, self.param_dtype, "linear_1")(x)
-        return dense(self.features, ("embed", "embed_out"), self.dtype, self.param_dtype, "linear_2")(nn.silu(x))
+        x = Dense(self.features, ("cond_in", "embed"), self.dtype, self.param_dtype, name="linear_1")(x)
+        return Dense(self.features, ("embed", "embed_out"), self.dtype, self.param_dtype, name="linear_2")(nn.silu(x))
 
 
 def rope_cos_sin(ids_BxSx3: jax.Array, axes_dim: Sequence[int], theta: float = 10000.0
@@ -102,3 +130,4 @@ def attention(q_BxSxNxH: jax.Array, k_BxSxNxH: jax.Array, v_BxSxNxH: jax.Array, 
         probs = jax.nn.softmax(logits * scale, axis=-1).astype(v_BxSxNxH.dtype)
         return jnp.einsum("bnqk,bknh->bqnh", probs, v_BxSxNxH)
     return jax.nn.dot_product_attention(q_BxSxNxH, k_BxSxNxH, v_BxSxNxH, implementation=impl)
+

@@ -1,0 +1,91 @@
+"""Device mesh, logical-axis rules and the shardings derived from them.
+
+Parameters and activations carry logical axis names (see `pnapo_jax.models`); a short rules list in the
+config maps each name to mesh axes (data, fsdp, tensor). Everything is derived with `jax.eval_shape`, so no
+array is materialised to learn its sharding.
+"""
+
+import logging
+import math
+import os
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import ml_collections
+import numpy as np
+from jax.experimental import mesh_utils
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+MESH_AXES = ("data", "fsdp", "tensor")
+BATCH_AXES = ("data", "fsdp")  # the batch is split over both: FSDP is data parallel with sharded weights
+Rules = Sequence[tuple[str, Any]]
+
+
+def maybe_initialize_distributed() -> None:
+    """`jax.distributed.initialize()` on multi-host TPU (auto-detected) or when JAX_COORDINATOR_ADDRESS is set."""
+    if jax.distributed.is_initialized():
+        return
+    if os.environ.get("JAX_COORDINATOR_ADDRESS") or os.environ.get("TPU_WORKER_HOSTNAMES", "").count(",") > 0:
+        jax.distributed.initialize()
+        logging.info("jax.distributed: process %d of %d", jax.process_index(), jax.process_count())
+
+
+def mesh_shape(mesh_cfg: ml_collections.ConfigDict, num_devices: int) -> tuple[int, ...]:
+    """Sizes of (data, fsdp, tensor); one -1 takes whatever devices the others leave."""
+    sizes = [int(mesh_cfg[a]) for a in MESH_AXES]
+    if sizes.count(-1) > 1:
+        raise ValueError(f"config.mesh: at most one axis may be -1, got {dict(zip(MESH_AXES, sizes, strict=True))}")
+    known = math.prod(s for s in sizes if s != -1)
+    if -1 in sizes:
+        if num_devices % known:
+            raise ValueError(f"config.mesh: {num_devices} devices do not divide by the fixed axes' product {known}")
+        sizes[sizes.index(-1)] = num_devices // known
+    if math.prod(sizes) != num_devices:
+        raise ValueError(f"config.mesh {dict(zip(MESH_AXES, sizes, strict=True))} needs {math.prod(sizes)} "
+                         f"devices, have {num_devices}")
+    return tuple(sizes)
+
+
+def make_mesh(mesh_cfg: ml_collections.ConfigDict, devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """A (data, fsdp, tensor) mesh over `devices` (default: all), laid out for the interconnect."""
+    devices = list(jax.devices() if devices is None else devices)
+    shape = mesh_shape(mesh_cfg, len(devices))
+    try:
+        grid = mesh_utils.create_device_mesh(shape, devices)
+    except (AssertionError, NotImplementedError, ValueError):  # topology-unaware fallback (e.g. CPU)
+        grid = np.asarray(devices).reshape(shape)
+    return Mesh(grid, MESH_AXES)
+
+
+def rules_from_config(rules_cfg: Sequence[Sequence[Any]]) -> tuple[tuple[str, Any], ...]:
+    """Config rules (lists, possibly of lists) -> hashable tuples flax accepts."""
+    out = []
+    for name, axes in rules_cfg:
+        out.append((name, tuple(axes) if isinstance(axes, list | tuple) else axes))
+    return tuple(out)
+
+
+def logical_shardings(abstract_boxed: Any, mesh: Mesh, rules: Rules) -> Any:
+    """NamedShardings for a pytree of nn.LogicallyPartitioned leaves (unboxed leaves are replicated)."""
+    return nn.logical_to_mesh_sharding(nn.get_partition_spec(abstract_boxed), mesh, rules)
+
+
+def init_sharded(init_fn: Callable[[], Any], mesh: Mesh, rules: Rules) -> tuple[Any, Any]:
+    """Run `init_fn` (returning boxed params) jitted straight into its shardings; returns (params, shardings)."""
+    abstract = jax.eval_shape(init_fn)
+    shardings = logical_shardings(abstract, mesh, rules)
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        params = jax.jit(lambda: nn.meta.unbox(init_fn()), out_shardings=shardings)()
+    return params, shardings
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    """Leading (batch) axis split over data and fsdp; the rest replicated."""
+    return NamedSharding(mesh, P(BATCH_AXES))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P())
