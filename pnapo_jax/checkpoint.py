@@ -1,0 +1,79 @@
+"""Orbax checkpoints of the train state together with the data iterator's position.
+
+A checkpoint is one step directory holding `state` (step, trainable params, optimizer state, RNG) and `data`
+(the grain iterator, one JSON file per process). Restoring both makes a resumed run train on exactly the
+batches the interrupted run had not. The frozen reference is never saved: it is rebuilt from its source.
+SIGTERM (TPU preemption) sets a flag; the loop then saves and exits cleanly.
+"""
+
+import logging
+import signal
+from typing import Any
+
+import grain
+import jax
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+from etils import epath
+from jax.experimental import multihost_utils
+
+
+class Checkpointer:
+    """Saves every `every_steps` steps (async), keeps the last `keep`, restores the latest finished one."""
+
+    def __init__(self, directory: str, cfg: ml_collections.ConfigDict):
+        self.directory = epath.Path(directory)
+        self._warn_unfinished()
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=cfg.keep,
+            save_interval_steps=cfg.every_steps,
+            enable_async_checkpointing=cfg.async_save,
+            create=True,
+            cleanup_tmp_directories=True,
+        )
+        self.manager = ocp.CheckpointManager(self.directory, options=options)
+        self.preempted = False
+        signal.signal(signal.SIGTERM, self._on_sigterm)
+
+    def _on_sigterm(self, signum: int, frame: Any) -> None:
+        logging.warning("SIGTERM: saving a checkpoint after this step, then exiting")
+        self.preempted = True
+
+    def _warn_unfinished(self) -> None:
+        """Half-written step directories (a crash mid-save) are skipped by orbax; say so instead of silently."""
+        if not self.directory.exists():
+            return
+        for path in sorted(self.directory.iterdir()):
+            if ".orbax-checkpoint-tmp" in path.name or (path.name.isdigit() and not (path / "_CHECKPOINT_METADATA")
+                                                         .exists()):
+                logging.warning("skipping unfinished checkpoint %s (interrupted while saving)", path)
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def should_stop(self, step: int) -> bool:
+        """True when this host got SIGTERM or any host reached a preemption point (multi-host TPU)."""
+        if jax.process_count() == 1:
+            return self.preempted
+        any_sigterm = bool(multihost_utils.process_allgather(np.array(self.preempted)).any())
+        return any_sigterm or self.manager.reached_preemption(step)
+
+    def save(self, step: int, state: Any, data_iterator: grain.DatasetIterator | None, force: bool = False) -> bool:
+        items = {"state": ocp.args.StandardSave(state)}
+        if data_iterator is not None:
+            items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
+        return self.manager.save(step, args=ocp.args.Composite(**items), force=force)
+
+    def restore(self, step: int, abstract_state: Any, data_iterator: grain.DatasetIterator | None) -> Any:
+        """The state at `step`, placed as `abstract_state`'s shardings say; moves `data_iterator` in place."""
+        items = {"state": ocp.args.StandardRestore(abstract_state)}
+        if data_iterator is not None:
+            items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
+        return self.manager.restore(step, args=ocp.args.Composite(**items))["state"]
+
+    def wait(self) -> None:
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.manager.close()

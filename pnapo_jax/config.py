@@ -1,0 +1,104 @@
+"""Every config field with its default and meaning. Config files in configs/ start here and override.
+
+Sweep any field from the command line: `--config.pnapo.beta=5000 --config.optim.lr=2e-6`.
+"""
+
+import dataclasses
+
+import ml_collections
+
+from pnapo_jax.models.flux import FluxConfig
+from pnapo_jax.pnapo import LossConfig
+
+# Logical axis -> mesh axes. Parameters are FSDP-sharded on their `embed` dimension and tensor-parallel on
+# heads / mlp / modulation; activations are batch-sharded over (data, fsdp).
+DEFAULT_RULES = (
+    ("batch", ("data", "fsdp")),
+    ("embed", "fsdp"),
+    ("heads", "tensor"),
+    ("mlp", "tensor"),
+    ("mod", "tensor"),
+    ("layers", None),
+    ("length", None),
+    ("act_embed", None),
+    ("latent", None),
+    ("text_in", None),
+    ("cond_in", None),
+    ("embed_out", None),
+    ("norm", None),
+)
+
+
+def defaults() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.seed = 0  # params init (random-init models), t draws, independent noises, data shuffle
+
+    # The transformer: diffusers config.json fields and how to compute them (pnapo_jax.models.flux.FluxConfig).
+    c.model = ml_collections.ConfigDict({
+        f.name: (list(f.default) if isinstance(f.default, tuple) else f.default)
+        for f in dataclasses.fields(FluxConfig) if not f.name.startswith("lora_")})
+    c.model.out_channels = ml_collections.FieldReference(None, field_type=int)  # None: = in_channels
+    c.model.pretrained = ""  # diffusers folder, pipeline folder, hub id, gs:// path, or BFL .safetensors; "" = init
+    c.model.pretrained_format = "diffusers"  # diffusers | bfl (original FLUX single file; needs the fields above)
+    c.model.reference_dtype = "float32"  # storage dtype of the frozen reference ("bfloat16" on TPU)
+
+    # LoRA: only adapters train; the reference is the base weights with adapters off (no second copy).
+    c.lora = ml_collections.ConfigDict()
+    c.lora.rank = 0  # 0 = full fine-tune
+    c.lora.alpha = 0.0  # scale alpha / rank; 0 means alpha = rank (diffusers' default)
+    c.lora.targets = list(FluxConfig.lora_targets)  # Dense layers that get adapters, by our (diffusers) name
+
+    # The PNAPO loss (pnapo_jax.pnapo.LossConfig): beta, convention, noise mode, dynamic beta.
+    c.pnapo = ml_collections.ConfigDict(dataclasses.asdict(LossConfig()))
+
+    # Training t ~ kind; logit_normal is sigmoid(N(logit_mean, logit_std)); mode uses mode_scale.
+    c.t_sampling = ml_collections.ConfigDict()
+    c.t_sampling.kind = "uniform"  # uniform | logit_normal | mode
+    c.t_sampling.logit_mean = 0.0
+    c.t_sampling.logit_std = 1.0
+    c.t_sampling.mode_scale = 1.29
+    c.t_sampling.resolution_shift = False  # apply FLUX's resolution-dependent shift (mu from image tokens)
+
+    # AdamW with global-norm clipping and linear warmup; updates with non-finite gradients are skipped.
+    c.optim = ml_collections.ConfigDict()
+    c.optim.lr = 1e-6  # the paper's learning rate for FLUX and SD3-M
+    c.optim.schedule = "constant"  # constant | cosine (to 0 at train.num_steps), both after warmup
+    c.optim.warmup_steps = 0
+    c.optim.b1 = 0.9
+    c.optim.b2 = 0.999
+    c.optim.eps = 1e-8
+    c.optim.weight_decay = 1e-2
+    c.optim.grad_clip = 1.0  # global-norm clip; 0 disables
+
+    c.train = ml_collections.ConfigDict()
+    c.train.num_steps = 1000  # optimizer updates
+    c.train.global_batch_size = 8  # preference pairs per update, over all hosts
+    c.train.grad_accum_steps = 1  # micro-batches per update (global_batch_size must divide by it)
+    c.train.log_every = 10  # steps between metric lines
+    c.train.eval_every = 0  # steps between evals on data.eval_path (0: never)
+    c.train.eval_batches = 4  # batches per eval
+
+    # Input pipeline (pnapo_jax.data). Shapes are in packed tokens: image_tokens = (H/16) * (W/16) for FLUX.
+    c.data = ml_collections.ConfigDict()
+    c.data.source = "synthetic"  # synthetic | array_record
+    c.data.path = ""  # dataset directory written by pnapo_jax.data / pnapo_jax.generate
+    c.data.eval_path = ""  # held-out pairs for eval lines ("" = none)
+    c.data.latent_h_tokens = 64  # packed latent grid rows (1024 px / 16)
+    c.data.latent_w_tokens = 64  # packed latent grid columns
+    c.data.text_len = 512  # T5 tokens (FLUX.1-dev: 512)
+    c.data.synthetic_num = 256  # records of the synthetic source
+    c.data.worker_count = 0  # grain worker processes per host
+    c.data.on_bad_record = "raise"  # raise | skip (skipped records are counted in the metrics)
+
+    c.checkpoint = ml_collections.ConfigDict()
+    c.checkpoint.every_steps = 500  # also on SIGTERM (TPU preemption) and at the end
+    c.checkpoint.keep = 3  # most recent checkpoints kept
+    c.checkpoint.async_save = True  # write in the background while training continues
+
+    # Device mesh (data, fsdp, tensor); -1 = the devices the other axes leave.
+    c.mesh = ml_collections.ConfigDict()
+    c.mesh.data = 1
+    c.mesh.fsdp = -1
+    c.mesh.tensor = 1
+    c.logical_axis_rules = [list(r) if isinstance(r[1], tuple) else r for r in DEFAULT_RULES]
+    return c

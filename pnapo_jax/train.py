@@ -1,0 +1,358 @@
+"""PNAPO training: the train state, one pure jitted step on the mesh, and the loop around it.
+
+State is a plain dict {step, params, opt_state, rng}: `params` are what trains (all weights, or only the LoRA
+adapters). The frozen side is separate and never donated: {"ref": reference weights} for a full fine-tune, or
+{"base": base weights} with LoRA, where the reference is the same base applied without adapters.
+"""
+
+import dataclasses
+import logging
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from etils import epath
+from jax.sharding import Mesh
+
+from pnapo_jax import flow, pnapo, sharding
+from pnapo_jax.models.flux import FluxConfig, FluxTransformer, dummy_inputs
+
+State = dict[str, Any]
+Metrics = dict[str, jax.Array]
+
+
+def flux_config(config: ml_collections.ConfigDict) -> FluxConfig:
+    """The model config: config.model's FluxConfig fields plus config.lora."""
+    names = {f.name for f in dataclasses.fields(FluxConfig)}
+    kw = {k: tuple(v) if isinstance(v, list | tuple) else v for k, v in config.model.items() if k in names}
+    return FluxConfig(**kw, lora_rank=config.lora.rank, lora_alpha=config.lora.alpha,
+                      lora_targets=tuple(config.lora.targets))
+
+
+def learning_rate(optim: ml_collections.ConfigDict, num_steps: int) -> optax.Schedule:
+    """Linear warmup from 0, then constant or cosine to 0 at num_steps."""
+    if optim.schedule == "constant":
+        return optax.join_schedules([optax.linear_schedule(0.0, optim.lr, max(optim.warmup_steps, 1)),
+                                     optax.constant_schedule(optim.lr)], [optim.warmup_steps])
+    if optim.schedule == "cosine":
+        return optax.warmup_cosine_decay_schedule(0.0, optim.lr, optim.warmup_steps, max(num_steps, 1))
+    raise ValueError(f"config.optim.schedule must be 'constant' or 'cosine', got {optim.schedule!r}")
+
+
+def make_optimizer(optim: ml_collections.ConfigDict, num_steps: int) -> optax.GradientTransformation:
+    """AdamW with global-norm clipping; a step whose gradients are not finite is skipped and counted."""
+    chain = [optax.clip_by_global_norm(optim.grad_clip)] if optim.grad_clip > 0 else []
+    chain.append(optax.adamw(learning_rate(optim, num_steps), b1=optim.b1, b2=optim.b2, eps=optim.eps,
+                             weight_decay=optim.weight_decay))
+    return optax.apply_if_finite(optax.chain(*chain), max_consecutive_errors=2**30)
+
+
+def _cast(tree: Any, dtype: str) -> Any:
+    return jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
+
+
+@dataclasses.dataclass(frozen=True)
+class Setup:
+    """What the step and the loop derive from the config once."""
+
+    config: ml_collections.ConfigDict
+    model_cfg: FluxConfig
+    mesh: Mesh
+    rules: tuple
+    tx: optax.GradientTransformation
+
+    @property
+    def lora(self) -> bool:
+        return self.model_cfg.lora_rank > 0
+
+    @property
+    def image_tokens(self) -> int:
+        return self.config.data.latent_h_tokens * self.config.data.latent_w_tokens
+
+
+def make_setup(config: ml_collections.ConfigDict, devices: list | None = None) -> Setup:
+    if config.train.global_batch_size % config.train.grad_accum_steps:
+        raise ValueError(f"train.global_batch_size={config.train.global_batch_size} must divide by "
+                         f"train.grad_accum_steps={config.train.grad_accum_steps}")
+    return Setup(config, flux_config(config), sharding.make_mesh(config.mesh, devices),
+                 sharding.rules_from_config(config.logical_axis_rules),
+                 make_optimizer(config.optim, config.train.num_steps))
+
+
+def _variable_shardings(setup: Setup) -> tuple[Any, Any]:
+    """(abstract boxed variables {"params", "lora"?}, their NamedShardings), from eval_shape only."""
+    model = FluxTransformer(setup.model_cfg)
+    abstract = jax.eval_shape(lambda: model.init(jax.random.key(setup.config.seed), **dummy_inputs(setup.model_cfg)))
+    return abstract, sharding.logical_shardings(abstract, setup.mesh, setup.rules)
+
+
+def _load_pretrained(setup: Setup, shardings: Any) -> Any:
+    """Pretrained base weights placed straight into `shardings`; the file's architecture must match the config."""
+    from pnapo_jax import convert  # heavy imports (safetensors, hub) only when loading
+
+    m = setup.config.model
+    dtype = setup.model_cfg.param_dtype
+    if m.pretrained_format == "bfl":
+        return convert.load_bfl_transformer(m.pretrained, setup.model_cfg, dtype=dtype, shardings=shardings)
+    if m.pretrained_format != "diffusers":
+        raise ValueError(f"config.model.pretrained_format must be 'diffusers' or 'bfl', got {m.pretrained_format!r}")
+    loaded_cfg, params = convert.load_diffusers_transformer(m.pretrained, dtype=dtype, shardings=shardings,
+                                                            scan_layers=setup.model_cfg.scan_layers)
+    mismatch = {k: (v, getattr(setup.model_cfg, k)) for k, v in loaded_cfg.to_diffusers().items()
+                if k != "_class_name" and v != FluxConfig.to_diffusers(setup.model_cfg)[k]}
+    if mismatch:
+        raise ValueError(f"{m.pretrained}: config.json differs from config.model (file, config): {mismatch}")
+    return params
+
+
+def base_params(setup: Setup) -> Any:
+    """The starting weights (pretrained or seeded init): the reference's weights, rebuilt on every (re)start."""
+    abstract, shardings = _variable_shardings(setup)
+    if setup.config.model.pretrained:
+        return _load_pretrained(setup, shardings["params"])
+    model = FluxTransformer(setup.model_cfg)
+    init = lambda: nn.meta.unbox(model.init(jax.random.key(setup.config.seed), **dummy_inputs(setup.model_cfg)))
+    with jax.set_mesh(setup.mesh), nn.logical_axis_rules(setup.rules):
+        return jax.jit(lambda: init()["params"], out_shardings=shardings["params"])()
+
+
+def init_state(setup: Setup, base: Any) -> tuple[State, Any]:
+    """(train state, frozen) on the mesh. Full fine-tune trains a copy of `base`; LoRA trains fresh adapters."""
+    abstract, shardings = _variable_shardings(setup)
+    frozen_dtype = setup.config.model.reference_dtype
+    frozen_sh = shardings["params"]
+    with jax.set_mesh(setup.mesh), nn.logical_axis_rules(setup.rules):
+        frozen = jax.jit(lambda p: _cast(p, frozen_dtype), out_shardings=frozen_sh)(base)
+        if setup.lora:
+            model = FluxTransformer(setup.model_cfg)
+            params = jax.jit(lambda: nn.meta.unbox(model.init(jax.random.key(setup.config.seed + 1),
+                                                              **dummy_inputs(setup.model_cfg)))["lora"],
+                             out_shardings=shardings["lora"])()
+        else:
+            params = base
+        opt_state = jax.jit(setup.tx.init, out_shardings=opt_state_shardings(setup))(params)
+    state = {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": opt_state,
+             "rng": jax.random.PRNGKey(setup.config.seed)}
+    state = jax.device_put(state, state_shardings(setup))
+    return state, {"base" if setup.lora else "ref": frozen}
+
+
+def _trainable_abstract(setup: Setup) -> Any:
+    abstract, _ = _variable_shardings(setup)
+    return abstract["lora" if setup.lora else "params"]
+
+
+def opt_state_shardings(setup: Setup) -> Any:
+    """The optimizer state sharded like the params it tracks (eval_shape alone would replicate it)."""
+    abstract_opt = jax.eval_shape(setup.tx.init, _trainable_abstract(setup))
+    return sharding.logical_shardings(abstract_opt, setup.mesh, setup.rules)
+
+
+def state_shardings(setup: Setup) -> State:
+    rep = sharding.replicated(setup.mesh)
+    return {"step": rep, "params": sharding.logical_shardings(_trainable_abstract(setup), setup.mesh, setup.rules),
+            "opt_state": opt_state_shardings(setup), "rng": rep}
+
+
+def frozen_shardings(setup: Setup) -> Any:
+    _, shardings = _variable_shardings(setup)
+    return {"base" if setup.lora else "ref": shardings["params"]}
+
+
+def abstract_state(setup: Setup) -> State:
+    """ShapeDtypeStructs with shardings: the restore target of a checkpoint."""
+    shapes = jax.eval_shape(lambda: {
+        "step": jnp.zeros((), jnp.int32), "params": nn.meta.unbox(_trainable_abstract(setup)),
+        "opt_state": setup.tx.init(nn.meta.unbox(_trainable_abstract(setup))), "rng": jax.random.PRNGKey(0)})
+    return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes,
+                        state_shardings(setup))
+
+
+def _apply_fns(setup: Setup, frozen: Any) -> tuple[Callable, Callable, Any]:
+    """(policy_apply, ref_apply, ref_params) for pnapo.pair_loss."""
+    model = FluxTransformer(setup.model_cfg)
+    if setup.lora:
+        policy = lambda lora, **kw: model.apply({"params": frozen["base"], "lora": lora}, **kw)
+        ref = lambda base, **kw: model.apply({"params": base}, **kw)
+        return policy, ref, frozen["base"]
+    apply = lambda p, **kw: model.apply({"params": p}, **kw)
+    return apply, apply, frozen["ref"]
+
+
+def _loss_fn(setup: Setup, frozen: Any) -> Callable:
+    policy_apply, ref_apply, ref_params = _apply_fns(setup, frozen)
+    data = setup.config.data
+    return lambda params, batch, t_B, rng, step: pnapo.pair_loss(
+        params, batch, t_B, rng, step, policy_apply=policy_apply, ref_apply=ref_apply, ref_params=ref_params,
+        img_ids=flow.img_ids(data.latent_h_tokens, data.latent_w_tokens), txt_ids=flow.txt_ids(data.text_len),
+        cfg=setup.config.pnapo)
+
+
+def _sample_t(setup: Setup, rng: jax.Array, batch: int) -> jax.Array:
+    t = setup.config.t_sampling
+    mu = flow.resolution_mu(setup.image_tokens) if t.resolution_shift else None
+    return flow.sample_t(rng, batch, kind=t.kind, logit_mean=t.logit_mean, logit_std=t.logit_std,
+                         mode_scale=t.mode_scale, shift_mu=mu)
+
+
+def _split_micro(x_BxN: jax.Array, k: int) -> jax.Array:
+    """[B, ...] -> [k, B/k, ...] taking every k-th row, so each micro-batch keeps the batch sharding's layout."""
+    return x_BxN.reshape(x_BxN.shape[0] // k, k, *x_BxN.shape[1:]).swapaxes(0, 1)
+
+
+def train_step(setup: Setup, state: State, frozen: Any, batch: dict[str, jax.Array]) -> tuple[State, Metrics]:
+    """One optimizer update on a global batch of pairs (in `grad_accum_steps` micro-batches). Pure."""
+    step = state["step"]
+    t_rng, noise_rng = jax.random.split(jax.random.fold_in(state["rng"], step))
+    B = batch["x0_w"].shape[0]
+    t_B = _sample_t(setup, t_rng, B)
+    grad_fn = jax.value_and_grad(_loss_fn(setup, frozen), has_aux=True)
+    k = setup.config.train.grad_accum_steps
+    if k == 1:
+        (_, metrics), grads = grad_fn(state["params"], batch, t_B, noise_rng, step)
+    else:
+        micro = (jax.tree.map(lambda x: _split_micro(x, k), batch), _split_micro(t_B, k),
+                 jax.random.split(noise_rng, k))
+
+        def accumulate(acc, xs):
+            (_, m), g = grad_fn(state["params"], *xs, step)
+            return jax.tree.map(jnp.add, acc, (g, m)), None
+
+        shapes = jax.eval_shape(lambda: grad_fn(state["params"], *jax.tree.map(lambda x: x[0], micro), step))
+        zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), (shapes[1], shapes[0][1]))
+        (grads, metrics), _ = jax.lax.scan(accumulate, zeros, micro)
+        grads, metrics = jax.tree.map(lambda x: x / k, (grads, metrics))
+    updates, opt_state = setup.tx.update(grads, state["opt_state"], state["params"])
+    params = optax.apply_updates(state["params"], updates)
+    metrics = {**metrics, "grad_norm": optax.global_norm(grads),
+               "lr": learning_rate(setup.config.optim, setup.config.train.num_steps)(step),
+               "skipped_updates": opt_state.total_notfinite}
+    return {"step": step + 1, "params": params, "opt_state": opt_state, "rng": state["rng"]}, metrics
+
+
+def eval_step(setup: Setup, state: State, frozen: Any, batch: dict[str, jax.Array]) -> Metrics:
+    """Loss and reward metrics on held-out pairs, with a fixed t / noise draw so evals are comparable."""
+    rng = jax.random.fold_in(jax.random.PRNGKey(setup.config.seed), 2**31 - 1)
+    t_rng, noise_rng = jax.random.split(rng)
+    t_B = _sample_t(setup, t_rng, batch["x0_w"].shape[0])
+    _, metrics = _loss_fn(setup, frozen)(state["params"], batch, t_B, noise_rng, state["step"])
+    return metrics
+
+
+def jit_steps(setup: Setup) -> tuple[Callable, Callable]:
+    """(train_step, eval_step) jitted with in/out shardings; the train state is donated."""
+    state_sh, frozen_sh = state_shardings(setup), frozen_shardings(setup)
+    batch_sh = sharding.batch_sharding(setup.mesh)
+    rep = sharding.replicated(setup.mesh)
+    step = jax.jit(lambda s, f, b: train_step(setup, s, f, b), in_shardings=(state_sh, frozen_sh, batch_sh),
+                   out_shardings=(state_sh, rep), donate_argnums=0)
+    evaluate = jax.jit(lambda s, f, b: eval_step(setup, s, f, b), in_shardings=(state_sh, frozen_sh, batch_sh),
+                       out_shardings=rep)
+    return step, evaluate
+
+
+def _with_rules(setup: Setup, fn: Callable) -> Callable:
+    """Run `fn` (tracing included) under the mesh and the logical axis rules."""
+    def wrapped(*args):
+        with jax.set_mesh(setup.mesh), nn.logical_axis_rules(setup.rules):
+            return fn(*args)
+    return wrapped
+
+
+def make_source(config: ml_collections.ConfigDict, path: str, seed_offset: int = 0) -> Any:
+    """The record source named by config.data (synthetic, or a dataset directory at `path`)."""
+    from pnapo_jax.data.source import ArrayRecordSource
+    from pnapo_jax.data.synthetic import synthetic_pairs
+
+    d, m = config.data, config.model
+    if d.source == "synthetic":
+        return synthetic_pairs(d.synthetic_num, d.latent_h_tokens * d.latent_w_tokens, m.in_channels, d.text_len,
+                               m.joint_attention_dim, m.pooled_projection_dim, config.seed + seed_offset,
+                               with_noise=True)
+    if d.source == "array_record":
+        if not path:
+            raise ValueError("config.data.source='array_record' needs config.data.path")
+        return ArrayRecordSource(path)
+    raise ValueError(f"config.data.source must be 'synthetic' or 'array_record', got {d.source!r}")
+
+
+def make_train_loader(config: ml_collections.ConfigDict, source: Any) -> Any:
+    from pnapo_jax.data.pipeline import LoaderConfig, make_loader
+
+    d = config.data
+    cfg = LoaderConfig(global_batch_size=config.train.global_batch_size, seed=config.seed,
+                       worker_count=d.worker_count, on_bad_record=d.on_bad_record)
+    return make_loader(source, cfg, config.pnapo.noise_mode)
+
+
+def _eval_batches(config: ml_collections.ConfigDict, setup: Setup) -> list[dict[str, jax.Array]] | None:
+    """A fixed list of held-out global batches (read once), or None without an eval set."""
+    if not config.data.eval_path and config.data.source != "synthetic":
+        return None
+    if config.train.eval_every <= 0:
+        return None
+    from pnapo_jax.data.pipeline import global_batch
+
+    loader = make_train_loader(config, make_source(config, config.data.eval_path, seed_offset=10_000))
+    batch_sh = sharding.batch_sharding(setup.mesh)
+    batches = [global_batch(next(loader), batch_sh) for _ in range(config.train.eval_batches)]
+    loader.close()
+    return batches
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices: list | None = None,
+                       show_progress: bool = True) -> dict[str, Any]:
+    """Train (resuming from WORKDIR/checkpoints if there are any) and return the last metric line."""
+    from pnapo_jax.checkpoint import Checkpointer
+    from pnapo_jax.data.pipeline import global_batch
+    from pnapo_jax.metrics import MetricWriter
+
+    sharding.maybe_initialize_distributed()
+    setup = make_setup(config, devices)
+    workdir = epath.Path(workdir)
+    logging.info("mesh %s; model %s", dict(setup.mesh.shape), setup.model_cfg)
+    loader = make_train_loader(config, make_source(config, config.data.path))
+    ckpt = Checkpointer(str(workdir / "checkpoints"), config.checkpoint)
+    base = base_params(setup)
+    state, frozen = init_state(setup, base)
+    del base
+    start = ckpt.latest_step()
+    if start is not None:
+        logging.info("resuming from step %d", start)
+        state = ckpt.restore(start, abstract_state(setup), loader.iterator)
+    start = int(state["step"])
+    step_fn, eval_fn = (_with_rules(setup, f) for f in jit_steps(setup))
+    eval_batches = _eval_batches(config, setup)
+    writer = MetricWriter(str(workdir), config.train.num_steps, start, show_progress)
+    batch_sh = sharding.batch_sharding(setup.mesh)
+    line: dict[str, Any] = {}
+    try:
+        for step in range(start + 1, config.train.num_steps + 1):
+            state, metrics = step_fn(state, frozen, global_batch(next(loader), batch_sh))
+            if step % config.train.log_every == 0 or step == config.train.num_steps:
+                line = writer.write(step, {**metrics, "skipped_records": loader.skipped})
+                writer.progress(step, line, config.train.global_batch_size)
+            if eval_batches and step % config.train.eval_every == 0:
+                writer.write(step, _mean_metrics(eval_fn(state, frozen, b) for b in eval_batches))
+            stop = ckpt.should_stop(step)
+            ckpt.save(step, state, loader.iterator, force=stop or step == config.train.num_steps)
+            if stop:
+                logging.warning("stopped at step %d on preemption; the checkpoint is saved", step)
+                break
+        ckpt.wait()
+    finally:
+        ckpt.close()
+        writer.close()
+        loader.close()
+    return line
+
+
+def _mean_metrics(metrics: Iterator[Metrics]) -> dict[str, float]:
+    ms = [jax.device_get(m) for m in metrics]
+    return {f"eval/{k}": float(np.mean([m[k] for m in ms])) for k in ms[0]}
+
