@@ -11,6 +11,11 @@ leading axis B. Latents and noises are packed the way the transformer consumes t
     pooled_prompt_embeds  float32 [B, pooled_projection_dim]   CLIP pooled embedding
     reward_w, reward_l    float32 [B]  reward of winner / loser (reward_w >= reward_l)
     reward_gap            float32 [B]  reward_w - reward_l, input of dynamic beta
+
+pnapo_jax.data.pipeline.make_loader yields these per host (B = global batch / hosts, numpy) with the noise
+keys only in `recorded` noise mode, so a run's batch structure does not depend on which dataset it reads;
+pnapo_jax.data.pipeline.global_batch turns them into global jax.Arrays. Stored records hold more (prompt
+text, generation metadata): see pnapo_jax/data/schema.py.
 """
 
 LATENT_KEYS = ("x0_w", "x0_l")

@@ -1,0 +1,141 @@
+"""Imports preference pairs that kept no prior noises (Pick-a-Pic style) into the sextuple format.
+
+The dataset is written with has_noise=False, so it trains only with noise_mode="independent" (the
+Diffusion-DPO / Flow-DPO baseline); recorded-noise training refuses it.
+
+Manifest: JSON lines, one pair per row; file paths are relative to the manifest's directory:
+
+    {"caption": "a red fox", "latent_0": "0/a.npy", "latent_1": "0/b.npy",
+     "prompt_embeds": "0/t5.npy", "pooled_prompt_embeds": "0/clip.npy", "label_0": 1}
+
+  latent_0, latent_1     float32 [I, C] latents of image 0 / 1, packed as the transformer consumes them
+                         (VAE latent, (x - shift) * scale, 2x2 patches: [16, h/8, w/8] -> [(h/16)(w/16), 64])
+  prompt_embeds          float32 [T, D_t5]; pooled_prompt_embeds float32 [D_clip]
+  label_0                as Pick-a-Pic: 1 image 0 preferred, 0 image 1 preferred, 0.5 tie (skipped, counted)
+  model_id               optional
+
+Images (Pick-a-Pic's jpg_0 / jpg_1) are not read yet: they need VAE encoding, which comes with the VAE
+port; encode them to latents first. Preference labels carry no reward scale: winner 1, loser 0, gap 1.
+The dataset's array shapes come from the first non-tie row, which must load. Errors name the manifest and
+the row (0-based, blank lines not counted). .npy files load with allow_pickle=False: nothing is unpickled.
+"""
+
+import argparse
+import itertools
+import json
+import os
+from collections.abc import Iterator
+from typing import Any, NamedTuple
+
+import numpy as np
+
+from pnapo_jax.data.builder import write_dataset
+from pnapo_jax.data.schema import ON_BAD_RECORD, BadRecords, RecordError, SextupleSpec, validate_record
+
+TIE = 0.5
+ARRAY_RANKS = {"latent_0": 2, "latent_1": 2, "prompt_embeds": 2, "pooled_prompt_embeds": 1}
+
+
+class ImportReport(NamedTuple):
+    """What an import produced."""
+
+    path: str  # the dataset directory to train from
+    written: int
+    ties: int
+    skipped: int  # bad rows dropped with on_bad_record="skip"
+
+
+def _load_array(row: dict[str, Any], field: str, base: str, manifest: str, index: int) -> np.ndarray:
+    """One .npy of a row, float32 where that is lossless; a missing or unreadable file is a RecordError."""
+    if field not in row:
+        hint = "; images need VAE encoding (not ported yet): give .npy latents" if field.startswith("latent") else ""
+        raise RecordError(manifest, index, field, f"missing{hint}")
+    path = os.path.join(base, row[field])
+    try:
+        array = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as error:
+        raise RecordError(manifest, index, field, f"cannot load {path}: {error}") from None
+    if array.ndim != ARRAY_RANKS[field]:
+        raise RecordError(manifest, index, field, f"{path} has shape {array.shape}, expected rank {ARRAY_RANKS[field]}")
+    return array.astype(np.float32) if np.can_cast(array.dtype, np.float32, "safe") else array
+
+
+def _pair_record(row: dict[str, Any], base: str, manifest: str, index: int, height: int, width: int) -> dict:
+    """A non-tie manifest row -> an unvalidated record without noises."""
+    label = row.get("label_0")
+    if label not in (0, 1):
+        raise RecordError(manifest, index, "label_0", f"{label!r} is not 0, 0.5 or 1")
+    winner, loser = ("latent_0", "latent_1") if label == 1 else ("latent_1", "latent_0")
+    load = lambda field: _load_array(row, field, base, manifest, index)
+    return dict(
+        prompt=row.get("caption"),
+        prompt_embeds=load("prompt_embeds"),
+        pooled_prompt_embeds=load("pooled_prompt_embeds"),
+        x0_w=load(winner),
+        x0_l=load(loser),
+        reward_w=np.float32(1),
+        reward_l=np.float32(0),
+        reward_gap=np.float32(1),
+        model_id=str(row.get("model_id", "")),
+        seed_w=-1,
+        seed_l=-1,
+        steps=0,
+        guidance=np.float32(0),
+        height=height,
+        width=width,
+    )
+
+
+def import_manifest(
+    manifest: str, data_dir: str, height: int = 1024, width: int = 1024, on_bad_record: str = "raise"
+) -> ImportReport:
+    """Writes the pairs of a JSON-lines manifest under `data_dir` as a noise-free sextuple dataset."""
+    base, bad_records = os.path.dirname(os.path.abspath(manifest)), BadRecords(on_bad_record)
+    with open(manifest, encoding="utf-8") as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    pairs = ((index, row) for index, row in enumerate(rows) if row.get("label_0") != TIE)
+    first_index, first_row = next(pairs, (None, None))
+    if first_row is None:
+        raise ValueError(f"{manifest}: no non-tie pairs to import")
+    first = _pair_record(first_row, base, manifest, first_index, height, width)
+    spec = SextupleSpec(
+        *first["x0_w"].shape, *first["prompt_embeds"].shape, *first["pooled_prompt_embeds"].shape, has_noise=False
+    )
+
+    def records() -> Iterator[dict]:
+        for index, row in itertools.chain([(first_index, first_row)], pairs):
+            try:
+                record = first if index == first_index else _pair_record(row, base, manifest, index, height, width)
+                validate_record(record, spec, manifest, index)
+            except RecordError as error:
+                bad_records.handle(error)
+                continue
+            yield record
+
+    report = write_dataset(records(), spec, data_dir)
+    ties = sum(row.get("label_0") == TIE for row in rows)
+    return ImportReport(report.path, report.written, ties, bad_records.skipped)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m pnapo_jax.data.import_pairs",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--input", required=True, help="JSON-lines manifest (format above)")
+    parser.add_argument(
+        "--out", required=True, help="TFDS data_dir to write; the dataset lands in OUT/pnapo_pairs/1.0.0"
+    )
+    parser.add_argument("--height", type=int, default=1024, help="image height in pixels of every pair")
+    parser.add_argument("--width", type=int, default=1024, help="image width in pixels of every pair")
+    parser.add_argument(
+        "--on_bad_record", choices=ON_BAD_RECORD, default="raise", help="stop at, or drop and count, bad rows"
+    )
+    args = parser.parse_args(argv)
+    report = import_manifest(args.input, args.out, args.height, args.width, args.on_bad_record)
+    print(f"wrote {report.written} pairs to {report.path}; skipped {report.ties} ties and {report.skipped} bad rows")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,146 @@
+"""The grain input pipeline: record source -> host-local numpy batches -> global jax.Arrays on the mesh.
+
+Per host:  its shard of record indices -> shuffle(seed), a new order each epoch -> repeat -> read and check
+           (in `worker_count` processes) -> raise on, or drop and count, bad records (here, so the count is
+           exact) -> batches of global_batch_size / hosts, keyed as in batch.py.
+The batches are a function of (seed, step): saving the iterator state with the train checkpoint makes a
+resumed run read exactly the records the interrupted one had not. Two ways to save it:
+  - by hand: `iterator_state(loader)` -> bytes, `restore_iterator(loader, state)` on a freshly made loader;
+  - with orbax: `grain.checkpoint.CheckpointSave(loader.iterator)` / `CheckpointRestore(loader.iterator)`
+    as one item of `ocp.args.Composite` (one JSON file per process).
+A state only fits a loader made with the same source, config, noise mode and host count.
+"""
+
+import dataclasses
+import json
+from collections.abc import Mapping
+
+import grain
+import jax
+import numpy as np
+from absl import flags
+
+from pnapo_jax.data.batch import BATCH_KEYS, NOISE_KEYS
+from pnapo_jax.data.schema import BadRecords, RecordError, check_noise_mode
+from pnapo_jax.data.source import PairSource
+
+
+@dataclasses.dataclass(frozen=True)
+class LoaderConfig:
+    """How the loader reads (from config.train.global_batch_size, config.seed and config.data)."""
+
+    global_batch_size: int  # pairs per train step summed over all hosts
+    seed: int = 0  # shuffle seed: with it, the batch of every step is fixed
+    num_epochs: int | None = None  # None repeats forever, reshuffled each epoch
+    worker_count: int = 0  # grain worker processes that read and check records; 0 reads in this process
+    worker_buffer_size: int = 2  # records each worker keeps ready
+    read_threads: int = 4  # threads reading records, per worker
+    prefetch_records: int = 8  # records read ahead, per worker (a FLUX record is ~12 MB)
+    on_bad_record: str = "raise"  # "raise" stops at the first bad record; "skip" drops, counts and logs it
+
+
+def batch_keys(noise_mode: str) -> tuple[str, ...]:
+    """The batch keys the train step gets: noises only in `recorded` mode, so every dataset batches alike."""
+    return BATCH_KEYS if noise_mode == "recorded" else tuple(k for k in BATCH_KEYS if k not in NOISE_KEYS)
+
+
+class _ReadPair:
+    """index -> the batch-contract arrays of one record, or the RecordError it raised (judged downstream)."""
+
+    def __init__(self, source: PairSource, keys: tuple[str, ...]):
+        self._source, self._keys = source, keys
+
+    def __call__(self, index: int) -> dict[str, np.ndarray] | RecordError:
+        try:
+            record = self._source[index]
+        except RecordError as error:
+            return error
+        return {key: np.asarray(record[key], np.float32) for key in self._keys}
+
+
+class _BadRecordGate:
+    """Applies the bad-record policy to the RecordErrors the readers pass on, here so `skipped` is exact."""
+
+    def __init__(self, bad_records: BadRecords):
+        self.bad_records = bad_records
+
+    def __call__(self, element: dict[str, np.ndarray] | RecordError) -> bool:
+        if isinstance(element, RecordError):
+            self.bad_records.handle(element)
+            return False
+        return True
+
+
+@dataclasses.dataclass
+class Loader:
+    """Iterates host-local numpy batches {key: [B_host, ...]}; `skipped` counts dropped records since creation."""
+
+    iterator: grain.DatasetIterator
+    bad_records: BadRecords
+
+    def __iter__(self) -> "Loader":
+        return self
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        return next(self.iterator)
+
+    @property
+    def skipped(self) -> int:
+        return self.bad_records.skipped
+
+    def close(self) -> None:
+        """Stops the worker processes."""
+        self.iterator.close()
+
+
+def _host_indices(num_records: int, shard: grain.sharding.ShardOptions) -> grain.MapDataset:
+    """This host's record indices, strided; with drop_remainder every host gets the same count."""
+    usable = num_records - num_records % shard.shard_count if shard.drop_remainder else num_records
+    if usable < shard.shard_count:
+        raise ValueError(f"{num_records} records cannot feed {shard.shard_count} hosts")
+    return grain.MapDataset.range(usable)[shard.shard_index :: shard.shard_count]
+
+
+def make_loader(
+    source: PairSource,
+    cfg: LoaderConfig,
+    noise_mode: str,
+    shard: grain.sharding.ShardOptions | None = None,
+) -> Loader:
+    """Host-local batches of `source` for `noise_mode`; `shard` defaults to one even shard per JAX process."""
+    check_noise_mode(source.spec, noise_mode)
+    bad_records = BadRecords(cfg.on_bad_record)
+    shard = shard or grain.sharding.ShardByJaxProcess(drop_remainder=True)
+    if cfg.global_batch_size % shard.shard_count:
+        raise ValueError(f"global_batch_size={cfg.global_batch_size} does not split over {shard.shard_count} hosts")
+    records = (
+        _host_indices(len(source), shard)
+        .shuffle(seed=cfg.seed)
+        .repeat(cfg.num_epochs)
+        .map(_ReadPair(source, batch_keys(noise_mode)))
+        .to_iter_dataset(grain.ReadOptions(num_threads=cfg.read_threads, prefetch_buffer_size=cfg.prefetch_records))
+    )
+    if cfg.worker_count:
+        if not flags.FLAGS.is_parsed():  # grain's workers read absl flags; a plain script never parsed them
+            flags.FLAGS.mark_as_parsed()
+        records = records.mp_prefetch(
+            grain.MultiprocessingOptions(num_workers=cfg.worker_count, per_worker_buffer_size=cfg.worker_buffer_size)
+        )
+    host_batch_size = cfg.global_batch_size // shard.shard_count
+    batches = records.filter(_BadRecordGate(bad_records)).batch(host_batch_size, drop_remainder=True)
+    return Loader(iter(batches), bad_records)
+
+
+def global_batch(batch: Mapping[str, np.ndarray], sharding: jax.sharding.Sharding) -> dict[str, jax.Array]:
+    """Host-local batches -> global arrays, batch axis laid out by `sharding` (e.g. NamedSharding(mesh, P('data')))."""
+    return {key: jax.make_array_from_process_local_data(sharding, value) for key, value in batch.items()}
+
+
+def iterator_state(loader: Loader) -> bytes:
+    """The loader's position, to store with the train checkpoint."""
+    return json.dumps(loader.iterator.get_state()).encode()
+
+
+def restore_iterator(loader: Loader, state: bytes) -> None:
+    """Moves a freshly made `loader` to a position saved by `iterator_state`."""
+    loader.iterator.set_state(json.loads(state))

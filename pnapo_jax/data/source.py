@@ -1,0 +1,58 @@
+"""Random-access record sources for the grain pipeline: a written dataset, or synthetic records in memory.
+
+Each gives `len`, `source[i] -> record` (validated: a bad record raises RecordError naming its file, its
+index there and the field) and `.spec`. Each pickles, so grain worker processes can read it.
+"""
+
+import dataclasses
+import os
+
+import grain
+import numpy as np
+import tensorflow_datasets as tfds
+
+from pnapo_jax.data.builder import SPLIT
+from pnapo_jax.data.schema import RecordError, SextupleSpec, validate_record
+from pnapo_jax.data.synthetic import InMemorySource, synthetic_pairs
+from pnapo_jax.data.tfds_format import decode_record, spec_of
+
+
+class ArrayRecordSource:
+    """A dataset written by `write_dataset` (its version directory), read straight from its array_record files."""
+
+    def __init__(self, path: str, split: str = SPLIT):
+        info = tfds.builder_from_directory(path).info
+        self.spec = spec_of(info, path)
+        split_info = info.splits[split]
+        self._paths = [os.fspath(p) for p in split_info.filepaths]
+        self._file_starts = np.cumsum([0, *split_info.shard_lengths])
+        self._records = grain.sources.ArrayRecordDataSource(self._paths)
+
+    def __len__(self) -> int:
+        return len(self._records)
+
+    def __getitem__(self, index: int) -> dict:
+        file_index = int(np.searchsorted(self._file_starts, index, side="right")) - 1
+        path, index_in_file = self._paths[file_index], int(index - self._file_starts[file_index])
+        record = decode_record(self._records[index], self.spec, path, index_in_file)
+        validate_record(record, self.spec, path, index_in_file)
+        return record
+
+
+PairSource = ArrayRecordSource | InMemorySource
+
+
+def open_source(kind: str, path: str, expected: SextupleSpec, synthetic_num: int = 256, seed: int = 0) -> PairSource:
+    """The source a config names: "array_record" (the dataset at `path`, refused unless its shapes are those of
+    `expected`) or "synthetic" (`synthetic_num` random pairs with noises, of `expected`'s shapes)."""
+    shapes = {f.name: getattr(expected, f.name) for f in dataclasses.fields(SextupleSpec) if f.name != "has_noise"}
+    if kind == "synthetic":
+        return synthetic_pairs(synthetic_num, **shapes, seed=seed)
+    if kind != "array_record":
+        raise ValueError(f"data source {kind!r}; expected 'array_record' or 'synthetic'")
+    source = ArrayRecordSource(path)
+    for name, wanted in shapes.items():
+        if getattr(source.spec, name) != wanted:
+            problem = f"the dataset declares {getattr(source.spec, name)}, the model config needs {wanted}"
+            raise RecordError(path, None, name, problem)
+    return source

@@ -1,0 +1,374 @@
+"""Sextuple records: write/read exactness, validation errors, the grain loader, resume, global batches, import."""
+
+import glob
+import json
+import os
+import sys
+
+import grain
+import jax
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+from array_record.python import array_record_module
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from tensorflow_datasets.proto import tf_example_pb2
+
+from pnapo_jax.data import import_pairs
+from pnapo_jax.data.batch import BATCH_KEYS, NOISE_KEYS
+from pnapo_jax.data.builder import write_dataset
+from pnapo_jax.data.pipeline import LoaderConfig, global_batch, iterator_state, make_loader, restore_iterator
+from pnapo_jax.data.schema import RecordError, SextupleSpec, check_noise_mode, validate_record
+from pnapo_jax.data.source import ArrayRecordSource, open_source
+from pnapo_jax.data.synthetic import synthetic_pairs
+
+DIMS = dict(image_tokens=16, channels=8, text_len=4, text_dim=6, pooled_dim=5)
+NUM = 12
+ONE_HOST = grain.sharding.NoSharding()
+
+
+@pytest.fixture(scope="module")
+def synthetic():
+    return synthetic_pairs(NUM, **DIMS, seed=0)
+
+
+@pytest.fixture(scope="module")
+def dataset(synthetic, tmp_path_factory):
+    return write_dataset(synthetic.records, synthetic.spec, str(tmp_path_factory.mktemp("pairs")))
+
+
+def _rows(batches, key="x0_w"):
+    """The record identities in a stream of batches: each x0_w is unique to its record."""
+    return [row.tobytes() for batch in batches for row in batch[key]]
+
+
+def _index_of(synthetic):
+    return {record["x0_w"].tobytes(): index for index, record in enumerate(synthetic.records)}
+
+
+def _assert_same_record(got, want):
+    assert got.keys() == want.keys()
+    for key, value in want.items():
+        if isinstance(value, np.ndarray):
+            assert got[key].dtype == value.dtype and np.array_equal(got[key], value), key
+        else:
+            assert type(got[key]) is type(value) and got[key] == value, key
+
+
+def _loader(source, noise_mode="recorded", shard=ONE_HOST, **cfg):
+    return make_loader(source, LoaderConfig(**{"global_batch_size": 4, "seed": 3} | cfg), noise_mode, shard)
+
+
+# --- write, then read back exactly ---
+
+
+def test_write_read_exact_through_builder_and_pipeline(synthetic, dataset):
+    assert dataset.written == NUM and dataset.skipped == 0
+    source = ArrayRecordSource(dataset.path)
+    assert source.spec == synthetic.spec and len(source) == NUM
+    for index, want in enumerate(synthetic.records):
+        _assert_same_record(source[index], want)
+
+    # Plain TFDS reads the same dataset by name, decoded, with no TensorFlow anywhere.
+    data_dir = os.path.dirname(os.path.dirname(dataset.path))
+    plain = tfds.data_source("pnapo_pairs", data_dir=data_dir, split="train")
+    for index, want in enumerate(synthetic.records):
+        got = plain[index]
+        assert got["prompt"].decode() == want["prompt"] and got["seed_w"] == want["seed_w"]
+        assert all(np.array_equal(got[key], want[key]) for key in synthetic.spec.array_shapes())
+    assert "tensorflow" not in sys.modules
+
+    batches = list(_loader(source, num_epochs=1))
+    assert len(batches) == NUM // 4 and set(batches[0]) == set(BATCH_KEYS)
+    assert batches[0]["x0_w"].shape == (4, 16, 8) and batches[0]["reward_gap"].shape == (4,)
+    index_of = _index_of(synthetic)
+    for batch in batches:
+        for row, x0_w in enumerate(batch["x0_w"]):
+            want = synthetic.records[index_of[x0_w.tobytes()]]
+            for key in BATCH_KEYS:
+                assert np.array_equal(batch[key][row], np.float32(want[key])), key
+    assert sorted(index_of[row] for row in _rows(batches)) == list(range(NUM))
+
+
+def test_existing_dataset_is_not_overwritten(synthetic, dataset):
+    with pytest.raises(FileExistsError, match="already holds a dataset"):
+        write_dataset(synthetic.records, synthetic.spec, os.path.dirname(os.path.dirname(dataset.path)))
+
+
+# --- validation on write ---
+
+
+def _with_nan(array):
+    array = array.copy()
+    array.flat[5] = np.nan
+    return array
+
+
+BREAKAGES = {  # kind: (field, broken value from the record, words of the error)
+    "nan": ("x0_l", lambda r: _with_nan(r["x0_l"]), "1 non-finite"),
+    "shape": ("prompt_embeds", lambda r: np.zeros((5, 6), np.float32), "shape (5, 6), declared (4, 6)"),
+    "dtype": ("x1_l", lambda r: r["x1_l"].astype(np.float64), "dtype float64, declared float32"),
+    "missing_noise": ("x1_w", lambda r: None, "missing prior noise"),
+    "reward_order": ("reward_w", lambda r: np.float32(-1.0), "below loser reward"),
+    "inf_reward": ("reward_l", lambda r: np.float32(np.inf), "finite"),
+    "gap": ("reward_gap", lambda r: np.float32(9.0), "reward_w - reward_l"),
+}
+
+
+def _broken(record, kind):
+    field, value, _ = BREAKAGES[kind]
+    return dict(record) | {field: value(record)}
+
+
+@pytest.mark.parametrize("kind", list(BREAKAGES))
+def test_write_refuses_bad_record_naming_file_record_field(synthetic, tmp_path, kind):
+    field, _, problem = BREAKAGES[kind]
+    records = list(synthetic.records)
+    records[5] = _broken(records[5], kind)
+    with pytest.raises(RecordError) as error:
+        write_dataset(records, synthetic.spec, str(tmp_path))
+    message = str(error.value)
+    assert "\n" not in message and problem in message
+    assert message.startswith(f"{tmp_path}/pnapo_pairs/1.0.0: record 5: field {field!r}")
+    assert (error.value.index, error.value.field) == (5, field)
+
+
+def test_write_skip_mode_counts(synthetic, tmp_path):
+    records = list(synthetic.records)
+    records[2], records[7] = _broken(records[2], "nan"), _broken(records[7], "missing_noise")
+    report = write_dataset(records, synthetic.spec, str(tmp_path), on_bad_record="skip")
+    assert (report.written, report.skipped) == (NUM - 2, 2)
+    source = ArrayRecordSource(report.path)
+    _assert_same_record(source[2], synthetic.records[3])  # order kept, bad records left out
+
+
+def test_spec_checks_height_width_and_unexpected_noise(synthetic):
+    record = dict(synthetic.records[0], width=synthetic.records[0]["width"] * 2)
+    with pytest.raises(RecordError, match="field 'height'"):
+        validate_record(record, synthetic.spec, "f", 0)
+    no_noise = SextupleSpec(**DIMS, has_noise=False)
+    with pytest.raises(RecordError, match="field 'x1_w': noise given"):
+        validate_record(synthetic.records[0], no_noise, "f", 0)
+
+
+# --- validation on read ---
+
+
+def _rewrite_shard(path, edits):
+    """Rewrites the dataset's one shard with tf.Example edits {index: fn(feature_map)} (a corrupt writer)."""
+    (shard,) = glob.glob(os.path.join(path, "*.array_record-*"))
+    reader = array_record_module.ArrayRecordReader(shard)
+    raws = reader.read_all()
+    reader.close()
+    writer = array_record_module.ArrayRecordWriter(shard, "group_size:1")
+    for index, raw in enumerate(raws):
+        example = tf_example_pb2.Example.FromString(raw)
+        if index in edits:
+            edits[index](example.features.feature)
+        writer.write(example.SerializeToString())
+    writer.close()
+    return shard
+
+
+def _nan_into(name):
+    def edit(feature_map):
+        array = np.frombuffer(feature_map[name].bytes_list.value[0], np.float32).copy()
+        array[0] = np.nan
+        feature_map[name].bytes_list.value[0] = array.tobytes()
+
+    return edit
+
+
+READ_BREAKAGES = {
+    1: ("x0_l", _nan_into("x0_l"), "non-finite"),
+    4: ("x1_w", lambda fm: fm.pop("x1_w"), "missing prior noise"),
+    6: ("prompt_embeds", lambda fm: fm["prompt_embeds"].bytes_list.value.__setitem__(0, b"\0" * 8), "8 bytes"),
+    9: ("reward_w", lambda fm: fm["reward_w"].float_list.value.__setitem__(0, -5.0), "below loser reward"),
+    10: ("seed_w", lambda fm: fm["seed_w"].ClearField("int64_list"), "expected one int64_list value"),
+}
+
+
+@pytest.fixture
+def corrupt_dataset(synthetic, tmp_path):
+    report = write_dataset(synthetic.records, synthetic.spec, str(tmp_path))
+    shard = _rewrite_shard(report.path, {index: edit for index, (_, edit, _) in READ_BREAKAGES.items()})
+    return report.path, shard
+
+
+def test_read_names_file_record_field(corrupt_dataset):
+    path, shard = corrupt_dataset
+    source = ArrayRecordSource(path)
+    for index, (field, _, problem) in READ_BREAKAGES.items():
+        with pytest.raises(RecordError) as error:
+            source[index]
+        assert str(error.value).startswith(f"{shard}: record {index}: field {field!r}: ")
+        assert problem in str(error.value) and "\n" not in str(error.value)
+
+
+def test_loader_raises_or_skips_and_counts(synthetic, corrupt_dataset):
+    source = ArrayRecordSource(corrupt_dataset[0])
+    with pytest.raises(RecordError, match=r"record \d+: field"):
+        list(_loader(source, num_epochs=1))
+    loader = _loader(source, num_epochs=2, on_bad_record="skip", global_batch_size=1)
+    rows = _rows(loader)
+    assert loader.skipped == 2 * len(READ_BREAKAGES)
+    good = set(range(NUM)) - set(READ_BREAKAGES)
+    assert sorted(_index_of(synthetic)[row] for row in rows) == sorted(2 * list(good))
+
+
+def test_workers_match_in_process_reads_and_skip_counts(synthetic, corrupt_dataset):
+    source = ArrayRecordSource(corrupt_dataset[0])
+    cfg = dict(num_epochs=2, on_bad_record="skip", global_batch_size=2)
+    in_process = _loader(source, **cfg)
+    workers = _loader(source, worker_count=2, **cfg)
+    try:
+        assert _rows(workers) == _rows(in_process)
+        assert workers.skipped == in_process.skipped == 2 * len(READ_BREAKAGES)
+    finally:
+        workers.close()
+
+
+def test_dataset_spec_disagreeing_with_model_is_refused(dataset):
+    wrong = SextupleSpec(**(DIMS | {"channels": 64}))
+    with pytest.raises(RecordError, match="all records: field 'channels': the dataset declares 8"):
+        open_source("array_record", dataset.path, wrong)
+    assert open_source("array_record", dataset.path, SextupleSpec(**DIMS)).spec.has_noise
+
+
+# --- noise modes ---
+
+
+def test_recorded_mode_refused_without_noises_points_to_independent(tmp_path):
+    noiseless = synthetic_pairs(4, **DIMS, seed=1, with_noise=False)
+    source = ArrayRecordSource(write_dataset(noiseless.records, noiseless.spec, str(tmp_path)).path)
+    assert not source.spec.has_noise
+    with pytest.raises(ValueError, match="noise_mode='independent'"):
+        _loader(source, noise_mode="recorded")
+    batch = next(_loader(source, noise_mode="independent"))
+    assert set(batch) == set(BATCH_KEYS) - set(NOISE_KEYS)
+    check_noise_mode(synthetic_pairs(1, **DIMS, seed=0).spec, "recorded")
+
+
+# --- order, epochs, resume ---
+
+
+def test_seeded_order_reshuffles_each_epoch_and_is_deterministic(synthetic):
+    first = _rows(_loader(synthetic, num_epochs=3, global_batch_size=NUM))
+    epochs = [first[i * NUM : (i + 1) * NUM] for i in range(3)]
+    assert all(sorted(epoch) == sorted(epochs[0]) for epoch in epochs)
+    assert epochs[0] != epochs[1] != epochs[2]
+    assert _rows(_loader(synthetic, num_epochs=3, global_batch_size=NUM)) == first
+    assert _rows(_loader(synthetic, num_epochs=3, global_batch_size=NUM, seed=4)) != first
+    forever = _loader(synthetic, global_batch_size=NUM)
+    assert _rows(next(forever) for _ in range(5))[: 3 * NUM] == first
+
+
+def test_resume_mid_epoch_yields_exactly_the_rest(dataset):
+    source = ArrayRecordSource(dataset.path)
+    full = _rows(_loader(source, num_epochs=2, global_batch_size=2))
+    loader = _loader(source, num_epochs=2, global_batch_size=2)
+    head = _rows(next(loader) for _ in range(4))  # 8 of the 12 records of epoch 0
+    state = iterator_state(loader)
+    assert isinstance(state, bytes)
+    resumed = _loader(source, num_epochs=2, global_batch_size=2)
+    restore_iterator(resumed, state)
+    rest = _rows(resumed)
+    assert head + rest == full and len(rest) == 2 * NUM - 8
+
+
+def test_orbax_saves_and_restores_the_iterator(synthetic, tmp_path):
+    ocp = pytest.importorskip("orbax.checkpoint")
+    loader = _loader(synthetic, global_batch_size=2)
+    next(loader), next(loader)
+    with ocp.CheckpointManager(tmp_path) as manager:
+        manager.save(2, args=ocp.args.Composite(data=grain.checkpoint.CheckpointSave(loader.iterator)))
+        manager.wait_until_finished()
+        resumed = _loader(synthetic, global_batch_size=2)
+        manager.restore(2, args=ocp.args.Composite(data=grain.checkpoint.CheckpointRestore(resumed.iterator)))
+    assert _rows(next(resumed) for _ in range(3)) == _rows(next(loader) for _ in range(3))
+
+
+# --- hosts and global arrays ---
+
+
+def test_host_shards_are_disjoint_and_cover_the_dataset(synthetic):
+    shards = [grain.sharding.ShardOptions(i, 3, drop_remainder=True) for i in range(3)]
+    # global batch 6 over 3 hosts: 2 per host; 12 records -> 4 per host -> 2 batches each per epoch
+    parts = [_rows(_loader(synthetic, shard=s, num_epochs=1, global_batch_size=6)) for s in shards]
+    assert all(len(part) == NUM // 3 for part in parts)
+    assert set().union(*map(set, parts)) == set(_index_of(synthetic)) and sum(map(len, parts)) == NUM
+    uneven = [
+        _rows(_loader(synthetic, shard=grain.sharding.ShardOptions(i, 5, True), num_epochs=1, global_batch_size=5))
+        for i in range(5)
+    ]
+    assert all(len(part) == 2 for part in uneven)  # 12 records, 5 hosts: 2 each, 2 dropped
+
+
+@pytest.mark.parametrize("axes,spec", [((8,), ("data",)), ((2, 4), (("data", "fsdp"),))])
+def test_global_batch_on_mesh(synthetic, axes, spec):
+    names = ("data", "fsdp")[: len(axes)]
+    mesh = Mesh(np.array(jax.devices()).reshape(axes), names)
+    sharding = NamedSharding(mesh, PartitionSpec(*spec))
+    batch = next(_loader(synthetic, global_batch_size=8))
+    arrays = global_batch(batch, sharding)
+    assert set(arrays) == set(BATCH_KEYS)
+    for key, array in arrays.items():
+        assert array.shape == batch[key].shape and array.sharding == sharding
+        assert len(array.addressable_shards) == 8
+        for shard in array.addressable_shards:
+            assert shard.data.shape[0] == 1
+            np.testing.assert_array_equal(np.asarray(shard.data), batch[key][shard.index])
+
+
+# --- import of noise-free preference pairs ---
+
+
+def test_import_pairs_manifest(tmp_path, capsys):
+    rng = np.random.default_rng(0)
+    rows, latents = [], []
+    for index in range(6):
+        pair = [rng.standard_normal((16, 8), dtype=np.float32) for _ in range(2)]
+        latents.append(pair)
+        paths = {}
+        for name, array in [
+            ("latent_0", pair[0]),
+            ("latent_1", pair[1].astype(np.float16).astype(np.float32)),
+            ("prompt_embeds", rng.standard_normal((4, 6)).astype(np.float32)),
+            ("pooled_prompt_embeds", rng.standard_normal(5).astype(np.float16)),
+        ]:
+            paths[name] = f"{index}_{name}.npy"
+            np.save(tmp_path / paths[name], array)
+        rows.append({"caption": f"prompt {index}", "label_0": [1, 0, 0.5, 1, 0, 1][index], **paths})
+    rows[3].pop("latent_1")
+    rows[3]["jpg_1"] = "3.jpg"
+    (tmp_path / "m.jsonl").write_text("\n".join(map(json.dumps, rows)) + "\n")
+
+    with pytest.raises(RecordError, match=r"m.jsonl: record 3: field 'latent_1': missing; images need VAE"):
+        import_pairs.import_manifest(str(tmp_path / "m.jsonl"), str(tmp_path / "raise"), 64, 64)
+    import_pairs.main(
+        [
+            f"--input={tmp_path / 'm.jsonl'}",
+            f"--out={tmp_path / 'out'}",
+            "--height=64",
+            "--width=64",
+            "--on_bad_record=skip",
+        ]
+    )
+    out = capsys.readouterr().out
+    assert "wrote 4 pairs" in out and "skipped 1 ties and 1 bad rows" in out
+    source = ArrayRecordSource(str(tmp_path / "out" / "pnapo_pairs" / "1.0.0"))
+    assert len(source) == 4 and not source.spec.has_noise
+    for stored, row in zip([0, 1, 4, 5], range(4), strict=True):
+        record = source[row]
+        assert record["prompt"] == f"prompt {stored}" and record["reward_gap"] == 1.0 and record["seed_w"] == -1
+        winner = 0 if rows[stored]["label_0"] == 1 else 1
+        np.testing.assert_array_equal(record["x0_w"], np.load(tmp_path / rows[stored][f"latent_{winner}"]))
+        np.testing.assert_array_equal(record["x0_l"], np.load(tmp_path / rows[stored][f"latent_{1 - winner}"]))
+    with pytest.raises(ValueError, match="noise_mode='independent'"):
+        _loader(source, noise_mode="recorded")
+
+
+def test_import_cli_help_mentions_vae(capsys):
+    with pytest.raises(SystemExit):
+        import_pairs.main(["--help"])
+    assert "VAE" in capsys.readouterr().out
