@@ -265,20 +265,16 @@ def _with_rules(setup: Setup, fn: Callable) -> Callable:
 
 
 def make_source(config: ml_collections.ConfigDict, path: str, seed_offset: int = 0) -> Any:
-    """The record source named by config.data (synthetic, or a dataset directory at `path`)."""
-    from pnapo_jax.data.source import ArrayRecordSource
-    from pnapo_jax.data.synthetic import synthetic_pairs
+    """The record source config.data names, refused unless its shapes are the model config's."""
+    from pnapo_jax.data.schema import SextupleSpec
+    from pnapo_jax.data.source import open_source
 
     d, m = config.data, config.model
-    if d.source == "synthetic":
-        return synthetic_pairs(d.synthetic_num, d.latent_h_tokens * d.latent_w_tokens, m.in_channels, d.text_len,
-                               m.joint_attention_dim, m.pooled_projection_dim, config.seed + seed_offset,
-                               with_noise=True)
-    if d.source == "array_record":
-        if not path:
-            raise ValueError("config.data.source='array_record' needs config.data.path")
-        return ArrayRecordSource(path)
-    raise ValueError(f"config.data.source must be 'synthetic' or 'array_record', got {d.source!r}")
+    expected = SextupleSpec(d.latent_h_tokens * d.latent_w_tokens, m.in_channels, d.text_len,
+                            m.joint_attention_dim, m.pooled_projection_dim)
+    if d.source == "array_record" and not path:
+        raise ValueError("config.data.source='array_record' needs config.data.path")
+    return open_source(d.source, path, expected, d.synthetic_num, config.seed + seed_offset)
 
 
 def make_train_loader(config: ml_collections.ConfigDict, source: Any) -> Any:
@@ -315,6 +311,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices:
     sharding.maybe_initialize_distributed()
     setup = make_setup(config, devices)
     workdir = epath.Path(workdir)
+    if jax.process_index() == 0:  # export and eval scripts rebuild the model from it
+        workdir.mkdir(parents=True, exist_ok=True)
+        (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
     logging.info("mesh %s; model %s", dict(setup.mesh.shape), setup.model_cfg)
     loader = make_train_loader(config, make_source(config, config.data.path))
     ckpt = Checkpointer(str(workdir / "checkpoints"), config.checkpoint)
