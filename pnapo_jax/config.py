@@ -54,22 +54,23 @@ def defaults() -> ml_collections.ConfigDict:
     # Training t ~ kind; logit_normal is sigmoid(N(logit_mean, logit_std)); mode uses mode_scale.
     c.t_sampling = ml_collections.ConfigDict()
     c.t_sampling.kind = "uniform"  # uniform | logit_normal | mode
-    c.t_sampling.logit_mean = 0.0
-    c.t_sampling.logit_std = 1.0
-    c.t_sampling.mode_scale = 1.29
+    c.t_sampling.logit_mean = 0.0  # logit-normal location (0: centred on t = 0.5)
+    c.t_sampling.logit_std = 1.0  # logit-normal scale
+    c.t_sampling.mode_scale = 1.29  # SD3's mode sampler scale
     c.t_sampling.resolution_shift = False  # apply FLUX's resolution-dependent shift (mu from image tokens)
 
     # AdamW with global-norm clipping and linear warmup; updates with non-finite gradients are skipped.
     c.optim = ml_collections.ConfigDict()
     c.optim.lr = 1e-6  # the paper's learning rate for FLUX and SD3-M
     c.optim.schedule = "constant"  # constant | cosine (to 0 at train.num_steps), both after warmup
-    c.optim.warmup_steps = 0
-    c.optim.b1 = 0.9
-    c.optim.b2 = 0.999
-    c.optim.eps = 1e-8
-    c.optim.weight_decay = 1e-2
+    c.optim.warmup_steps = 0  # linear warmup from lr 0
+    c.optim.b1 = 0.9  # AdamW first-moment decay
+    c.optim.b2 = 0.999  # AdamW second-moment decay
+    c.optim.eps = 1e-8  # AdamW denominator epsilon
+    c.optim.weight_decay = 1e-2  # decoupled weight decay (AdamW)
     c.optim.grad_clip = 1.0  # global-norm clip; 0 disables
 
+    # The run: length, batch, logging and eval cadence.
     c.train = ml_collections.ConfigDict()
     c.train.num_steps = 1000  # optimizer updates
     c.train.global_batch_size = 8  # preference pairs per update, over all hosts
@@ -90,6 +91,7 @@ def defaults() -> ml_collections.ConfigDict:
     c.data.worker_count = 0  # grain worker processes per host
     c.data.on_bad_record = "raise"  # raise | skip (skipped records are counted in the metrics)
 
+    # Orbax checkpoints under WORKDIR/checkpoints; a rerun with the same workdir resumes from the latest.
     c.checkpoint = ml_collections.ConfigDict()
     c.checkpoint.every_steps = 500  # also on SIGTERM (TPU preemption) and at the end
     c.checkpoint.keep = 3  # most recent checkpoints kept
@@ -97,8 +99,8 @@ def defaults() -> ml_collections.ConfigDict:
 
     # Device mesh (data, fsdp, tensor); -1 = the devices the other axes leave.
     c.mesh = ml_collections.ConfigDict()
-    c.mesh.data = 1
-    c.mesh.fsdp = -1
-    c.mesh.tensor = 1
-    c.logical_axis_rules = [list(r) if isinstance(r[1], tuple) else r for r in DEFAULT_RULES]
+    c.mesh.data = 1  # pure data parallelism (weights replicated across it)
+    c.mesh.fsdp = -1  # data parallelism with weights and optimizer state sharded across it
+    c.mesh.tensor = 1  # tensor parallelism over heads / MLP width
+    c.logical_axis_rules = [list(r) if isinstance(r[1], tuple) else r for r in DEFAULT_RULES]  # see DEFAULT_RULES
     return c
