@@ -21,6 +21,7 @@ DEFAULT_RULES = (
     ("layers", None),
     ("length", None),
     ("act_embed", None),
+    ("act_heads", "tensor"),
     ("latent", None),
     ("text_in", None),
     ("cond_in", None),
@@ -90,6 +91,19 @@ def defaults() -> ml_collections.ConfigDict:
     c.data.synthetic_num = 256  # records of the synthetic source
     c.data.worker_count = 0  # grain worker processes per host
     c.data.on_bad_record = "raise"  # raise | skip (skipped records are counted in the metrics)
+
+    # Off-policy pair generation (python -m pnapo_jax.generate): K samples per prompt, ranked by the reward.
+    c.generate = ml_collections.ConfigDict()
+    c.generate.world = "demo"  # text encoder, decoder and reward: demo (the embedded world)
+    c.generate.images_per_prompt = 4  # K samples per prompt, each from its own recorded noise
+    c.generate.num_steps = 28  # Euler steps (FluxPipeline's default; the paper used 50)
+    c.generate.guidance_scale = 3.5  # guidance input of guidance-distilled models (FLUX.1-dev)
+    c.generate.shift_mu = ml_collections.FieldReference(None, field_type=float)  # None: FLUX's resolution rule
+    c.generate.pairs = "best_worst"  # best_worst | all_above_gap
+    c.generate.min_gap = 0.0  # pairs with a smaller reward gap are not kept (ties never are)
+    c.generate.prompts_per_batch = 8  # prompts sampled together (x K images)
+    c.generate.prompts_per_chunk = 256  # prompts per resumable output chunk
+    c.generate.seed = 0  # noise of image k of prompt p: normal(fold_in(PRNGKey(seed), p * K + k))
 
     # Orbax checkpoints under WORKDIR/checkpoints; a rerun with the same workdir resumes from the latest.
     c.checkpoint = ml_collections.ConfigDict()

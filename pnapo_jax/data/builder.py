@@ -20,10 +20,13 @@ from pnapo_jax.data.tfds_format import features_of, spec_metadata
 SPLIT = "train"
 
 
+DATASET_NAME = "pnapo_pairs"
+
+
 class SextupleBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     """TFDS builder over an iterable of records; unregistered, so readers never need this class or its spec."""
 
-    name = "pnapo_pairs"
+    name = DATASET_NAME
     VERSION = tfds.core.Version("1.0.0")
     RELEASE_NOTES = {"1.0.0": "PNAPO sextuples: prompt embeddings, winner/loser latents and prior noises, rewards."}
     # Nothing is downloaded, so no checksums file sits by the code; and TFDS 4.9's code-path lookup for a

@@ -35,7 +35,7 @@ FLOAT_FIELDS = ("reward_w", "reward_l", "reward_gap", "guidance")
 INT_FIELDS = ("seed_w", "seed_l", "steps", "height", "width")
 NOISE_MODES = ("recorded", "independent")
 ON_BAD_RECORD = ("raise", "skip")
-PATCH_PIXELS = 16  # VAE downsample 8 x 2x2 packing: one image token covers 16x16 pixels
+FLUX_PATCH_PIXELS = 16  # VAE downsample 8 x 2x2 packing: one FLUX image token covers 16x16 pixels
 
 
 class RecordError(ValueError):
@@ -60,6 +60,7 @@ class SextupleSpec:
     text_dim: int  # D_t5: T5 width (4096)
     pooled_dim: int  # D_clip: CLIP pooled width (768)
     has_noise: bool = True  # False for imported preference data: only noise_mode="independent" can train on it
+    patch_pixels: int = FLUX_PATCH_PIXELS  # image pixels per token side (2 in the pixel-space demo world)
 
     def array_shapes(self) -> dict[str, tuple[int, ...]]:
         """The stored float32 arrays and their shapes, noises included when the dataset has them."""
@@ -139,6 +140,7 @@ def validate_record(record: Mapping[str, Any], spec: SextupleSpec, path: str, in
     if not np.isclose(np.float32(record["reward_gap"]), reward_w - reward_l, rtol=1e-5, atol=1e-6):
         fail("reward_gap", f"{record['reward_gap']} != reward_w - reward_l = {reward_w - reward_l}")
     height, width = record["height"], record["width"]
-    tokens = (height // PATCH_PIXELS) * (width // PATCH_PIXELS)
-    if height % PATCH_PIXELS or width % PATCH_PIXELS or tokens != spec.image_tokens:
-        fail("height", f"{height}x{width} pixels is not {spec.image_tokens} tokens of {PATCH_PIXELS}x{PATCH_PIXELS}")
+    patch = spec.patch_pixels
+    tokens = (height // patch) * (width // patch)
+    if height % patch or width % patch or tokens != spec.image_tokens:
+        fail("height", f"{height}x{width} pixels is not {spec.image_tokens} tokens of {patch}x{patch}")

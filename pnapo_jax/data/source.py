@@ -6,12 +6,14 @@ index there and the field) and `.spec`. Each pickles, so grain worker processes 
 
 import dataclasses
 import os
+from collections.abc import Sequence
 
 import grain
 import numpy as np
 import tensorflow_datasets as tfds
+from etils import epath
 
-from pnapo_jax.data.builder import SPLIT
+from pnapo_jax.data.builder import DATASET_NAME, SPLIT
 from pnapo_jax.data.schema import RecordError, SextupleSpec, validate_record
 from pnapo_jax.data.synthetic import InMemorySource, synthetic_pairs
 from pnapo_jax.data.tfds_format import decode_record, spec_of
@@ -39,18 +41,48 @@ class ArrayRecordSource:
         return record
 
 
-PairSource = ArrayRecordSource | InMemorySource
+class ConcatSource:
+    """Several written datasets of one spec read as one, in order (pair generation writes one per chunk)."""
+
+    def __init__(self, sources: Sequence[ArrayRecordSource]):
+        specs = {source.spec for source in sources}
+        if len(specs) != 1:
+            raise ValueError(f"datasets of different specs cannot be read as one: {sorted(map(str, specs))}")
+        self.sources, self.spec = list(sources), specs.pop()
+        self._starts = np.cumsum([0, *map(len, self.sources)])
+
+    def __len__(self) -> int:
+        return int(self._starts[-1])
+
+    def __getitem__(self, index: int) -> dict:
+        which = int(np.searchsorted(self._starts, index, side="right")) - 1
+        return self.sources[which][int(index - self._starts[which])]
+
+
+CHUNK_GLOB = "chunk_[0-9]*"  # finished chunks of a `python -m pnapo_jax.generate` output directory
+
+
+def open_written(path: str) -> "ArrayRecordSource | ConcatSource":
+    """A dataset version directory, or a generation output directory of finished chunks (read as one)."""
+    chunks = sorted(epath.Path(path).glob(f"{CHUNK_GLOB}/{DATASET_NAME}/*"))
+    if chunks:
+        return ConcatSource([ArrayRecordSource(os.fspath(c)) for c in chunks])
+    return ArrayRecordSource(path)
+
+
+PairSource = ArrayRecordSource | InMemorySource | ConcatSource
 
 
 def open_source(kind: str, path: str, expected: SextupleSpec, synthetic_num: int = 256, seed: int = 0) -> PairSource:
     """The source a config names: "array_record" (the dataset at `path`, refused unless its shapes are those of
     `expected`) or "synthetic" (`synthetic_num` random pairs with noises, of `expected`'s shapes)."""
-    shapes = {f.name: getattr(expected, f.name) for f in dataclasses.fields(SextupleSpec) if f.name != "has_noise"}
+    shapes = {f.name: getattr(expected, f.name) for f in dataclasses.fields(SextupleSpec)
+              if f.name not in ("has_noise", "patch_pixels")}
     if kind == "synthetic":
         return synthetic_pairs(synthetic_num, **shapes, seed=seed)
     if kind != "array_record":
         raise ValueError(f"data source {kind!r}; expected 'array_record' or 'synthetic'")
-    source = ArrayRecordSource(path)
+    source = open_written(path)
     for name, wanted in shapes.items():
         if getattr(source.spec, name) != wanted:
             problem = f"the dataset declares {getattr(source.spec, name)}, the model config needs {wanted}"

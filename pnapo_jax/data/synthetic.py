@@ -6,7 +6,7 @@ from typing import Any
 
 import numpy as np
 
-from pnapo_jax.data.schema import PATCH_PIXELS, SextupleSpec, validate_record
+from pnapo_jax.data.schema import FLUX_PATCH_PIXELS, SextupleSpec, validate_record
 
 
 class InMemorySource:
@@ -53,8 +53,8 @@ def synthetic_pairs(
             seed_l=seed_l,
             steps=28,
             guidance=np.float32(3.5),
-            height=PATCH_PIXELS * rows,
-            width=PATCH_PIXELS * (image_tokens // rows),
+            height=FLUX_PATCH_PIXELS * rows,
+            width=FLUX_PATCH_PIXELS * (image_tokens // rows),
         )
         records.append(record)
     return InMemorySource(records, spec, name=f"synthetic_pairs(seed={seed})")

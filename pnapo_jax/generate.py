@@ -1,0 +1,218 @@
+"""Off-policy pair generation: the base model samples K images per prompt from noises it records, a reward
+ranks them, and winner / loser are stored with their noises as sextuples.
+
+    python -m pnapo_jax.generate --config=configs/demo_cpu.py --prompts=prompts.txt --out=DIR
+
+The noise of image k of prompt p (0-based line of the prompts file) is
+`jax.random.normal(jax.random.fold_in(jax.random.PRNGKey(generate.seed), p * K + k), (I, C))`; the record
+stores it and `p * K + k` as its seed. Prompts go in chunks of `generate.prompts_per_chunk`; each finished
+chunk is a complete dataset (DIR/chunk_00000/...), written to a temporary name and renamed, so a rerun skips
+finished chunks: an interrupted run resumes with no prompt done twice and none lost. Training reads DIR as
+one dataset. With several JAX processes each takes every n-th chunk.
+"""
+
+import dataclasses
+import json
+import logging
+import shutil
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import tqdm
+from etils import epath
+
+from pnapo_jax import flow, sharding, train
+from pnapo_jax.data.builder import write_dataset
+from pnapo_jax.data.schema import SextupleSpec
+from pnapo_jax.models.flux import FluxTransformer
+
+PAIR_MODES = ("best_worst", "all_above_gap")
+
+
+class World(Protocol):
+    """What generation needs to know of a text-to-image world: text in, latents out, images scored."""
+
+    latent_h_tokens: int
+    latent_w_tokens: int
+    patch_pixels: int  # image pixels per token side
+    model_id: str
+
+    def encode_prompts(self, prompts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        """-> (prompt_embeds [B, T, D], pooled [B, P])."""
+
+    def decode(self, latents_BxIxC: jax.Array) -> np.ndarray:
+        """Packed latents -> images [B, H, W, 3] in [0, 1]."""
+
+    def reward(self, images_BxHxWx3: np.ndarray, prompts: Sequence[str]) -> np.ndarray:
+        """-> scores [B], higher is preferred."""
+
+
+def make_world(name: str) -> World:
+    """The worlds generation knows; `demo` is the embedded one (pnapo_jax.world)."""
+    if name == "demo":
+        from pnapo_jax import world
+
+        return world.components()
+    raise ValueError(f"config.generate.world={name!r}: known worlds are ('demo',)")
+
+
+def read_prompts(path: str) -> list[str]:
+    """One prompt a line; blank lines are refused (they would shift every later prompt's seed)."""
+    lines = epath.Path(path).read_text().splitlines()
+    blank = [i + 1 for i, line in enumerate(lines) if not line.strip()]
+    if blank:
+        raise ValueError(f"{path}: blank prompt on line(s) {blank[:5]}")
+    return [line.strip() for line in lines]
+
+
+def select_pairs(rewards_K: np.ndarray, mode: str, min_gap: float) -> list[tuple[int, int]]:
+    """(winner, loser) indices among K samples of one prompt: best vs worst, or every pair whose gap is at
+    least `min_gap` (ties never make a pair: they carry no preference)."""
+    if mode == "best_worst":
+        w, l = int(np.argmax(rewards_K)), int(np.argmin(rewards_K))
+        gap = rewards_K[w] - rewards_K[l]
+        return [(w, l)] if gap > 0 and gap >= min_gap else []
+    if mode == "all_above_gap":
+        K = len(rewards_K)
+        return [(i, j) for i in range(K) for j in range(K)
+                if rewards_K[i] > rewards_K[j] and rewards_K[i] - rewards_K[j] >= min_gap]
+    raise ValueError(f"config.generate.pairs={mode!r}: choose from {PAIR_MODES}")
+
+
+@dataclasses.dataclass
+class Sampler:
+    """Jitted, batched sampling of K recorded noises per prompt on the mesh."""
+
+    setup: train.Setup
+    params: Any
+    gen: ml_collections.ConfigDict
+
+    def __post_init__(self):
+        d = self.setup.config.data
+        self.apply = FluxTransformer(self.setup.model_cfg).apply
+        self.img_ids = flow.img_ids(d.latent_h_tokens, d.latent_w_tokens)
+        self.txt_ids = flow.txt_ids(d.text_len)
+        self.shape_IxC = (d.latent_h_tokens * d.latent_w_tokens, self.setup.model_cfg.in_channels)
+        self.batch_sharding = sharding.batch_sharding(self.setup.mesh)
+
+    def noises(self, seeds_N: np.ndarray) -> jax.Array:
+        key = jax.random.PRNGKey(self.gen.seed)
+        keys = jax.vmap(lambda s: jax.random.fold_in(key, s))(jnp.asarray(seeds_N, jnp.uint32))
+        return jax.vmap(lambda k: jax.random.normal(k, self.shape_IxC, jnp.float32))(keys)
+
+    def __call__(self, noise_NxIxC: jax.Array, embeds_NxTxD: np.ndarray, pooled_NxP: np.ndarray) -> jax.Array:
+        """Final latents [N, I, C]; N is padded up to a multiple of the mesh's batch shards and cut back."""
+        N = noise_NxIxC.shape[0]
+        shards = self.setup.mesh.shape["data"] * self.setup.mesh.shape["fsdp"]
+        pad = -N % shards
+
+        def put(x):
+            x = jnp.asarray(x, jnp.float32)
+            return jax.device_put(jnp.pad(x, [(0, pad)] + [(0, 0)] * (x.ndim - 1)), self.batch_sharding)
+
+        x0 = flow.euler_sample(self.apply, self.params, put(noise_NxIxC), put(embeds_NxTxD), put(pooled_NxP),
+                               self.gen.num_steps, self.gen.guidance_scale, self.img_ids, self.txt_ids,
+                               mu=self.gen.shift_mu)
+        return x0[:N]
+
+
+def _records_of_prompt(prompt: str, seeds_K: np.ndarray, x1_KxIxC: np.ndarray, x0_KxIxC: np.ndarray,
+                       rewards_K: np.ndarray, embeds_TxD: np.ndarray, pooled_P: np.ndarray, world: World,
+                       gen: ml_collections.ConfigDict) -> list[dict[str, Any]]:
+    """The sextuples of one prompt's K samples."""
+    h = world.latent_h_tokens * world.patch_pixels
+    w = world.latent_w_tokens * world.patch_pixels
+    out = []
+    for i, j in select_pairs(rewards_K, gen.pairs, gen.min_gap):
+        out.append(dict(
+            prompt=prompt, prompt_embeds=embeds_TxD, pooled_prompt_embeds=pooled_P,
+            x0_w=x0_KxIxC[i], x0_l=x0_KxIxC[j], x1_w=x1_KxIxC[i], x1_l=x1_KxIxC[j],
+            reward_w=np.float32(rewards_K[i]), reward_l=np.float32(rewards_K[j]),
+            reward_gap=np.float32(rewards_K[i]) - np.float32(rewards_K[j]),
+            model_id=world.model_id, seed_w=int(seeds_K[i]), seed_l=int(seeds_K[j]), steps=gen.num_steps,
+            guidance=np.float32(gen.guidance_scale), height=h, width=w))
+    return out
+
+
+def generate_chunk(prompts: Sequence[str], first_index: int, sampler: Sampler, world: World,
+                   gen: ml_collections.ConfigDict, on_batch: Callable[[int], None]) -> list[dict[str, Any]]:
+    """Records for `prompts` (whose first has index `first_index` in the prompts file)."""
+    K = gen.images_per_prompt
+    records = []
+    for start in range(0, len(prompts), gen.prompts_per_batch):
+        batch = list(prompts[start:start + gen.prompts_per_batch])
+        idx = np.arange(first_index + start, first_index + start + len(batch))
+        seeds_PxK = idx[:, None] * K + np.arange(K)[None]
+        embeds, pooled = world.encode_prompts(batch)
+        x1 = sampler.noises(seeds_PxK.reshape(-1))
+        x0 = sampler(x1, np.repeat(embeds, K, axis=0), np.repeat(pooled, K, axis=0))
+        images = world.decode(x0)
+        rewards_PxK = np.asarray(world.reward(images, [p for p in batch for _ in range(K)])).reshape(-1, K)
+        shape_PxKxIxC = (len(batch), K, *x0.shape[1:])
+        x0, x1 = np.asarray(x0).reshape(shape_PxKxIxC), np.asarray(x1).reshape(shape_PxKxIxC)
+        for b, prompt in enumerate(batch):
+            records += _records_of_prompt(prompt, seeds_PxK[b], x1[b], x0[b], rewards_PxK[b], embeds[b], pooled[b],
+                                          world, gen)
+        on_batch(len(batch))
+    return records
+
+
+def run(config: ml_collections.ConfigDict, prompts_file: str, out: str, show_progress: bool = True) -> dict:
+    """Generate pairs for every prompt of `prompts_file` into `out` (resuming); returns counts."""
+    gen = config.generate
+    world = make_world(gen.world)
+    setup = train.make_setup(config)
+    sampler = Sampler(setup, train.base_params(setup), gen)
+    prompts = read_prompts(prompts_file)
+    out_dir = epath.Path(out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    n = gen.prompts_per_chunk
+    mine = {c: prompts[c * n:(c + 1) * n] for c in range(-(-len(prompts) // n))
+            if c % jax.process_count() == jax.process_index()}
+    todo = [c for c in mine if not (out_dir / f"chunk_{c:05d}").exists()]
+    if len(todo) < len(mine):
+        logging.warning("resuming: %d of %d chunks already written", len(mine) - len(todo), len(mine))
+    d, m = config.data, setup.model_cfg
+    spec = SextupleSpec(d.latent_h_tokens * d.latent_w_tokens, m.in_channels, d.text_len, m.joint_attention_dim,
+                        m.pooled_projection_dim, patch_pixels=world.patch_pixels)
+    pairs = 0
+    done = sum(len(mine[c]) for c in mine if c not in todo)
+    with tqdm.tqdm(total=sum(map(len, mine.values())), initial=done, unit="prompt", disable=not show_progress,
+                   dynamic_ncols=True) as bar:
+        for c in todo:
+            records = generate_chunk(mine[c], c * n, sampler, world, gen, bar.update)
+            tmp = out_dir / f".tmp_chunk_{c:05d}"
+            if tmp.exists():  # left by a run that died while writing this chunk
+                shutil.rmtree(tmp)
+            write_dataset(records, spec, str(tmp))
+            tmp.rename(out_dir / f"chunk_{c:05d}")
+            pairs += len(records)
+            bar.set_postfix(pairs=pairs)
+    summary = {"prompts": len(prompts), "chunks_written_now": len(todo), "pairs_written_now": pairs}
+    if jax.process_index() == 0:
+        config_json = json.loads(config.to_json_best_effort())
+        (out_dir / "generation.json").write_text(json.dumps({**summary, "config": config_json}, indent=2))
+    return summary
+
+
+if __name__ == "__main__":
+    from absl import app, flags
+    from ml_collections import config_flags
+
+    from pnapo_jax import cli
+
+    _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file with a `generate` section.",
+                                              lock_config=True)
+    _PROMPTS = flags.DEFINE_string("prompts", None, "Text file, one prompt a line.")
+    _OUT = flags.DEFINE_string("out", None, "Output directory (training's config.data.path).")
+    flags.mark_flags_as_required(["config", "prompts", "out"])
+
+    def _main(argv: list[str]) -> None:
+        cli.quiet_logs()
+        print(json.dumps(run(_CONFIG.value, _PROMPTS.value, _OUT.value)))
+
+    app.run(_main, flags_parser=cli.parse_flags)
