@@ -45,11 +45,11 @@ def main(runs: int) -> None:
     args = (x["hidden_states"], x["encoder_hidden_states"], x["pooled_projections"], STEPS, GUIDANCE,
             x["img_ids"], x["txt_ids"])
     apply_fn = flux.FluxTransformer(cfg).apply
-    ours = lambda: jax.block_until_ready(flow.euler_sample(apply_fn, params, *args))
+    ours = lambda: jax.block_until_ready(flow.euler_sample(apply_fn, {"params": params}, *args))
     theirs = lambda: diffusers_euler(model, *(a if np.isscalar(a) else torch.from_numpy(a) for a in args))[-1]
 
     load_before = os.getloadavg()[0]
-    trace_s, lowered = _timed(lambda: flow.euler_sample.lower(apply_fn, params, *args))
+    trace_s, lowered = _timed(lambda: flow.euler_sample.lower(apply_fn, {"params": params}, *args))
     compile_s, _ = _timed(lowered.compile)
     out_ours, out_theirs = ours(), theirs()  # warm-up; the jit call reuses the executable compiled above
     times = {"jax (ours, jit)": [], "diffusers loop (torch)": []}

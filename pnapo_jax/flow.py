@@ -106,14 +106,14 @@ def flux_sigmas(num_steps: int, image_seq_len: int, mu: float | jax.Array | None
 
 
 @functools.partial(jax.jit, static_argnames=("apply_fn", "num_steps", "true_cfg_scale", "return_trajectory"))
-def euler_sample(apply_fn: Callable[..., jax.Array], params: Any, noise_BxIxC: jax.Array,
+def euler_sample(apply_fn: Callable[..., jax.Array], variables: Any, noise_BxIxC: jax.Array,
                  prompt_embeds_BxTxE: jax.Array, pooled_BxP: jax.Array, num_steps: int, guidance_scale: float,
                  img_ids_Ix3: jax.Array, txt_ids_Tx3: jax.Array, true_cfg_scale: float = 1.0,
                  negative_prompt_embeds_BxTxE: jax.Array | None = None, negative_pooled_BxP: jax.Array | None = None,
                  mu: float | None = None, return_trajectory: bool = False) -> jax.Array:
     """Integrate dx/dt = v(x, t) from the given noise at t = 1 to t = 0 with FluxPipeline's Euler schedule.
 
-    `apply_fn` is e.g. `FluxTransformer(cfg).apply`, called as apply_fn({"params": params}, hidden_states=...,
+    `apply_fn` is e.g. `FluxTransformer(cfg).apply`, called as apply_fn(variables, hidden_states=...,
     ..., guidance=[B]); models without guidance embeds ignore `guidance`. With true_cfg_scale > 1 and a
     negative prompt, v = v_neg + scale (v_pos - v_neg), both halves in one doubled batch. The latent is kept
     in the noise's dtype. Returns the final latent [B, I, C], or with `return_trajectory` every state
@@ -129,7 +129,7 @@ def euler_sample(apply_fn: Callable[..., jax.Array], params: Any, noise_BxIxC: j
     guidance_n = jnp.full((n,), guidance_scale, jnp.float32)
 
     def velocity(x_BxIxC, sigma):
-        v = apply_fn({"params": params}, hidden_states=jnp.concatenate([x_BxIxC, x_BxIxC]) if do_cfg else x_BxIxC,
+        v = apply_fn(variables, hidden_states=jnp.concatenate([x_BxIxC, x_BxIxC]) if do_cfg else x_BxIxC,
                      encoder_hidden_states=prompt_embeds_BxTxE, pooled_projections=pooled_BxP,
                      timestep=jnp.full((n,), sigma), img_ids=img_ids_Ix3, txt_ids=txt_ids_Tx3, guidance=guidance_n)
         return v[B:] + true_cfg_scale * (v[:B] - v[B:]) if do_cfg else v

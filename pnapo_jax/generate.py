@@ -85,10 +85,10 @@ def select_pairs(rewards_K: np.ndarray, mode: str, min_gap: float) -> list[tuple
 
 @dataclasses.dataclass
 class Sampler:
-    """Jitted, batched sampling of K recorded noises per prompt on the mesh."""
+    """Jitted, batched sampling on the mesh. `variables` = {"params": ...} (and "lora" for a LoRA policy)."""
 
     setup: train.Setup
-    params: Any
+    variables: Any
     gen: ml_collections.ConfigDict
 
     def __post_init__(self):
@@ -114,7 +114,7 @@ class Sampler:
             x = jnp.asarray(x, jnp.float32)
             return jax.device_put(jnp.pad(x, [(0, pad)] + [(0, 0)] * (x.ndim - 1)), self.batch_sharding)
 
-        x0 = flow.euler_sample(self.apply, self.params, put(noise_NxIxC), put(embeds_NxTxD), put(pooled_NxP),
+        x0 = flow.euler_sample(self.apply, self.variables, put(noise_NxIxC), put(embeds_NxTxD), put(pooled_NxP),
                                self.gen.num_steps, self.gen.guidance_scale, self.img_ids, self.txt_ids,
                                mu=self.gen.shift_mu)
         return x0[:N]
@@ -166,7 +166,7 @@ def run(config: ml_collections.ConfigDict, prompts_file: str, out: str, show_pro
     gen = config.generate
     world = make_world(gen.world)
     setup = train.make_setup(config)
-    sampler = Sampler(setup, train.base_params(setup), gen)
+    sampler = Sampler(setup, {"params": train.base_params(setup)}, gen)
     prompts = read_prompts(prompts_file)
     out_dir = epath.Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)

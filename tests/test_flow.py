@@ -158,11 +158,12 @@ def test_euler_matches_diffusers(case):
             negative.get("encoder_hidden_states"), negative.get("pooled_projections"))
 
     apply_fn = flux.FluxTransformer(cfg).apply
-    ours = flow.euler_sample(apply_fn, params, *args, return_trajectory=True)
+    ours = flow.euler_sample(apply_fn, {"params": params}, *args, return_trajectory=True)
     ref = diffusers_euler(model, *(a if a is None or np.isscalar(a) else torch.from_numpy(a) for a in args))
     assert ours.shape == ref.shape == (7, 2, 16, cfg.in_channels)
     assert _rel_err(ours, ref) <= 1e-4, _rel_err(ours, ref)
     assert _rel_err(ours[-1], ref[-1]) <= 1e-4, _rel_err(ours[-1], ref[-1])
     np.testing.assert_array_equal(ours[0], inputs["hidden_states"])
     if not case:  # the plain output is the trajectory's end
-        np.testing.assert_allclose(flow.euler_sample(apply_fn, params, *args), ours[-1], rtol=1e-6, atol=1e-6)
+        final = flow.euler_sample(apply_fn, {"params": params}, *args)
+        np.testing.assert_allclose(final, ours[-1], rtol=1e-6, atol=1e-6)

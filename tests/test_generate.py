@@ -83,7 +83,7 @@ def test_pairs_carry_their_real_noises_and_rewards(tmp_path, world):
     records = _records(tmp_path / "out")
     assert [r["prompt"] for r in records] == [f"prompt number {i}" for i in range(10)]
     setup = train.make_setup(config)
-    sampler = generate.Sampler(setup, train.base_params(setup), config.generate)
+    sampler = generate.Sampler(setup, {"params": train.base_params(setup)}, config.generate)
     for p, r in [(0, records[0]), (7, records[7])]:
         assert {r["seed_w"], r["seed_l"]} <= set(range(3 * p, 3 * p + 3))
         np.testing.assert_array_equal(r["x1_w"], np.asarray(sampler.noises(np.array([r["seed_w"]])))[0])
