@@ -82,7 +82,7 @@ def defaults() -> ml_collections.ConfigDict:
 
     # Input pipeline (pnapo_jax.data). Shapes are in packed tokens: image_tokens = (H/16) * (W/16) for FLUX.
     c.data = ml_collections.ConfigDict()
-    c.data.source = "synthetic"  # synthetic | array_record
+    c.data.source = "synthetic"  # synthetic | array_record | generate (pairs made first into WORKDIR/pairs)
     c.data.path = ""  # dataset directory written by pnapo_jax.data / pnapo_jax.generate
     c.data.eval_path = ""  # held-out pairs for eval lines ("" = none)
     c.data.latent_h_tokens = 64  # packed latent grid rows (1024 px / 16)
@@ -104,6 +104,16 @@ def defaults() -> ml_collections.ConfigDict:
     c.generate.prompts_per_batch = 8  # prompts sampled together (x K images)
     c.generate.prompts_per_chunk = 256  # prompts per resumable output chunk
     c.generate.seed = 0  # noise of image k of prompt p: normal(fold_in(PRNGKey(seed), p * K + k))
+
+    # Evaluation by sampling (needs a world with prompts, reward and fidelity): policy vs base on fixed noises.
+    c.eval = ml_collections.ConfigDict()
+    c.eval.sample_every = 0  # steps between sampling evals (0: never); also before training and at the end
+    c.eval.split = "heldout"  # the world's prompt split to evaluate on
+    c.eval.num_prompts = 32  # prompts evaluated
+    c.eval.samples_per_prompt = 2  # noises per prompt (the same for policy and base)
+    c.eval.num_steps = 20  # Euler steps of eval samples
+    c.eval.batch_size = 16  # images sampled together
+    c.eval.seed = 1234  # eval noises: normal(fold_in(PRNGKey(seed), i))
 
     # Orbax checkpoints under WORKDIR/checkpoints; a rerun with the same workdir resumes from the latest.
     c.checkpoint = ml_collections.ConfigDict()

@@ -173,6 +173,16 @@ def abstract_state(setup: Setup) -> State:
                         state_shardings(setup))
 
 
+def policy_variables(setup: Setup, state: State, frozen: Any) -> dict[str, Any]:
+    """The policy as FluxTransformer variables: trained params, or frozen base + trained adapters."""
+    return {"params": frozen["base"], "lora": state["params"]} if setup.lora else {"params": state["params"]}
+
+
+def reference_variables(setup: Setup, frozen: Any) -> dict[str, Any]:
+    """The frozen reference (= the starting model) as FluxTransformer variables."""
+    return {"params": frozen["base" if setup.lora else "ref"]}
+
+
 def _apply_fns(setup: Setup, frozen: Any) -> tuple[Callable, Callable, Any]:
     """(policy_apply, ref_apply, ref_params) for pnapo.pair_loss."""
     model = FluxTransformer(setup.model_cfg)
@@ -272,9 +282,10 @@ def make_source(config: ml_collections.ConfigDict, path: str, seed_offset: int =
     d, m = config.data, config.model
     expected = SextupleSpec(d.latent_h_tokens * d.latent_w_tokens, m.in_channels, d.text_len,
                             m.joint_attention_dim, m.pooled_projection_dim)
-    if d.source == "array_record" and not path:
-        raise ValueError("config.data.source='array_record' needs config.data.path")
-    return open_source(d.source, path, expected, d.synthetic_num, config.seed + seed_offset)
+    if d.source in ("array_record", "generate") and not path:
+        raise ValueError(f"config.data.source={d.source!r} needs a dataset path (config.data.path)")
+    kind = "array_record" if d.source == "generate" else d.source
+    return open_source(kind, path, expected, d.synthetic_num, config.seed + seed_offset)
 
 
 def make_train_loader(config: ml_collections.ConfigDict, source: Any) -> Any:
@@ -301,9 +312,23 @@ def _eval_batches(config: ml_collections.ConfigDict, setup: Setup) -> list[dict[
     return batches
 
 
+def _pairs_path(config: ml_collections.ConfigDict, workdir: epath.Path, show_progress: bool) -> str:
+    """config.data.path; for source "generate", the base model's pairs for the world's train prompts, made
+    (resumably) into WORKDIR/pairs first."""
+    if config.data.source != "generate":
+        return config.data.path
+    from pnapo_jax import generate
+
+    prompts = workdir / "prompts_train.txt"
+    if jax.process_index() == 0:
+        prompts.write_text("\n".join(generate.make_world(config.generate.world).prompts("train")))
+    generate.run(config, str(prompts), str(workdir / "pairs"), show_progress)
+    return str(workdir / "pairs")
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices: list | None = None,
                        show_progress: bool = True) -> dict[str, Any]:
-    """Train (resuming from WORKDIR/checkpoints if there are any) and return the last metric line."""
+    """Train (resuming from WORKDIR/checkpoints if there are any); returns the last train and eval metrics."""
     from pnapo_jax.checkpoint import Checkpointer
     from pnapo_jax.data.pipeline import global_batch
     from pnapo_jax.metrics import MetricWriter
@@ -315,7 +340,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices:
         workdir.mkdir(parents=True, exist_ok=True)
         (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
     logging.info("mesh %s; model %s", dict(setup.mesh.shape), setup.model_cfg)
-    loader = make_train_loader(config, make_source(config, config.data.path))
+    loader = make_train_loader(config, make_source(config, _pairs_path(config, workdir, show_progress)))
     ckpt = Checkpointer(str(workdir / "checkpoints"), config.checkpoint)
     base = base_params(setup)
     state, frozen = init_state(setup, base)
@@ -327,10 +352,24 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices:
     start = int(state["step"])
     step_fn, eval_fn = (_with_rules(setup, f) for f in jit_steps(setup))
     eval_batches = _eval_batches(config, setup)
+    sample_eval = _sample_eval(config, setup, frozen)
     writer = MetricWriter(str(workdir), config.train.num_steps, start, show_progress)
     batch_sh = sharding.batch_sharding(setup.mesh)
     line: dict[str, Any] = {}
+    evaluated: dict[str, Any] = {}
+
+    def evaluate_samples(step: int) -> None:
+        nonlocal evaluated
+        metrics, images, rewards = sample_eval(policy_variables(setup, state, frozen))
+        evaluated = writer.write(step, metrics)
+        if jax.process_index() == 0:
+            from pnapo_jax import report
+
+            report.write(workdir, sample_eval, images, rewards, step)
+
     try:
+        if sample_eval and start == 0:
+            evaluate_samples(0)
         for step in range(start + 1, config.train.num_steps + 1):
             state, metrics = step_fn(state, frozen, global_batch(next(loader), batch_sh))
             if step % config.train.log_every == 0 or step == config.train.num_steps:
@@ -338,6 +377,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices:
                 writer.progress(step, line, config.train.global_batch_size)
             if eval_batches and step % config.train.eval_every == 0:
                 writer.write(step, _mean_metrics(eval_fn(state, frozen, b) for b in eval_batches))
+            if sample_eval and (step % config.eval.sample_every == 0 or step == config.train.num_steps):
+                evaluate_samples(step)
             stop = ckpt.should_stop(step)
             ckpt.save(step, state, loader.iterator, force=stop or step == config.train.num_steps)
             if stop:
@@ -348,7 +389,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices:
         ckpt.close()
         writer.close()
         loader.close()
-    return line
+    return {**line, **evaluated}
+
+
+def _sample_eval(config: ml_collections.ConfigDict, setup: Setup, frozen: Any) -> Any:
+    """Sampling eval against the frozen base on the world's held-out prompts, when config.eval asks for it."""
+    if config.eval.sample_every <= 0:
+        return None
+    from pnapo_jax import evaluate, generate
+
+    return evaluate.SampleEval(setup, generate.make_world(config.generate.world), config.eval,
+                               reference_variables(setup, frozen))
 
 
 def _mean_metrics(metrics: Iterator[Metrics]) -> dict[str, float]:

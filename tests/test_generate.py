@@ -1,6 +1,7 @@
 """Pair generation: recorded noises reproduce, pairs are ranked by the reward, runs resume exactly, and the
 output trains."""
 
+import json
 import sys
 import zlib
 
@@ -33,6 +34,12 @@ class BrightnessWorld:
     def decode(self, latents):
         images = np.asarray(flow.unpack_latents(latents, 8, 8))[:, :3].transpose(0, 2, 3, 1)
         return 1 / (1 + np.exp(-images))
+
+    def prompts(self, split):
+        return [f"{split} prompt {i}" for i in range(6)]
+
+    def fidelity(self, images, prompts):
+        return np.abs(images - 0.5).mean(axis=(1, 2, 3))
 
     def reward(self, images, prompts):
         self.calls += 1
@@ -133,3 +140,21 @@ def test_blank_prompt_lines_are_refused(tmp_path):
     path.write_text("a\n\nb\n")
     with pytest.raises(ValueError, match="blank prompt on line"):
         generate.read_prompts(str(path))
+
+
+def test_main_job_generates_trains_and_evaluates_by_sampling(tmp_path, world):
+    """data.source=generate makes the pairs first; eval lines compare policy and base samples on fixed noises."""
+    config = _config()
+    config.data.source = "generate"
+    config.train.num_steps, config.train.global_batch_size, config.train.eval_every = 4, 4, 0
+    config.eval.sample_every, config.eval.num_prompts, config.eval.num_steps, config.eval.batch_size = 2, 3, 3, 4
+    last = train.train_and_evaluate(config, str(tmp_path), devices=jax.devices()[:1], show_progress=False)
+    evals = [json.loads(s) for s in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    evals = [d for d in evals if "eval/reward_mean" in d]
+    assert [d["step"] for d in evals] == [0, 2, 4]
+    assert evals[0]["eval/win_rate_vs_base"] == 0.5  # step 0: the policy is the base
+    assert evals[0]["eval/reward_mean"] == pytest.approx(evals[0]["eval/reward_base_mean"])
+    assert last["eval/reward_mean"] == evals[-1]["eval/reward_mean"]
+    assert evals[-1]["eval/reward_mean"] != evals[-1]["eval/reward_base_mean"]  # the policy moved
+    assert len(open_written(str(tmp_path / "pairs"))) == 6  # one pair per train prompt
+    assert (tmp_path / "samples.png").exists() and (tmp_path / "curves.png").exists()
