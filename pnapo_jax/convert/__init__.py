@@ -2,6 +2,7 @@
 
 from pnapo_jax.convert.bfl import load_bfl_transformer, save_bfl_transformer
 from pnapo_jax.convert.diffusers import load_diffusers_transformer, save_diffusers_transformer
+from pnapo_jax.convert.lora import merge_lora, save_lora  # noqa: F401 (re-exported)
 
 __all__ = ["load_bfl_transformer", "load_diffusers_transformer", "save_bfl_transformer",
            "save_diffusers_transformer"]

@@ -1,0 +1,106 @@
+"""A training checkpoint -> weights that inference tools load.
+
+    python -m pnapo_jax.export --workdir=DIR [--step=N] --out=OUT --format=diffusers|bfl|lora
+
+diffusers: a `FluxTransformer2DModel` folder; bfl: one original-layout .safetensors file (BFL's code, ComfyUI);
+lora (LoRA runs only): a folder holding `pytorch_lora_weights.safetensors` for `FluxPipeline.load_lora_weights`.
+A LoRA run exported as diffusers or bfl is its base with the adapters merged in; the base is rebuilt as
+training rebuilt it (config.model.pretrained, or the seeded init), since checkpoints never hold it.
+"""
+
+import json
+import signal
+import sys
+from typing import Any
+
+import ml_collections
+import orbax.checkpoint as ocp
+from absl import app, flags, logging
+from etils import epath
+
+from pnapo_jax import convert, train
+from pnapo_jax.checkpoint import Checkpointer
+
+FORMATS = ("diffusers", "bfl", "lora")
+
+
+def load_config(workdir: str) -> ml_collections.ConfigDict:
+    """The run's config, with a mesh that fits whatever devices export runs on (one fsdp axis over all)."""
+    path = epath.Path(workdir) / "config.json"
+    if not path.exists():
+        raise FileNotFoundError(f"{path} not found: --workdir must be a training workdir")
+    config = ml_collections.ConfigDict(json.loads(path.read_text()))
+    config.mesh.data, config.mesh.fsdp, config.mesh.tensor = 1, -1, 1
+    return config
+
+
+def restore_params(setup: train.Setup, workdir: str, step: int | None = None) -> tuple[int, Any]:
+    """(step, trainable params) of a checkpoint, default the latest. Only the params are read: a full
+    fine-tune's Adam moments would triple the host memory export needs."""
+    directory = epath.Path(workdir) / "checkpoints"
+    if not directory.exists():
+        raise FileNotFoundError(f"no checkpoints: {directory} not found")
+    on_sigterm = signal.getsignal(signal.SIGTERM)
+    ckpt = Checkpointer(str(directory), setup.config.checkpoint)
+    signal.signal(signal.SIGTERM, on_sigterm)  # Checkpointer defers SIGTERM to a training loop; export has none
+    try:
+        steps = list(ckpt.manager.all_steps())
+        step = ckpt.latest_step() if step is None else step
+        if step is None or step not in steps:
+            raise FileNotFoundError(f"no checkpoint for step {step} in {directory}; available steps: {steps}")
+        abstract = {"params": train.abstract_state(setup)["params"]}
+        restore = ocp.args.PyTreeRestore(abstract, ocp.checkpoint_utils.construct_restore_args(abstract),
+                                         partial_restore=True)
+        return step, ckpt.manager.restore(step, args=ocp.args.Composite(state=restore))["state"]["params"]
+    finally:
+        ckpt.close()
+
+
+def export(workdir: str, out: str, fmt: str, step: int | None = None, devices: list | None = None) -> int:
+    """Write checkpoint `step` (default: the latest) of `workdir` to `out` as `fmt`; returns the step."""
+    if fmt not in FORMATS:
+        raise ValueError(f"format must be one of {FORMATS}, got {fmt!r}")
+    config = load_config(workdir)
+    setup = train.make_setup(config, devices)
+    if fmt == "lora" and not setup.lora:
+        raise ValueError(f"{workdir} is a full fine-tune (config.lora.rank=0): it has no adapters; "
+                         "export it with --format=diffusers or --format=bfl")
+    step, params = restore_params(setup, workdir, step)
+    print(f"restored step {step} from {workdir}", flush=True)
+    cfg = setup.model_cfg
+    if fmt == "lora":
+        convert.save_lora(cfg, params, out)
+    else:
+        if setup.lora:
+            print("rebuilding the base weights to merge the adapters into", flush=True)
+            params = convert.merge_lora(cfg, train.base_params(setup), params)
+        save = convert.save_diffusers_transformer if fmt == "diffusers" else convert.save_bfl_transformer
+        save(cfg, params, out)
+    print(f"wrote {fmt} to {out}", flush=True)
+    return step
+
+
+def _main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    logging.set_verbosity(logging.WARNING)  # orbax's INFO lines would bury the progress lines
+    f = flags.FLAGS
+    try:
+        export(f.workdir, f.out, f.format, f.step)
+    except (FileNotFoundError, ValueError) as e:
+        sys.exit(f"error: {e}")
+
+
+def run() -> None:
+    """The CLI. Flags are defined here, not at import, so that importing this module next to
+    `pnapo_jax.main` (which also has --workdir) does not clash."""
+    flags.DEFINE_string("workdir", None, "Training workdir (holds config.json and checkpoints/).")
+    flags.DEFINE_integer("step", None, "Checkpoint step to export (default: the latest).")
+    flags.DEFINE_string("out", None, "Output folder (diffusers, lora) or .safetensors file (bfl).")
+    flags.DEFINE_enum("format", "diffusers", FORMATS, "What to write.")
+    flags.mark_flags_as_required(["workdir", "out"])
+    app.run(_main)
+
+
+if __name__ == "__main__":
+    run()
