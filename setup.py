@@ -35,6 +35,7 @@ setup(
         "dev": [
             "torch==2.13.0",
             "diffusers>=0.35",
+            "peft>=0.15",  # diffusers' load_lora_weights, to check our LoRA export
             "pytest>=8",
             "pytest-xdist>=3.5",
             "ruff>=0.6",

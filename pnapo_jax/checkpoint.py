@@ -22,7 +22,7 @@ from jax.experimental import multihost_utils
 class Checkpointer:
     """Saves every `every_steps` steps (async), keeps the last `keep`, restores the latest finished one."""
 
-    def __init__(self, directory: str, cfg: ml_collections.ConfigDict):
+    def __init__(self, directory: str, cfg: ml_collections.ConfigDict, handle_sigterm: bool = True):
         self.directory = epath.Path(directory)
         self._warn_unfinished()
         options = ocp.CheckpointManagerOptions(
@@ -34,7 +34,8 @@ class Checkpointer:
         )
         self.manager = ocp.CheckpointManager(self.directory, options=options)
         self.preempted = False
-        signal.signal(signal.SIGTERM, self._on_sigterm)
+        if handle_sigterm:  # only a training loop, which checks `should_stop`, may defer SIGTERM
+            signal.signal(signal.SIGTERM, self._on_sigterm)
 
     def _on_sigterm(self, signum: int, frame: Any) -> None:
         logging.warning("SIGTERM: saving a checkpoint after this step, then exiting")
@@ -51,6 +52,9 @@ class Checkpointer:
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
+
+    def all_steps(self) -> list[int]:
+        return list(self.manager.all_steps())
 
     def should_stop(self, step: int) -> bool:
         """True when this host got SIGTERM or any host reached a preemption point (multi-host TPU)."""
@@ -71,6 +75,14 @@ class Checkpointer:
         if data_iterator is not None:
             items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
         return self.manager.restore(step, args=ocp.args.Composite(**items))["state"]
+
+    def restore_params(self, step: int, abstract_params: Any) -> Any:
+        """Only the trainable params of `step` (export, sampling): no optimizer state is read, which for a full
+        fine-tune would triple the memory needed."""
+        abstract = {"params": abstract_params}
+        restore = ocp.args.PyTreeRestore(abstract, ocp.checkpoint_utils.construct_restore_args(abstract),
+                                         partial_restore=True)
+        return self.manager.restore(step, args=ocp.args.Composite(state=restore))["state"]["params"]
 
     def wait(self) -> None:
         self.manager.wait_until_finished()

@@ -9,16 +9,14 @@ training rebuilt it (config.model.pretrained, or the seeded init), since checkpo
 """
 
 import json
-import signal
 import sys
 from typing import Any
 
 import ml_collections
-import orbax.checkpoint as ocp
-from absl import app, flags, logging
+from absl import app, flags
 from etils import epath
 
-from pnapo_jax import convert, train
+from pnapo_jax import cli, convert, train
 from pnapo_jax.checkpoint import Checkpointer
 
 FORMATS = ("diffusers", "bfl", "lora")
@@ -35,23 +33,17 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
 
 
 def restore_params(setup: train.Setup, workdir: str, step: int | None = None) -> tuple[int, Any]:
-    """(step, trainable params) of a checkpoint, default the latest. Only the params are read: a full
-    fine-tune's Adam moments would triple the host memory export needs."""
+    """(step, trainable params) of a checkpoint, default the latest; optimizer state is not read."""
     directory = epath.Path(workdir) / "checkpoints"
     if not directory.exists():
         raise FileNotFoundError(f"no checkpoints: {directory} not found")
-    on_sigterm = signal.getsignal(signal.SIGTERM)
-    ckpt = Checkpointer(str(directory), setup.config.checkpoint)
-    signal.signal(signal.SIGTERM, on_sigterm)  # Checkpointer defers SIGTERM to a training loop; export has none
+    ckpt = Checkpointer(str(directory), setup.config.checkpoint, handle_sigterm=False)
     try:
-        steps = list(ckpt.manager.all_steps())
+        steps = ckpt.all_steps()
         step = ckpt.latest_step() if step is None else step
         if step is None or step not in steps:
             raise FileNotFoundError(f"no checkpoint for step {step} in {directory}; available steps: {steps}")
-        abstract = {"params": train.abstract_state(setup)["params"]}
-        restore = ocp.args.PyTreeRestore(abstract, ocp.checkpoint_utils.construct_restore_args(abstract),
-                                         partial_restore=True)
-        return step, ckpt.manager.restore(step, args=ocp.args.Composite(state=restore))["state"]["params"]
+        return step, ckpt.restore_params(step, train.abstract_state(setup)["params"])
     finally:
         ckpt.close()
 
@@ -83,7 +75,7 @@ def export(workdir: str, out: str, fmt: str, step: int | None = None, devices: l
 def _main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    logging.set_verbosity(logging.WARNING)  # orbax's INFO lines would bury the progress lines
+    cli.quiet_logs()
     f = flags.FLAGS
     try:
         export(f.workdir, f.out, f.format, f.step)
@@ -99,7 +91,7 @@ def run() -> None:
     flags.DEFINE_string("out", None, "Output folder (diffusers, lora) or .safetensors file (bfl).")
     flags.DEFINE_enum("format", "diffusers", FORMATS, "What to write.")
     flags.mark_flags_as_required(["workdir", "out"])
-    app.run(_main)
+    app.run(_main, flags_parser=cli.parse_flags)
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 
 from pnapo_jax.convert.bfl import load_bfl_transformer, save_bfl_transformer
 from pnapo_jax.convert.diffusers import load_diffusers_transformer, save_diffusers_transformer
-from pnapo_jax.convert.lora import merge_lora, save_lora  # noqa: F401 (re-exported)
+from pnapo_jax.convert.lora import merge_lora, save_lora
 
-__all__ = ["load_bfl_transformer", "load_diffusers_transformer", "save_bfl_transformer",
-           "save_diffusers_transformer"]
+__all__ = ["load_bfl_transformer", "load_diffusers_transformer", "merge_lora", "save_bfl_transformer",
+           "save_diffusers_transformer", "save_lora"]

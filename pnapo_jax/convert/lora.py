@@ -21,11 +21,6 @@ LORA_WEIGHTS_NAME = "pytorch_lora_weights.safetensors"  # the file `load_lora_we
 _PREFIX = "transformer"  # FluxPipeline's component the adapters belong to
 
 
-def lora_scale(cfg: flux.FluxConfig) -> float:
-    """alpha / r as our Dense applies it (alpha 0 means alpha = r)."""
-    return (cfg.lora_alpha or cfg.lora_rank) / cfg.lora_rank
-
-
 def lora_state_dict(cfg: flux.FluxConfig, lora: Any) -> dict[str, Any]:
     """PEFT-style tensors (torch layout, scale folded into lora_B) of adapters in either param layout."""
     flat = traverse_util.flatten_dict(nn.meta.unbox(lora))
@@ -38,7 +33,7 @@ def lora_state_dict(cfg: flux.FluxConfig, lora: Any) -> dict[str, Any]:
         a, b = (layout.tensor(flat, dataclasses.replace(e, path=path)) for path in paths)
         module = f"{_PREFIX}.{key.removesuffix('.weight')}"
         out[f"{module}.lora_A.weight"] = a
-        out[f"{module}.lora_B.weight"] = (b * lora_scale(cfg)).astype(b.dtype)
+        out[f"{module}.lora_B.weight"] = (b * cfg.lora_scale).astype(b.dtype)
         used.update("/".join(path) for path in paths)
     layout.check_keys(used, map("/".join, flat), "the LoRA params tree")
     return out
@@ -60,6 +55,6 @@ def merge_lora(cfg: flux.FluxConfig, params: Any, lora: Any) -> dict[str, Any]:
     for path in [p for p in adapters if p[-1] == "lora_a"]:
         kernel = (*path[:-1], "kernel")
         a, b = (adapters[(*path[:-1], leaf)].astype(jnp.float32) for leaf in ("lora_a", "lora_b"))
-        delta = lora_scale(cfg) * jnp.matmul(a, b, precision=jax.lax.Precision.HIGHEST)
+        delta = cfg.lora_scale * jnp.matmul(a, b, precision=jax.lax.Precision.HIGHEST)
         flat[kernel] = (flat[kernel].astype(jnp.float32) + delta).astype(flat[kernel].dtype)
     return traverse_util.unflatten_dict(flat)

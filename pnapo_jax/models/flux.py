@@ -70,6 +70,11 @@ class FluxConfig:
         return self.num_attention_heads * self.attention_head_dim
 
     @property
+    def lora_scale(self) -> float:
+        """alpha / rank, the factor of the low-rank update (alpha 0 means alpha = rank: scale 1)."""
+        return (self.lora_alpha or self.lora_rank) / self.lora_rank if self.lora_rank else 1.0
+
+    @property
     def out_dim(self) -> int:
         return self.patch_size ** 2 * (self.out_channels or self.in_channels)
 
@@ -92,7 +97,7 @@ class FluxConfig:
 def _dense(cfg: FluxConfig, features: int, axes: tuple[str, str], name: str, zero_init: bool = False) -> Dense:
     """A Dense in the config's dtypes, with LoRA when the config targets this layer's name."""
     rank = cfg.lora_rank if name in cfg.lora_targets else 0
-    return Dense(features, axes, cfg.dtype, cfg.param_dtype, zero_init, rank, cfg.lora_alpha or cfg.lora_rank,
+    return Dense(features, axes, cfg.dtype, cfg.param_dtype, zero_init, rank, cfg.lora_scale,
                  name=name)
 
 

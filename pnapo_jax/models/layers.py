@@ -19,7 +19,7 @@ class Dense(nn.Module):
     """y = x W + b with logical axes on W and b, plus an optional low-rank update (LoRA).
 
     Params are named as nn.Dense's (`kernel` [in, out], `bias`). With lora_rank > 0 the adapters `lora_a`
-    [in, r] and `lora_b` [r, out] live in the separate `lora` collection and add (alpha / r) x A B. Applied
+    [in, r] and `lora_b` [r, out] live in the separate `lora` collection and add lora_scale x A B. Applied
     without a `lora` collection the layer is the plain base layer: that is how the frozen reference shares the
     policy's base weights instead of holding a second copy.
     """
@@ -30,7 +30,7 @@ class Dense(nn.Module):
     param_dtype: Dtype = jnp.float32
     zero_init: bool = False
     lora_rank: int = 0
-    lora_alpha: float = 1.0
+    lora_scale: float = 1.0  # alpha / rank
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -52,7 +52,7 @@ class Dense(nn.Module):
             b = lora_init("lora_b", nn.initializers.zeros_init(), (None, self.axes[1]),
                           (self.lora_rank, self.features))
             a, b = nn.meta.unbox(a.value), nn.meta.unbox(b.value)
-            y = y + (self.lora_alpha / self.lora_rank) * ((x @ a.astype(dt)) @ b.astype(dt))
+            y = y + self.lora_scale * ((x @ a.astype(dt)) @ b.astype(dt))
         return y
 
 
