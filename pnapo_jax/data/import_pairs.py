@@ -5,19 +5,21 @@ Diffusion-DPO / Flow-DPO baseline); recorded-noise training refuses it.
 
 Manifest: JSON lines, one pair per row; file paths are relative to the manifest's directory:
 
-    {"caption": "a red fox", "latent_0": "0/a.npy", "latent_1": "0/b.npy",
+    {"caption": "a red fox", "latent_0": "0/a.npy", "jpg_1": "0/b.jpg",
      "prompt_embeds": "0/t5.npy", "pooled_prompt_embeds": "0/clip.npy", "label_0": 1}
 
   latent_0, latent_1     float32 [I, C] latents of image 0 / 1, packed as the transformer consumes them
                          (VAE latent, (x - shift) * scale, 2x2 patches: [16, h/8, w/8] -> [(h/16)(w/16), 64])
+  jpg_0, jpg_1           or instead image files (JPEG, PNG, anything PIL reads; Pick-a-Pic's column names),
+                         encoded once here with --vae: resized to cover height x width and centre-cropped
+                         (bicubic), scaled to [-1, 1], encoded to the posterior mean and packed as above
   prompt_embeds          float32 [T, D_t5]; pooled_prompt_embeds float32 [D_clip]
   label_0                as Pick-a-Pic: 1 image 0 preferred, 0 image 1 preferred, 0.5 tie (skipped, counted)
   model_id               optional
 
-Images (Pick-a-Pic's jpg_0 / jpg_1) are not read yet: they need VAE encoding, which comes with the VAE
-port; encode them to latents first. Preference labels carry no reward scale: winner 1, loser 0, gap 1.
-The dataset's array shapes come from the first non-tie row, which must load. Errors name the manifest and
-the row (0-based, blank lines not counted). .npy files load with allow_pickle=False: nothing is unpickled.
+Preference labels carry no reward scale: winner 1, loser 0, gap 1. The dataset's array shapes come from the
+first non-tie row, which must load. Errors name the manifest and the row (0-based, blank lines not counted).
+.npy files load with allow_pickle=False: nothing is unpickled.
 """
 
 import argparse
@@ -27,10 +29,22 @@ import os
 from collections.abc import Iterator
 from typing import Any, NamedTuple
 
+import jax.numpy as jnp
 import numpy as np
+from PIL import Image, ImageOps
 
+from pnapo_jax import flow
 from pnapo_jax.data.builder import write_dataset
-from pnapo_jax.data.schema import ON_BAD_RECORD, BadRecords, RecordError, SextupleSpec, validate_record
+from pnapo_jax.data.schema import (
+    FLUX_PATCH_PIXELS,
+    ON_BAD_RECORD,
+    BadRecords,
+    RecordError,
+    SextupleSpec,
+    validate_record,
+)
+from pnapo_jax.models import vae as vae_model
+from pnapo_jax.models.vae_loading import load_vae
 
 TIE = 0.5
 ARRAY_RANKS = {"latent_0": 2, "latent_1": 2, "prompt_embeds": 2, "pooled_prompt_embeds": 1}
@@ -48,8 +62,7 @@ class ImportReport(NamedTuple):
 def _load_array(row: dict[str, Any], field: str, base: str, manifest: str, index: int) -> np.ndarray:
     """One .npy of a row, float32 where that is lossless; a missing or unreadable file is a RecordError."""
     if field not in row:
-        hint = "; images need VAE encoding (not ported yet): give .npy latents" if field.startswith("latent") else ""
-        raise RecordError(manifest, index, field, f"missing{hint}")
+        raise RecordError(manifest, index, field, "missing")
     path = os.path.join(base, row[field])
     try:
         array = np.load(path, allow_pickle=False)
@@ -60,19 +73,59 @@ def _load_array(row: dict[str, Any], field: str, base: str, manifest: str, index
     return array.astype(np.float32) if np.can_cast(array.dtype, np.float32, "safe") else array
 
 
-def _pair_record(row: dict[str, Any], base: str, manifest: str, index: int, height: int, width: int) -> dict:
+class ImageEncoder:
+    """Image files -> packed latents [I, C] with a diffusers VAE folder, compiled once for the dataset's size."""
+
+    def __init__(self, vae_dir: str, height: int, width: int):
+        self.cfg, self.params = load_vae(vae_dir)
+        self.patch_pixels = 2 * self.cfg.downsample_factor  # one packed token covers this many pixels a side
+        if height % self.patch_pixels or width % self.patch_pixels:
+            raise ValueError(f"height and width must be multiples of {self.patch_pixels}, got {height}x{width}")
+        self.size = (width, height)
+
+    def __call__(self, path: str) -> np.ndarray:
+        with Image.open(path) as image:
+            pixels = np.asarray(ImageOps.fit(image.convert("RGB"), self.size, Image.Resampling.BICUBIC))
+        x = jnp.asarray(pixels.transpose(2, 0, 1)[None], jnp.float32) / 127.5 - 1
+        return np.asarray(flow.pack_latents(vae_model.encode(self.params, self.cfg, x))[0])
+
+
+def _load_latent(
+    row: dict[str, Any], k: int, base: str, manifest: str, index: int, encode: ImageEncoder | None
+) -> np.ndarray:
+    """Image k's latent: its .npy, or its image file VAE-encoded."""
+    field, image_field = f"latent_{k}", f"jpg_{k}"
+    if field in row:
+        return _load_array(row, field, base, manifest, index)
+    if image_field not in row:
+        raise RecordError(manifest, index, field, f"missing: give it (.npy) or {image_field} (an image file)")
+    if encode is None:
+        raise RecordError(
+            manifest, index, field, f"missing; images need VAE encoding: pass --vae to encode {image_field}"
+        )
+    path = os.path.join(base, row[image_field])
+    try:
+        return encode(path)
+    except OSError as error:  # missing, unreadable or not an image
+        raise RecordError(manifest, index, image_field, f"cannot load {path}: {error}") from None
+
+
+def _pair_record(
+    row: dict[str, Any], base: str, manifest: str, index: int, height: int, width: int, encode: ImageEncoder | None
+) -> dict:
     """A non-tie manifest row -> an unvalidated record without noises."""
     label = row.get("label_0")
     if label not in (0, 1):
         raise RecordError(manifest, index, "label_0", f"{label!r} is not 0, 0.5 or 1")
-    winner, loser = ("latent_0", "latent_1") if label == 1 else ("latent_1", "latent_0")
+    winner = 0 if label == 1 else 1
     load = lambda field: _load_array(row, field, base, manifest, index)
+    latent = lambda k: _load_latent(row, k, base, manifest, index, encode)
     return dict(
         prompt=row.get("caption"),
         prompt_embeds=load("prompt_embeds"),
         pooled_prompt_embeds=load("pooled_prompt_embeds"),
-        x0_w=load(winner),
-        x0_l=load(loser),
+        x0_w=latent(winner),
+        x0_l=latent(1 - winner),
         reward_w=np.float32(1),
         reward_l=np.float32(0),
         reward_gap=np.float32(1),
@@ -87,25 +140,37 @@ def _pair_record(row: dict[str, Any], base: str, manifest: str, index: int, heig
 
 
 def import_manifest(
-    manifest: str, data_dir: str, height: int = 1024, width: int = 1024, on_bad_record: str = "raise"
+    manifest: str,
+    data_dir: str,
+    height: int = 1024,
+    width: int = 1024,
+    on_bad_record: str = "raise",
+    vae: str | None = None,
 ) -> ImportReport:
-    """Writes the pairs of a JSON-lines manifest under `data_dir` as a noise-free sextuple dataset."""
+    """Writes the pairs of a JSON-lines manifest under `data_dir` as a noise-free sextuple dataset; `vae` (a
+    diffusers VAE folder, or a pipeline folder holding vae/) encodes the rows' image files."""
     base, bad_records = os.path.dirname(os.path.abspath(manifest)), BadRecords(on_bad_record)
+    encode = None if vae is None else ImageEncoder(vae, height, width)
     with open(manifest, encoding="utf-8") as f:
         rows = [json.loads(line) for line in f if line.strip()]
     pairs = ((index, row) for index, row in enumerate(rows) if row.get("label_0") != TIE)
     first_index, first_row = next(pairs, (None, None))
     if first_row is None:
         raise ValueError(f"{manifest}: no non-tie pairs to import")
-    first = _pair_record(first_row, base, manifest, first_index, height, width)
+    pair_record = lambda index, row: _pair_record(row, base, manifest, index, height, width, encode)
+    first = pair_record(first_index, first_row)
     spec = SextupleSpec(
-        *first["x0_w"].shape, *first["prompt_embeds"].shape, *first["pooled_prompt_embeds"].shape, has_noise=False
+        *first["x0_w"].shape,
+        *first["prompt_embeds"].shape,
+        *first["pooled_prompt_embeds"].shape,
+        has_noise=False,
+        patch_pixels=FLUX_PATCH_PIXELS if encode is None else encode.patch_pixels,
     )
 
     def records() -> Iterator[dict]:
         for index, row in itertools.chain([(first_index, first_row)], pairs):
             try:
-                record = first if index == first_index else _pair_record(row, base, manifest, index, height, width)
+                record = first if index == first_index else pair_record(index, row)
                 validate_record(record, spec, manifest, index)
             except RecordError as error:
                 bad_records.handle(error)
@@ -132,8 +197,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--on_bad_record", choices=ON_BAD_RECORD, default="raise", help="stop at, or drop and count, bad rows"
     )
+    parser.add_argument("--vae", help="diffusers VAE folder (or pipeline folder) to encode the rows' image files")
     args = parser.parse_args(argv)
-    report = import_manifest(args.input, args.out, args.height, args.width, args.on_bad_record)
+    report = import_manifest(args.input, args.out, args.height, args.width, args.on_bad_record, args.vae)
     print(f"wrote {report.written} pairs to {report.path}; skipped {report.ties} ties and {report.skipped} bad rows")
 
 

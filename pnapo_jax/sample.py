@@ -1,0 +1,245 @@
+"""Text -> image with FLUX in JAX, from a local diffusers FLUX pipeline folder or a training checkpoint's policy.
+
+    python -m pnapo_jax.sample --pipeline=DIR --prompt="a red fox" --out=fox.png
+    python -m pnapo_jax.sample --pipeline=DIR --prompts=prompts.txt --out=OUT_DIR [--workdir=RUN [--step=N]]
+
+DIR holds transformer/, vae/, text_encoder/, text_encoder_2/, tokenizer/, tokenizer_2/ and scheduler/. With
+--workdir the policy of a training checkpoint (default: the latest) replaces the folder's transformer: its
+params, or for a LoRA run the base the run was trained from with its adapters.
+
+Given the same initial noise (FluxPipeline's `latents=`), this computes what diffusers' FluxPipeline computes:
+the prompt encoding, the Euler schedule of the folder's scheduler config, VAE decoding and its postprocessing
+(x / 2 + 0.5 clipped to [0, 1]; PNG pixels round(255 x)). Only the noise rule is ours, JAX's instead of
+torch's: image i (0-based, in prompt order) starts from
+    normal(fold_in(PRNGKey(seed), i), [C, H / f, W / f])  packed into [(H / 2f)(W / 2f), 4C] tokens
+(C: the VAE's latent channels, f: its downsampling, 16 and 8 for FLUX), so an image does not depend on the
+batch it was drawn in, and image i of a prompts file is reproduced alone with the same seed. --noise=FILE.npy
+gives the noise explicitly, [N, C, H/f, W/f] or packed [N, I, 4C], e.g. to match a diffusers run.
+"""
+
+import dataclasses
+import json
+import math
+import os
+import pathlib
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from PIL import Image
+
+from pnapo_jax import convert, flow, text
+from pnapo_jax.models import flux, vae
+from pnapo_jax.models.vae_loading import load_vae
+
+SCHEDULER_CONFIG = pathlib.Path("scheduler") / "scheduler_config.json"
+# FlowMatchEulerDiscreteScheduler options FluxPipeline's schedule does not use; refused rather than ignored.
+_UNSUPPORTED_SCHEDULER = ("shift_terminal", "use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas",
+                          "invert_sigmas", "stochastic_sampling")
+
+
+@dataclasses.dataclass(frozen=True)
+class Pipeline:
+    """Everything sampling needs, loaded once: text encoders, transformer, VAE and the scheduler's config."""
+
+    encoders: text.TextEncoders
+    transformer: flux.FluxConfig
+    variables: dict[str, Any]  # {"params": ...}, plus "lora" for a LoRA policy
+    vae: vae.VAEConfig
+    vae_params: Any
+    scheduler: dict[str, Any]  # scheduler/scheduler_config.json
+    apply_fn: Callable[..., jax.Array]  # one object for the pipeline's life: euler_sample recompiles for a new one
+
+
+def checkpoint_policy(workdir: str, step: int | None = None) -> tuple[flux.FluxConfig, dict[str, Any]]:
+    """(model config, policy variables) of a training checkpoint (default: the latest step). A LoRA run's base
+    is rebuilt as training built it (config.model.pretrained, or the seeded init): checkpoints never hold it."""
+    from pnapo_jax import export, train  # orbax and the training stack only when a checkpoint is sampled
+
+    setup = train.make_setup(export.load_config(workdir))
+    _, trained = export.restore_params(setup, workdir, step)
+    frozen = {"base": train.base_params(setup)} if setup.lora else {}
+    return setup.model_cfg, train.policy_variables(setup, {"params": trained}, frozen)
+
+
+def _check_fits(cfg: flux.FluxConfig, encoders: text.TextEncoders, vae_cfg: vae.VAEConfig) -> None:
+    """A transformer from another model family would fail deep inside the first call; say which sizes differ."""
+    expected = {"in_channels": 4 * vae_cfg.latent_channels, "joint_attention_dim": encoders.t5_config.d_model,
+                "pooled_projection_dim": encoders.clip_config.hidden_size}
+    wrong = {k: (getattr(cfg, k), v) for k, v in expected.items() if getattr(cfg, k) != v}
+    if wrong:
+        raise ValueError(f"the transformer does not fit the pipeline's VAE and text encoders (transformer's, "
+                         f"expected): {wrong}")
+
+
+def load_pipeline(path: str | os.PathLike, workdir: str | None = None, step: int | None = None,
+                  dtype: str = "float32") -> Pipeline:
+    """A local FLUX pipeline folder; with `workdir` the checkpoint's policy replaces its transformer.
+
+    `dtype` is every model's parameter and compute dtype; images come back in float32 whatever it is.
+    """
+    if step is not None and workdir is None:
+        raise ValueError("a checkpoint step needs the training workdir it belongs to")
+    path = pathlib.Path(path)
+    if workdir is None:
+        cfg, params = convert.load_diffusers_transformer(path, dtype)
+        variables = {"params": params}
+    else:
+        cfg, variables = checkpoint_policy(workdir, step)
+        variables = jax.tree.map(lambda x: x.astype(dtype), variables)
+    cfg = dataclasses.replace(cfg, dtype=dtype, param_dtype=dtype)
+    encoders = text.load_text_encoders(path, dtype)
+    vae_cfg, vae_params = load_vae(path, dtype)
+    _check_fits(cfg, encoders, vae_cfg)
+    scheduler = json.loads((path / SCHEDULER_CONFIG).read_text())
+    return Pipeline(encoders, cfg, variables, vae_cfg, vae_params, scheduler, flux.FluxTransformer(cfg).apply)
+
+
+def schedule_mu(scheduler: dict[str, Any], image_seq_len: int) -> float:
+    """The `time_shift` mu that turns `flow.flux_sigmas` into the folder's FlowMatchEulerDiscreteScheduler
+    schedule as FluxPipeline drives it: FLUX's resolution rule with the config's constants, or for a fixed
+    shift s (use_dynamic_shifting off) mu = log s, since time_shift(log s, t) = s t / (1 + (s - 1) t)."""
+    unsupported = [k for k in _UNSUPPORTED_SCHEDULER if scheduler.get(k)]
+    if scheduler.get("time_shift_type", "exponential") != "exponential":
+        unsupported.append(f"time_shift_type={scheduler['time_shift_type']!r}")
+    if unsupported:
+        raise ValueError(f"scheduler options not supported: {unsupported}")
+    if not scheduler.get("use_dynamic_shifting"):
+        return math.log(scheduler.get("shift", 1.0))
+    return flow.resolution_mu(image_seq_len, scheduler.get("base_image_seq_len", 256),
+                              scheduler.get("max_image_seq_len", 4096), scheduler.get("base_shift", 0.5),
+                              scheduler.get("max_shift", 1.15))
+
+
+def initial_noise(seed: int, indices: Sequence[int], shape_CxHxW: tuple[int, int, int]) -> jax.Array:
+    """[N, C, H, W] unpacked noises; that of image i is normal(fold_in(PRNGKey(seed), i), shape)."""
+    key = jax.random.PRNGKey(seed)
+    keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.asarray(indices, jnp.uint32))
+    return jax.vmap(lambda k: jax.random.normal(k, shape_CxHxW, jnp.float32))(keys)
+
+
+def _noise_tokens(noise: np.ndarray, n: int, shape_CxHxW: tuple[int, int, int]) -> jax.Array:
+    """Explicit noise as packed tokens [n, I, 4C], from the unpacked or the packed layout."""
+    C, H, W = shape_CxHxW
+    packed = (n, (H // 2) * (W // 2), 4 * C)
+    if noise.shape not in ((n, *shape_CxHxW), packed):
+        raise ValueError(f"noise has shape {noise.shape}; expected {(n, *shape_CxHxW)} or packed {packed}")
+    noise = jnp.asarray(noise, jnp.float32)
+    return flow.pack_latents(noise) if noise.ndim == 4 else noise
+
+
+def _negatives(negative_prompt: str | Sequence[str] | None, n: int) -> list[str] | None:
+    """One negative prompt per prompt: a single one is repeated."""
+    if negative_prompt is None or isinstance(negative_prompt, str):
+        return None if negative_prompt is None else [negative_prompt] * n
+    if len(negative_prompt) != n:
+        raise ValueError(f"{len(negative_prompt)} negative prompts for {n} prompts")
+    return list(negative_prompt)
+
+
+def iter_images(pipeline: Pipeline, prompts: str | Sequence[str], noise: np.ndarray | None = None, *,
+                height: int = 1024, width: int = 1024, num_steps: int = 28, guidance_scale: float = 3.5,
+                true_cfg_scale: float = 1.0, negative_prompt: str | Sequence[str] | None = None, seed: int = 0,
+                max_sequence_length: int = 512, batch_size: int | None = None) -> Iterator[np.ndarray]:
+    """Images [b, H, W, 3] in [0, 1] for `prompts`, `batch_size` at a time (default: all at once).
+
+    `noise`: the initial noises of all prompts (see the module docstring), default `initial_noise(seed, ...)`.
+    `true_cfg_scale` > 1 needs `negative_prompt` (one for all, or one per prompt; "" is the empty prompt).
+    """
+    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    negatives = _negatives(negative_prompt, len(prompts))
+    if true_cfg_scale > 1 and negatives is None:
+        raise ValueError("true_cfg_scale > 1 needs a negative prompt (\"\" for the empty one)")
+    f = pipeline.vae.downsample_factor
+    if height % (2 * f) or width % (2 * f):
+        raise ValueError(f"height and width must be multiples of {2 * f}, got {height} x {width}")
+    shape_CxHxW = (pipeline.transformer.in_channels // 4, height // f, width // f)
+    tokens = _noise_tokens(np.asarray(noise), len(prompts), shape_CxHxW) if noise is not None else None
+    img_ids = flow.img_ids(height // (2 * f), width // (2 * f))
+    mu = schedule_mu(pipeline.scheduler, img_ids.shape[0])
+    step = batch_size or len(prompts)
+    for start in range(0, len(prompts), step):
+        stop = min(start + step, len(prompts))
+        x1 = tokens[start:stop] if tokens is not None else flow.pack_latents(
+            initial_noise(seed, range(start, stop), shape_CxHxW))
+        embeds, pooled = text.encode_prompts(prompts[start:stop], pipeline.encoders,
+                                             max_sequence_length=max_sequence_length)
+        negative = (None, None) if true_cfg_scale <= 1 else text.encode_prompts(
+            negatives[start:stop], pipeline.encoders, max_sequence_length=max_sequence_length)
+        x0 = flow.euler_sample(pipeline.apply_fn, pipeline.variables, x1, embeds, pooled, num_steps, guidance_scale,
+                               img_ids, flow.txt_ids(max_sequence_length), true_cfg_scale, *negative, mu=mu)
+        images = vae.decode(pipeline.vae_params, pipeline.vae, flow.unpack_latents(x0, *shape_CxHxW[1:]))
+        yield np.asarray(jnp.clip(images / 2 + 0.5, 0, 1).transpose(0, 2, 3, 1))
+
+
+def sample_images(pipeline: Pipeline, prompts: str | Sequence[str], noise: np.ndarray | None = None,
+                  **kwargs: Any) -> np.ndarray:
+    """Images [B, H, W, 3] float32 in [0, 1], as FluxPipeline(output_type="np") gives them from the same
+    noise; `kwargs` are `iter_images`' (height, width, num_steps, guidance_scale, true_cfg_scale, ...)."""
+    return np.concatenate(list(iter_images(pipeline, prompts, noise, **kwargs)))
+
+
+def save_png(image_HxWx3: np.ndarray, path: str | os.PathLike) -> None:
+    """uint8 PNG, pixels round(255 x) as diffusers' numpy_to_pil."""
+    Image.fromarray((image_HxWx3 * 255).round().astype(np.uint8)).save(path, format="PNG")
+
+
+if __name__ == "__main__":
+    import sys
+
+    from absl import app, flags
+
+    from pnapo_jax import cli, generate
+
+    _PIPELINE = flags.DEFINE_string("pipeline", None, "Local diffusers FLUX pipeline folder.")
+    _PROMPT = flags.DEFINE_string("prompt", None, "One prompt; --out is then the PNG file.")
+    _PROMPTS = flags.DEFINE_string("prompts", None, "Text file, one prompt a line; --out is then a folder "
+                                   "receiving 00000.png, 00001.png, ... (the 0-based line number).")
+    _OUT = flags.DEFINE_string("out", None, "PNG file (--prompt) or folder (--prompts).")
+    _WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir whose policy replaces the transformer.")
+    _STEP = flags.DEFINE_integer("step", None, "Checkpoint step of --workdir (default: the latest).")
+    _HEIGHT = flags.DEFINE_integer("height", 1024, "Image height in pixels (a multiple of 16 for FLUX).")
+    _WIDTH = flags.DEFINE_integer("width", 1024, "Image width in pixels (a multiple of 16 for FLUX).")
+    _NUM_STEPS = flags.DEFINE_integer("num_steps", 28, "Euler steps.")
+    _GUIDANCE = flags.DEFINE_float("guidance_scale", 3.5, "Guidance input of guidance-distilled models.")
+    _TRUE_CFG = flags.DEFINE_float("true_cfg_scale", 1.0, "Classifier-free guidance scale (> 1 needs "
+                                   "--negative_prompt).")
+    _NEGATIVE = flags.DEFINE_string("negative_prompt", None, "Negative prompt of true CFG, for every prompt.")
+    _SEED = flags.DEFINE_integer("seed", 0, "Noise seed (rule in the module docstring).")
+    _NOISE = flags.DEFINE_string("noise", None, ".npy of every image's initial noise, instead of --seed's.")
+    _MAX_SEQ = flags.DEFINE_integer("max_sequence_length", 512, "T5 tokens.")
+    _BATCH = flags.DEFINE_integer("batch_size", 1, "Images sampled together.")
+    _DTYPE = flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float32"], "Params and compute dtype.")
+    flags.mark_flags_as_required(["pipeline", "out"])
+    flags.mark_flags_as_mutual_exclusive(["prompt", "prompts"], required=True)
+
+    def _sample() -> None:
+        prompts = [_PROMPT.value] if _PROMPTS.value is None else generate.read_prompts(_PROMPTS.value)
+        if not prompts:
+            raise ValueError(f"{_PROMPTS.value}: no prompts")
+        out = pathlib.Path(_OUT.value)
+        paths = [out] if _PROMPTS.value is None else [out / f"{i:05d}.png" for i in range(len(prompts))]
+        paths[0].parent.mkdir(parents=True, exist_ok=True)
+        pipeline = load_pipeline(_PIPELINE.value, _WORKDIR.value, _STEP.value, _DTYPE.value)
+        noise = None if _NOISE.value is None else np.load(_NOISE.value, allow_pickle=False)
+        batches = iter_images(pipeline, prompts, noise, height=_HEIGHT.value, width=_WIDTH.value,
+                              num_steps=_NUM_STEPS.value, guidance_scale=_GUIDANCE.value,
+                              true_cfg_scale=_TRUE_CFG.value, negative_prompt=_NEGATIVE.value, seed=_SEED.value,
+                              max_sequence_length=_MAX_SEQ.value, batch_size=_BATCH.value)
+        images = (image for batch in batches for image in batch)
+        for done, (image, path) in enumerate(zip(images, paths, strict=True), 1):
+            save_png(image, path)
+            print(f"wrote {done}/{len(paths)}: {path}", flush=True)
+
+    def _main(argv: list[str]) -> None:
+        if len(argv) > 1:
+            raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+        cli.quiet_logs()
+        try:
+            _sample()
+        except (FileNotFoundError, ValueError) as e:
+            sys.exit(f"error: {e}")
+
+    app.run(_main, flags_parser=cli.parse_flags)
