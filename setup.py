@@ -29,6 +29,7 @@ setup(
         "tqdm>=4.66",
         "tensorboardX>=2.6",
         "matplotlib>=3.8",
+        "pillow>=10",
     ],
     extras_require={
         # Test-only ground truth (PyTorch CPU, diffusers); never needed for training.

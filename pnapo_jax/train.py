@@ -321,7 +321,8 @@ def _pairs_path(config: ml_collections.ConfigDict, workdir: epath.Path, show_pro
 
     prompts = workdir / "prompts_train.txt"
     if jax.process_index() == 0:
-        prompts.write_text("\n".join(generate.make_world(config.generate.world).prompts("train")))
+        train_prompts = generate.make_world(config.generate.world).prompts("train")
+        prompts.write_text("\n".join(train_prompts[: config.generate.max_prompts or None]))
     generate.run(config, str(prompts), str(workdir / "pairs"), show_progress)
     return str(workdir / "pairs")
 

@@ -1,0 +1,88 @@
+"""The embedded world end to end on a laptop CPU: the shipped base model generates noise-tracked pairs for the
+world's train prompts, PNAPO trains on them, and held-out prompts are sampled before, during and after.
+
+    python -m pnapo_jax.main --config=configs/demo_cpu.py --workdir=/tmp/demo
+    python -m pnapo_jax.main --config=configs/demo_cpu.py:independent --workdir=/tmp/demo_dpo   # Flow-DPO
+
+Writes WORKDIR/pairs (the generated dataset), metrics.jsonl with eval/reward_mean and eval/win_rate_vs_base,
+samples.png (base vs policy from the same noises) and curves.png. Variants combine with commas; `fast`
+shrinks everything for tests and notebooks.
+"""
+
+import ml_collections
+
+from pnapo_jax.config import defaults
+from pnapo_jax.world import base, latents, text
+
+VARIANTS = ("independent", "static_beta", "fast")
+
+
+def get_config(arg: str = "") -> ml_collections.ConfigDict:
+    """arg: comma-separated variants from VARIANTS ("" = PNAPO at the demo's settings)."""
+    variants = [v for v in arg.split(",") if v]
+    unknown = set(variants) - set(VARIANTS)
+    if unknown:
+        raise ValueError(f"configs/demo_cpu.py: unknown variants {sorted(unknown)}; choose from {VARIANTS}")
+    c = defaults()
+
+    # The world's shipped base model: a ~2.3M-parameter FLUX (same code as FLUX.1-dev), pixel-space latents.
+    for k, v in base.flux_config().to_diffusers().items():
+        if k in c.model:
+            c.model[k] = v
+    c.model.pretrained = str(base.DEFAULT_BASE)  # a diffusers transformer folder inside the package
+    c.model.remat_policy = "none"  # small enough to keep every activation
+
+    c.data.source = "generate"  # pairs from the base model first, into WORKDIR/pairs
+    c.data.latent_h_tokens = latents.LATENT_H_TOKENS
+    c.data.latent_w_tokens = latents.LATENT_W_TOKENS
+    c.data.text_len = text.TEXT_LEN
+
+    c.generate.world = "demo"
+    c.generate.images_per_prompt = 4  # best vs worst of 4
+    c.generate.num_steps = 16
+    c.generate.prompts_per_batch = 16
+    c.generate.prompts_per_chunk = 128
+
+    c.pnapo.beta = 500.0  # tuned on the demo's grid (benchmarks/ablation_demo.py); velocity MSEs here are O(0.1)
+    c.pnapo.noise_mode = "recorded"
+    c.pnapo.tau = 0.05  # the world's reward gaps are O(0.1)
+    c.pnapo.n1, c.pnapo.n2 = 100, 300  # the beta schedule plays out within the run
+
+    c.optim.lr = 1e-4
+    c.optim.warmup_steps = 10
+    c.optim.weight_decay = 0.0
+
+    c.train.num_steps = 300
+    c.train.global_batch_size = 16
+    c.train.log_every = 10
+    c.train.eval_every = 0  # the sampling eval below is what this demo is about
+
+    c.eval.sample_every = 100
+    c.eval.split = "heldout"
+    c.eval.num_prompts = 32
+    c.eval.samples_per_prompt = 2
+    c.eval.num_steps = 16
+    c.eval.batch_size = 32
+
+    c.checkpoint.every_steps = 100
+    c.checkpoint.keep = 2
+    c.mesh.fsdp = -1
+
+    if "independent" in variants:
+        c.pnapo.noise_mode = "independent"
+    if "static_beta" in variants:
+        c.pnapo.use_gap = False
+        c.pnapo.use_schedule = False
+    if "fast" in variants:  # seconds, not minutes: tests and notebooks
+        c.train.num_steps = 20
+        c.train.global_batch_size = 8
+        c.train.log_every = 5
+        c.eval.sample_every = 10
+        c.eval.num_prompts = 4
+        c.eval.num_steps = 4
+        c.eval.batch_size = 8
+        c.generate.num_steps = 4
+        c.generate.images_per_prompt = 2
+        c.generate.max_prompts = 32
+        c.pnapo.n1, c.pnapo.n2 = 5, 15
+    return c
