@@ -116,6 +116,13 @@ def dtypes(dtype: Dtype = None, param_dtype: Dtype = None) -> dict[str, str]:
     return dict(dtype=dtype, param_dtype=jnp.dtype(param_dtype or dtype).name)
 
 
+def param_keys(init_params: Callable[[Any, jax.Array], Any], cfg: Any
+               ) -> dict[str, tuple[tuple[str, ...], tuple[int, ...]]]:
+    """Each of `init_params(cfg, rng)`'s params by transformers key: (its path, the shape transformers stores)."""
+    shapes = traverse_util.flatten_dict(jax.eval_shape(lambda: nn.meta.unbox(init_params(cfg, jax.random.key(0)))))
+    return {hf_key(p): (p, x.shape[::-1] if p[-1] == "kernel" else x.shape) for p, x in shapes.items()}
+
+
 def load_params(folder: str | os.PathLike, init_params: Callable[[Any, jax.Array], Any], cfg: Any,
                 stored_keys: Callable[[Collection[str]], Mapping[str, str]], shardings: Any = None
                 ) -> dict[str, Any]:
@@ -129,24 +136,25 @@ def load_params(folder: str | os.PathLike, init_params: Callable[[Any, jax.Array
     folder = pathlib.Path(folder)
     where = files.keys_by_file(weight_files(folder))
     stored = dict(stored_keys(where))
-    shapes = traverse_util.flatten_dict(jax.eval_shape(lambda: nn.meta.unbox(init_params(cfg, jax.random.key(0)))))
-    expected = {hf_key(path): path for path in shapes}
-    _check(folder, where, stored, {k: shapes[p].shape[::-1] if p[-1] == "kernel" else shapes[p].shape
-                                   for k, p in expected.items()})
+    expected = param_keys(init_params, cfg)
+    check_keys(folder, where, stored, {k: shape for k, (_, shape) in expected.items()})
     placement = traverse_util.flatten_dict(shardings) if shardings is not None else {}
     out = {}
     with contextlib.ExitStack() as stack:
         handles = {f: stack.enter_context(safe_open(f, framework="flax")) for f in set(where.values())}
-        for key, path in expected.items():
+        for key, (path, _) in expected.items():
             x = handles[where[stored[key]]].get_tensor(stored[key])
             x = (x.T if path[-1] == "kernel" else x).astype(cfg.param_dtype)
             out[path] = jax.device_put(x, placement.get(path)).block_until_ready()
     return traverse_util.unflatten_dict(out)
 
 
-def _check(folder: pathlib.Path, where: Mapping[str, str], stored: Mapping[str, str],
-           expected: Mapping[str, tuple[int, ...]]) -> None:
-    """One ValueError naming every missing, unexpected and mis-shaped key (shapes read from the headers)."""
+def check_keys(folder: pathlib.Path, where: Mapping[str, str], stored: Mapping[str, str],
+               expected: Mapping[str, tuple[int, ...]]) -> None:
+    """One ValueError naming every missing, unexpected and mis-shaped key (shapes read from the headers).
+
+    `where`: stored key -> its file; `stored`: our key -> stored key; `expected`: our key -> stored shape.
+    """
     found = {}
     for file in set(where.values()):
         with safe_open(file, framework="flax") as f:

@@ -1,0 +1,86 @@
+"""Image-text rewards in JAX behind one interface: `load_reward(kind, path)(images, prompts) -> scores [B]`.
+
+- "pickscore": PickScore_v1, a transformers CLIPModel (ViT-H/14). Score = logit_scale.exp() * cosine(image,
+  text embeds), as PickScore's code computes before its softmax over images.
+  Folder: config.json + model.safetensors (yuvalkirstain/PickScore_v1) and the CLIP tokenizer files
+  (vocab.json, merges.txt; PickScore's processor is laion/CLIP-ViT-H-14-laion2B-s32B-b79K's, the same BPE
+  vocabulary as FLUX's `tokenizer/`). Pixels as transformers' CLIPImageProcessor makes them ("crop").
+- "hpsv2": HPSv2 / HPSv2.1, an open_clip ViT-H-14. Score = cosine(image, text embeds), what `hpsv2.score`
+  returns (papers usually report it x 100); logit_scale is loaded but not used. Folder:
+  open_clip_config.json + open_clip_model.safetensors (see rewards/open_clip_layout.py; convert HPSv2's .pt
+  once with `python -m pnapo_jax.rewards.convert_open_clip`) and the same CLIP tokenizer files. Pixels as
+  HPSv2's preprocess_val makes them ("pad"), ids as open_clip's tokenizer.
+
+Images are [B, H, W, 3] floats in [0, 1] (generate.World.decode's output), prompts one per image. Scoring is
+jitted and runs `batch_size` images at a time (the last batch padded), so one compilation serves each
+image size.
+"""
+
+import dataclasses
+import functools
+import os
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import transformers
+
+from pnapo_jax import text
+from pnapo_jax.rewards import clip_model, open_clip_layout
+from pnapo_jax.rewards.preprocess import preprocess
+
+KINDS = ("pickscore", "hpsv2")
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2))
+def scores(cfg: clip_model.CLIPConfig, mode: str, scaled: bool, params: Any, images_BxHxWx3: jax.Array,
+           input_ids_BxL: jax.Array) -> jax.Array:
+    """cosine(image i, prompt i) [B] in fp32, times logit_scale.exp() if `scaled`."""
+    pixels = preprocess(images_BxHxWx3, mode, cfg.vision.image_size)
+    image, prompt, logit_scale = clip_model.CLIPModel(cfg).apply({"params": params}, pixels, input_ids_BxL)
+    unit = lambda x: x.astype(jnp.float32) / jnp.linalg.norm(x.astype(jnp.float32), axis=-1, keepdims=True)
+    cosine = jnp.sum(unit(image) * unit(prompt), axis=-1)
+    return cosine * jnp.exp(logit_scale.astype(jnp.float32)) if scaled else cosine
+
+
+@dataclasses.dataclass(frozen=True)
+class Reward:
+    """A CLIP-based reward: callable(images [B, H, W, 3] in [0, 1], prompts [B]) -> np.ndarray scores [B]."""
+
+    cfg: clip_model.CLIPConfig
+    params: Any
+    tokenize: Callable[[Sequence[str]], np.ndarray]  # prompts -> input ids [B, L]
+    mode: str  # preprocessing recipe (rewards/preprocess.py)
+    scaled: bool  # multiply cosines by logit_scale.exp()
+    batch_size: int = 16
+
+    def __call__(self, images_BxHxWx3: np.ndarray, prompts: Sequence[str]) -> np.ndarray:
+        images, prompts = np.asarray(images_BxHxWx3, np.float32), list(prompts)
+        if images.ndim != 4 or images.shape[-1] != 3 or len(images) != len(prompts):
+            raise ValueError(f"expected images [B, H, W, 3] and B prompts, got {images.shape} and {len(prompts)}")
+        if not prompts:
+            return np.zeros(0, np.float32)
+        ids = self.tokenize(prompts)
+        n = min(self.batch_size, len(images))
+        out = []
+        for start in range(0, len(images), n):
+            batch = np.arange(start, start + n).clip(max=len(images) - 1)  # the last batch repeats its last row
+            out.append(np.asarray(scores(self.cfg, self.mode, self.scaled, self.params, images[batch], ids[batch])))
+        return np.concatenate(out)[:len(images)]
+
+
+def load_reward(kind: str, path: str | os.PathLike, dtype: Any = None, batch_size: int = 16) -> Reward:
+    """The `kind` reward from a local folder (layouts above); `dtype` is the compute and storage dtype."""
+    tokenizer = functools.partial(transformers.CLIPTokenizer.from_pretrained, path)
+    if kind == "pickscore":
+        cfg, params = clip_model.load(path, dtype)
+        tokenize = functools.partial(text.tokenize, tokenizer(), max_length=cfg.text.max_position_embeddings)
+        return Reward(cfg, params, tokenize, "crop", True, batch_size)
+    if kind == "hpsv2":
+        cfg, params = open_clip_layout.load(path, dtype)
+        tokenize = functools.partial(open_clip_layout.tokenize, tokenizer(),
+                                     context_length=cfg.text.max_position_embeddings)
+        return Reward(cfg, params, tokenize, "pad", False, batch_size)
+    raise ValueError(f"reward kind {kind!r}: known kinds are {KINDS}")
