@@ -72,6 +72,15 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.data.text_len = 512  # FLUX.1-dev's T5 length
     c.data.worker_count = 4
 
+    # Pair generation (python -m pnapo_jax.generate) as the paper built its data: 2 samples per prompt at 50
+    # steps, ranked by HPSv2; text encoders and VAE from the pipeline folder model.pretrained names.
+    c.generate.world = "flux"
+    c.generate.reward = "hpsv2"
+    c.generate.reward_path = ""  # required: an HPSv2 folder (pnapo_jax.rewards.convert_open_clip makes one)
+    c.generate.images_per_prompt = 2
+    c.generate.num_steps = 50
+    c.generate.guidance_scale = 3.5
+
     c.checkpoint.every_steps = 200
     c.checkpoint.keep = 3
 

@@ -94,7 +94,11 @@ def defaults() -> ml_collections.ConfigDict:
 
     # Off-policy pair generation (python -m pnapo_jax.generate): K samples per prompt, ranked by the reward.
     c.generate = ml_collections.ConfigDict()
-    c.generate.world = "demo"  # text encoder, decoder and reward: demo (the embedded world)
+    c.generate.world = "demo"  # text encoder, decoder and reward: demo (the embedded world) | flux (FLUX.1)
+    c.generate.pipeline = ""  # flux: pipeline folder (text_encoder*, tokenizer*, vae); "" = model.pretrained's
+    c.generate.reward = "hpsv2"  # flux: hpsv2 | pickscore (pnapo_jax.rewards)
+    c.generate.reward_path = ""  # flux: local folder of the reward's weights and tokenizer (required)
+    c.generate.prompts_file = ""  # flux: the prompts of world.prompts(split), "{split}" in it replaced; "" = none
     c.generate.images_per_prompt = 4  # K samples per prompt, each from its own recorded noise
     c.generate.num_steps = 28  # Euler steps (FluxPipeline's default; the paper used 50)
     c.generate.guidance_scale = 3.5  # guidance input of guidance-distilled models (FLUX.1-dev)

@@ -3,7 +3,8 @@ noises; the world's reward scores both, and its fidelity measure says how far sa
 
 Reward alone is easy to hack by drifting away from valid images, so every eval line carries both:
     eval/reward_mean, eval/reward_base_mean, eval/win_rate_vs_base (ties count half), eval/fidelity_mean,
-    eval/fidelity_base_mean.
+    eval/fidelity_base_mean; the last two only for worlds with a `fidelity` (FLUX has no ground-truth image
+    manifold to measure the distance to).
 """
 
 import dataclasses
@@ -35,7 +36,12 @@ class SampleEval:
         self._noises = generate.Sampler(self.setup, self.base_variables, gen).noises(np.arange(len(self.prompts)))
         self.base_images = self._sample(self.base_variables)
         self.base_rewards = np.asarray(self.world.reward(self.base_images, self.prompts))
-        self.base_fidelity = np.asarray(self.world.fidelity(self.base_images, self.prompts))
+        self.base_fidelity = self._fidelity(self.base_images)
+
+    def _fidelity(self, images: np.ndarray) -> np.ndarray | None:
+        """The world's distance of `images` to the data, or None for a world without one."""
+        fidelity = getattr(self.world, "fidelity", None)
+        return None if fidelity is None else np.asarray(fidelity(images, self.prompts))
 
     def _sample(self, variables: Any) -> np.ndarray:
         sampler = generate.Sampler(self.setup, variables, self._gen)
@@ -50,8 +56,11 @@ class SampleEval:
         """(eval metrics, the policy's images, their rewards) for the policy's `variables`."""
         images = self._sample(variables)
         rewards = np.asarray(self.world.reward(images, self.prompts))
-        fidelity = np.asarray(self.world.fidelity(images, self.prompts))
         wins = np.mean((rewards > self.base_rewards) + 0.5 * (rewards == self.base_rewards))
-        return {"eval/reward_mean": float(rewards.mean()), "eval/reward_base_mean": float(self.base_rewards.mean()),
-                "eval/win_rate_vs_base": float(wins), "eval/fidelity_mean": float(fidelity.mean()),
-                "eval/fidelity_base_mean": float(self.base_fidelity.mean())}, images, rewards
+        metrics = {"eval/reward_mean": float(rewards.mean()), "eval/reward_base_mean": float(self.base_rewards.mean()),
+                   "eval/win_rate_vs_base": float(wins)}
+        fidelity = self._fidelity(images)
+        if fidelity is not None:
+            metrics |= {"eval/fidelity_mean": float(fidelity.mean()),
+                        "eval/fidelity_base_mean": float(self.base_fidelity.mean())}
+        return metrics, images, rewards

@@ -2,6 +2,8 @@
 ranks them, and winner / loser are stored with their noises as sextuples.
 
     python -m pnapo_jax.generate --config=configs/demo_cpu.py --prompts=prompts.txt --out=DIR
+    python -m pnapo_jax.generate --config=configs/flux_tpu.py --config.generate.reward_path=HPSV2_DIR \
+        --prompts=prompts.txt --out=DIR
 
 The noise of image k of prompt p (0-based line of the prompts file) is
 `jax.random.normal(jax.random.fold_in(jax.random.PRNGKey(generate.seed), p * K + k), (I, C))`; the record
@@ -51,13 +53,20 @@ class World(Protocol):
         """-> scores [B], higher is preferred."""
 
 
-def make_world(name: str) -> World:
-    """The worlds generation knows; `demo` is the embedded one (pnapo_jax.world)."""
+def make_world(config: ml_collections.ConfigDict) -> World:
+    """The world of config.generate.world: `demo` is the embedded one (pnapo_jax.world), `flux` FLUX.1 from a
+    pipeline folder and a reward (pnapo_jax.flux_world). The whole config, not only its generate section: a
+    FLUX world takes its shapes from config.data and its dtype and model id from config.model."""
+    name = config.generate.world
     if name == "demo":
         from pnapo_jax import world
 
         return world.components()
-    raise ValueError(f"config.generate.world={name!r}: known worlds are ('demo',)")
+    if name == "flux":
+        from pnapo_jax import flux_world
+
+        return flux_world.FluxWorld(config)
+    raise ValueError(f"config.generate.world={name!r}: known worlds are ('demo', 'flux')")
 
 
 def read_prompts(path: str) -> list[str]:
@@ -164,7 +173,7 @@ def generate_chunk(prompts: Sequence[str], first_index: int, sampler: Sampler, w
 def run(config: ml_collections.ConfigDict, prompts_file: str, out: str, show_progress: bool = True) -> dict:
     """Generate pairs for every prompt of `prompts_file` into `out` (resuming); returns counts."""
     gen = config.generate
-    world = make_world(gen.world)
+    world = make_world(config)
     setup = train.make_setup(config)
     sampler = Sampler(setup, {"params": train.base_params(setup)}, gen)
     prompts = read_prompts(prompts_file)

@@ -321,7 +321,7 @@ def _pairs_path(config: ml_collections.ConfigDict, workdir: epath.Path, show_pro
 
     prompts = workdir / "prompts_train.txt"
     if jax.process_index() == 0:
-        train_prompts = generate.make_world(config.generate.world).prompts("train")
+        train_prompts = generate.make_world(config).prompts("train")
         prompts.write_text("\n".join(train_prompts[: config.generate.max_prompts or None]))
     generate.run(config, str(prompts), str(workdir / "pairs"), show_progress)
     return str(workdir / "pairs")
@@ -399,7 +399,7 @@ def _sample_eval(config: ml_collections.ConfigDict, setup: Setup, frozen: Any) -
         return None
     from pnapo_jax import evaluate, generate
 
-    return evaluate.SampleEval(setup, generate.make_world(config.generate.world), config.eval,
+    return evaluate.SampleEval(setup, generate.make_world(config), config.eval,
                                reference_variables(setup, frozen))
 
 

@@ -1,9 +1,12 @@
-"""Shared test helpers: tiny random diffusers FLUX models and their weights as our params."""
+"""Shared test helpers: tiny random diffusers FLUX models and their weights as our params; tiny CLIP / T5 text
+encoders with offline tokenizers, a tiny FLUX-like VAE, and a whole tiny FluxPipeline made of them."""
 
 import jax.numpy as jnp
 import numpy as np
+import tokenizers
 import torch
-from diffusers import FluxTransformer2DModel
+import transformers
+from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
 from flax import traverse_util
 
 from pnapo_jax.convert.keys import flax_to_diffusers
@@ -12,6 +15,15 @@ from pnapo_jax.models import flux
 TINY = dict(patch_size=1, in_channels=8, num_layers=2, num_single_layers=2, attention_head_dim=16,
             num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=24, guidance_embeds=True,
             axes_dims_rope=(4, 6, 6))
+T5_TINY = dict(vocab_size=40, d_model=32, d_kv=8, d_ff=48, num_layers=3, num_heads=4, feed_forward_proj="gated-gelu",
+               relative_attention_num_buckets=8, relative_attention_max_distance=12, decoder_start_token_id=0)
+CLIP_TINY = dict(vocab_size=64, hidden_size=32, intermediate_size=40, num_hidden_layers=2, num_attention_heads=4,
+                 max_position_embeddings=20, hidden_act="quick_gelu", bos_token_id=62, eos_token_id=63,
+                 pad_token_id=63)
+# FLUX-like VAE (16 latent channels, shift, no quant convs) downsampling 8x as FLUX's does.
+VAE_TINY = dict(block_out_channels=(8, 8, 16, 16), layers_per_block=1, norm_num_groups=4, latent_channels=16,
+                scaling_factor=0.3611, shift_factor=0.1159, use_quant_conv=False, use_post_quant_conv=False)
+_WORDS = "a photo of cat dog red blue on the under sky tiny model".split()
 
 
 def torch_flux(seed: int = 0, **overrides) -> FluxTransformer2DModel:
@@ -59,3 +71,72 @@ def random_inputs(cfg: flux.FluxConfig, batch: int, h: int, w: int, txt_len: int
 def torch_forward(model: FluxTransformer2DModel, inputs: dict) -> np.ndarray:
     with torch.no_grad():
         return model(**{k: torch.from_numpy(v) for k, v in inputs.items()}).sample.numpy()
+
+
+def randomize(model: torch.nn.Module, seed: int, scale: float) -> torch.nn.Module:
+    """Random (not default-initialised) weights everywhere, norms included, so each tensor's loading shows."""
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn_like(p) * scale)
+    return model.eval()
+
+
+def torch_t5(seed: int = 0, **overrides) -> transformers.T5EncoderModel:
+    return randomize(transformers.T5EncoderModel(transformers.T5Config(**{**T5_TINY, **overrides})), seed, 0.3)
+
+
+def torch_clip(seed: int = 0, **overrides) -> transformers.CLIPTextModel:
+    config = transformers.CLIPTextConfig(**{**CLIP_TINY, **overrides})
+    return randomize(transformers.CLIPTextModel(config), seed, 0.2)
+
+
+def clip_tokenizer() -> transformers.CLIPTokenizer:
+    """A CLIP BPE tokenizer over a tiny vocabulary built like CLIP's: byte symbols, their `</w>` forms, merges."""
+    byte_symbols = sorted(tokenizers.pre_tokenizers.ByteLevel.alphabet())
+    merges = [("c", "a"), ("ca", "t</w>"), ("d", "o"), ("do", "g</w>"), ("p", "h"), ("ph", "o"), ("t", "h"),
+              ("th", "e</w>"), ("s", "k"), ("sk", "y</w>")]
+    tokens = byte_symbols + [s + "</w>" for s in byte_symbols] + ["".join(m) for m in merges]
+    vocab = {t: i for i, t in enumerate([*tokens, "<|startoftext|>", "<|endoftext|>"])}
+    return transformers.CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77)
+
+
+def t5_tokenizer() -> transformers.T5TokenizerFast:
+    """A Unigram T5 tokenizer: <pad>=0, </s>=1, <unk>=2, whole words, then letters."""
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -2.0)]
+    pieces += [(f"▁{w}", -1.0) for w in _WORDS] + [(c, -5.0) for c in "abcdefghijklmnopqrstuvwxyz"]
+    return transformers.T5TokenizerFast(vocab=pieces, extra_ids=0)
+
+
+def torch_vae(**config) -> AutoencoderKL:
+    n = len(config["block_out_channels"])
+    return AutoencoderKL(down_block_types=("DownEncoderBlock2D",) * n, up_block_types=("UpDecoderBlock2D",) * n,
+                         **config)
+
+
+def randomize_vae(model: torch.nn.Module, seed: int) -> None:
+    """Weights ~ N(0, 1/fan_in), biases ~ N(0, 0.1^2), norm scales ~ 1 + N(0, 0.2^2): nothing at its default."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            noise = torch.randn(p.shape, generator=gen)
+            if p.ndim > 1:
+                p.copy_(noise / np.sqrt(p[0].numel()))
+            else:
+                p.copy_(1 + 0.2 * noise if name.endswith("weight") else 0.1 * noise)
+
+
+def tiny_flux_pipeline(scheduler_config: dict | None = None) -> FluxPipeline:
+    """A tiny random FluxPipeline whose parts fit as FLUX.1-dev's do: a transformer with guidance embeds, the
+    16-channel VAE_TINY, CLIP and T5 with offline tokenizers; `scheduler_config` (default: diffusers')."""
+    tokenizer, tokenizer_2 = clip_tokenizer(), t5_tokenizer()
+    vae = torch_vae(**VAE_TINY).eval()
+    randomize_vae(vae, seed=0)
+    pipe = FluxPipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(**(scheduler_config or {})), vae=vae, tokenizer=tokenizer,
+        text_encoder=torch_clip(vocab_size=len(tokenizer), max_position_embeddings=77, eos_token_id=2,
+                                bos_token_id=0, pad_token_id=1),
+        tokenizer_2=tokenizer_2, text_encoder_2=torch_t5(vocab_size=len(tokenizer_2) + 4),
+        transformer=torch_flux(seed=1, in_channels=64, pooled_projection_dim=32, num_layers=1, num_single_layers=1))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe

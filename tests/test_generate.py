@@ -71,7 +71,7 @@ def _records(out):
 @pytest.fixture
 def world(monkeypatch):
     w = BrightnessWorld()
-    monkeypatch.setattr(generate, "make_world", lambda name: w)
+    monkeypatch.setattr(generate, "make_world", lambda config: w)
     return w
 
 
@@ -107,17 +107,17 @@ def test_pairs_carry_their_real_noises_and_rewards(tmp_path, world):
 def test_crash_then_resume_equals_straight_run(tmp_path, monkeypatch):
     config = _config()
     straight = BrightnessWorld()
-    monkeypatch.setattr(generate, "make_world", lambda name: straight)
+    monkeypatch.setattr(generate, "make_world", lambda config: straight)
     generate.run(config, _prompts(tmp_path), str(tmp_path / "straight"), show_progress=False)
 
     crashing = BrightnessWorld(fail_on_call=4)  # dies in the second chunk's second batch
-    monkeypatch.setattr(generate, "make_world", lambda name: crashing)
+    monkeypatch.setattr(generate, "make_world", lambda config: crashing)
     with pytest.raises(RuntimeError, match="simulated crash"):
         generate.run(config, _prompts(tmp_path), str(tmp_path / "resumed"), show_progress=False)
     assert sorted(p.name for p in (tmp_path / "resumed").iterdir()) == ["chunk_00000"]
     (tmp_path / "resumed" / ".tmp_chunk_00001").mkdir()  # as if it had died while writing
     resumed = BrightnessWorld()
-    monkeypatch.setattr(generate, "make_world", lambda name: resumed)
+    monkeypatch.setattr(generate, "make_world", lambda config: resumed)
     summary = generate.run(config, _prompts(tmp_path), str(tmp_path / "resumed"), show_progress=False)
     assert summary["chunks_written_now"] == 2
     a, b = _records(tmp_path / "straight"), _records(tmp_path / "resumed")

@@ -14,13 +14,11 @@ import jax
 import numpy as np
 import pytest
 import torch
-from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+from diffusers import FluxPipeline, FluxTransformer2DModel
 from etils import epath
-from flux_testing import torch_flux
+from flux_testing import tiny_flux_pipeline
 from PIL import Image
 from test_flow import FLUX_SCHEDULER
-from test_text_encoders import _clip_tokenizer, _t5_tokenizer, _torch_clip, _torch_t5
-from test_vae import _randomize, _torch_vae
 
 from pnapo_jax import export, sample, train
 from pnapo_jax.models.flux import FluxConfig
@@ -29,9 +27,6 @@ ROOT = epath.Path(__file__).parent.parent
 sys.path.insert(0, str(ROOT / "configs"))
 import tiny  # noqa: E402
 
-# FLUX-like VAE (16 latent channels, shift, no quant convs) downsampling 8x as FLUX's does.
-VAE_TINY = dict(block_out_channels=(8, 8, 16, 16), layers_per_block=1, norm_num_groups=4, latent_channels=16,
-                scaling_factor=0.3611, shift_factor=0.1159, use_quant_conv=False, use_post_quant_conv=False)
 PROMPTS = ["a photo of a cat", "the tiny red dog under a blue sky"]
 OPTIONS = dict(height=64, width=48, num_steps=4, guidance_scale=3.5, max_sequence_length=16)  # 4 x 3 tokens
 NOISE_SHAPE = (len(PROMPTS), 16, 8, 6)
@@ -41,16 +36,7 @@ ATOL = 1e-4  # images in [0, 1]
 @pytest.fixture(scope="module")
 def pipeline(tmp_path_factory) -> tuple[FluxPipeline, epath.Path]:
     """The diffusers pipeline and the folder it saved itself to."""
-    tokenizer, tokenizer_2 = _clip_tokenizer(), _t5_tokenizer()
-    vae = _torch_vae(**VAE_TINY).eval()
-    _randomize(vae, seed=0)
-    pipe = FluxPipeline(
-        scheduler=FlowMatchEulerDiscreteScheduler(**FLUX_SCHEDULER), vae=vae, tokenizer=tokenizer,
-        text_encoder=_torch_clip(vocab_size=len(tokenizer), max_position_embeddings=77, eos_token_id=2,
-                                 bos_token_id=0, pad_token_id=1),
-        tokenizer_2=tokenizer_2, text_encoder_2=_torch_t5(vocab_size=len(tokenizer_2) + 4),
-        transformer=torch_flux(seed=1, in_channels=64, pooled_projection_dim=32, num_layers=1, num_single_layers=1))
-    pipe.set_progress_bar_config(disable=True)
+    pipe = tiny_flux_pipeline(FLUX_SCHEDULER)
     folder = epath.Path(tmp_path_factory.mktemp("flux_pipeline"))
     pipe.save_pretrained(folder)
     return pipe, folder

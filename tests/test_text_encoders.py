@@ -15,46 +15,23 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import safetensors.torch
-import tokenizers
 import torch
 import transformers
 from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
 from flax import traverse_util
+from flux_testing import CLIP_TINY, T5_TINY, clip_tokenizer, t5_tokenizer, torch_clip, torch_t5
 from jax.sharding import Mesh, NamedSharding
 
 from pnapo_jax import sharding, text
 from pnapo_jax.config import DEFAULT_RULES
 from pnapo_jax.models import clip, hf, t5
 
-T5_TINY = dict(vocab_size=40, d_model=32, d_kv=8, d_ff=48, num_layers=3, num_heads=4, feed_forward_proj="gated-gelu",
-               relative_attention_num_buckets=8, relative_attention_max_distance=12, decoder_start_token_id=0)
-CLIP_TINY = dict(vocab_size=64, hidden_size=32, intermediate_size=40, num_hidden_layers=2, num_attention_heads=4,
-                 max_position_embeddings=20, hidden_act="quick_gelu", bos_token_id=62, eos_token_id=63,
-                 pad_token_id=63)
 # name -> (config overrides, sequence length); lengths beyond max_distance reach the logarithmic buckets.
 T5_CASES = {"gated_gelu": (dict(), 33), "relu": (dict(feed_forward_proj="relu"), 7),
             "more_buckets": (dict(relative_attention_num_buckets=16, relative_attention_max_distance=40,
                                   num_layers=2), 50)}
 CLIP_CASES = {"eos_id": (dict(), 9), "eos_id_not_max": (dict(eos_token_id=5), 20),
               "legacy_eos_2": (dict(eos_token_id=2), 13), "gelu": (dict(hidden_act="gelu", num_hidden_layers=3), 20)}
-
-
-def _randomize(model: torch.nn.Module, seed: int, scale: float) -> torch.nn.Module:
-    """Random (not default-initialised) weights everywhere, norms included, so each tensor's loading shows."""
-    torch.manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn_like(p) * scale)
-    return model.eval()
-
-
-def _torch_t5(seed: int = 0, **overrides) -> transformers.T5EncoderModel:
-    return _randomize(transformers.T5EncoderModel(transformers.T5Config(**{**T5_TINY, **overrides})), seed, 0.3)
-
-
-def _torch_clip(seed: int = 0, **overrides) -> transformers.CLIPTextModel:
-    config = transformers.CLIPTextConfig(**{**CLIP_TINY, **overrides})
-    return _randomize(transformers.CLIPTextModel(config), seed, 0.2)
 
 
 def _ids_and_mask(batch: int, length: int, vocab: int, eos: int, pad: int, seed: int,
@@ -78,7 +55,7 @@ def _rel_err(ours, ref) -> float:
 @pytest.mark.parametrize("name", list(T5_CASES))
 def test_t5_matches_transformers(tmp_path, name):
     overrides, length = T5_CASES[name]
-    model = _torch_t5(**overrides)
+    model = torch_t5(**overrides)
     model.save_pretrained(tmp_path)
     cfg, params = t5.load(tmp_path)
     ids, mask = _ids_and_mask(3, length, cfg.vocab_size, eos=1, pad=0, seed=length)
@@ -104,7 +81,7 @@ def test_relative_position_buckets_match_transformers(buckets):
 @pytest.mark.parametrize("name", list(CLIP_CASES))
 def test_clip_matches_transformers(tmp_path, name):
     overrides, length = CLIP_CASES[name]
-    model = _torch_clip(**overrides)
+    model = torch_clip(**overrides)
     model.save_pretrained(tmp_path)
     cfg, params = clip.load(tmp_path)
     # Token 2 ahead of the eos and ids above a non-maximal eos tell the two pooling rules apart.
@@ -140,8 +117,8 @@ def _assert_same_params(a, b):
 
 def test_clip_loads_pre_v5_checkpoints(tmp_path):
     """Keys prefixed with `text_model.` and a stored position_ids buffer, as FLUX's text_encoder was written."""
-    _torch_clip().save_pretrained(tmp_path / "v5")
-    _torch_clip().save_pretrained(tmp_path / "v4")
+    torch_clip().save_pretrained(tmp_path / "v5")
+    torch_clip().save_pretrained(tmp_path / "v4")
     _rewrite(tmp_path / "v4", lambda k: f"text_model.{k}",
              {"text_model.embeddings.position_ids": torch.arange(CLIP_TINY["max_position_embeddings"])[None]})
     _assert_same_params(clip.load(tmp_path / "v4")[1], clip.load(tmp_path / "v5")[1])
@@ -149,8 +126,8 @@ def test_clip_loads_pre_v5_checkpoints(tmp_path):
 
 @pytest.mark.parametrize("stored", ["both", "tied_copy_only"])
 def test_t5_loads_tied_embedding_copies(tmp_path, stored):
-    _torch_t5().save_pretrained(tmp_path / "ref")
-    _torch_t5().save_pretrained(tmp_path / "alt")
+    torch_t5().save_pretrained(tmp_path / "ref")
+    torch_t5().save_pretrained(tmp_path / "alt")
     shared = safetensors.torch.load_file(tmp_path / "ref" / hf.WEIGHTS_NAME)["shared.weight"]
     if stored == "both":
         _rewrite(tmp_path / "alt", extra={t5.TIED_KEY: shared.clone()})
@@ -160,7 +137,7 @@ def test_t5_loads_tied_embedding_copies(tmp_path, stored):
 
 
 def test_bf16_sharded_checkpoint_loads(tmp_path):
-    model = _torch_t5().to(torch.bfloat16)
+    model = torch_t5().to(torch.bfloat16)
     model.save_pretrained(tmp_path, max_shard_size="8KB")
     assert (tmp_path / hf.INDEX_NAME).exists()
     cfg, params = t5.load(tmp_path, param_dtype="float32")
@@ -172,7 +149,7 @@ def test_bf16_sharded_checkpoint_loads(tmp_path):
 
 
 def test_bf16_compute_stays_close(tmp_path):
-    model = _torch_t5()
+    model = torch_t5()
     model.save_pretrained(tmp_path)
     ids, mask = _ids_and_mask(2, 16, T5_TINY["vocab_size"], eos=1, pad=0, seed=0)
     out = {}
@@ -185,7 +162,7 @@ def test_bf16_compute_stays_close(tmp_path):
 
 
 def test_load_with_shardings(tmp_path):
-    _torch_t5().save_pretrained(tmp_path)
+    torch_t5().save_pretrained(tmp_path)
     cfg, ref = t5.load(tmp_path)
     mesh = Mesh(np.array(jax.devices()[:8]).reshape(1, 4, 2), sharding.MESH_AXES)
     abstract = jax.eval_shape(lambda: t5.init_params(cfg, jax.random.key(0)))
@@ -197,13 +174,13 @@ def test_load_with_shardings(tmp_path):
 
 
 def test_load_errors_name_the_keys(tmp_path):
-    _torch_t5().save_pretrained(tmp_path)
+    torch_t5().save_pretrained(tmp_path)
     _rewrite(tmp_path, lambda k: None if k == "encoder.final_layer_norm.weight" else k,
              {"encoder.block.0.layer.0.SelfAttention.extra.weight": torch.zeros(2)})
     with pytest.raises(ValueError, match=r"missing keys: encoder\.final_layer_norm\.weight; unexpected keys: "
                                          r"encoder\.block\.0\.layer\.0\.SelfAttention\.extra\.weight"):
         t5.load(tmp_path)
-    _torch_clip().save_pretrained(tmp_path / "clip")
+    torch_clip().save_pretrained(tmp_path / "clip")
     config = json.loads((tmp_path / "clip" / "config.json").read_text())
     (tmp_path / "clip" / "config.json").write_text(json.dumps({**config, "intermediate_size": 44}))
     with pytest.raises(ValueError, match=r"wrong shapes: encoder\.layers\.0\.mlp\.fc1\.bias in .*: expected \(44,\), "
@@ -219,33 +196,13 @@ def test_unsupported_activation():
 
 # --- FLUX prompt encoding against diffusers' FluxPipeline.encode_prompt ----------------------------------
 
-_WORDS = "a photo of cat dog red blue on the under sky tiny model".split()
-
-
-def _clip_tokenizer() -> transformers.CLIPTokenizer:
-    """A CLIP BPE tokenizer over a tiny vocabulary built like CLIP's: byte symbols, their `</w>` forms, merges."""
-    byte_symbols = sorted(tokenizers.pre_tokenizers.ByteLevel.alphabet())
-    merges = [("c", "a"), ("ca", "t</w>"), ("d", "o"), ("do", "g</w>"), ("p", "h"), ("ph", "o"), ("t", "h"),
-              ("th", "e</w>"), ("s", "k"), ("sk", "y</w>")]
-    tokens = byte_symbols + [s + "</w>" for s in byte_symbols] + ["".join(m) for m in merges]
-    vocab = {t: i for i, t in enumerate([*tokens, "<|startoftext|>", "<|endoftext|>"])}
-    return transformers.CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77)
-
-
-def _t5_tokenizer() -> transformers.T5TokenizerFast:
-    """A Unigram T5 tokenizer: <pad>=0, </s>=1, <unk>=2, whole words, then letters."""
-    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -2.0)]
-    pieces += [(f"▁{w}", -1.0) for w in _WORDS] + [(c, -5.0) for c in "abcdefghijklmnopqrstuvwxyz"]
-    return transformers.T5TokenizerFast(vocab=pieces, extra_ids=0)
-
-
 @pytest.fixture(scope="module")
 def flux_pipeline(tmp_path_factory):
     """A tiny FluxPipeline (text encoders and tokenizers only) and the folder save_pretrained wrote."""
-    tokenizer, tokenizer_2 = _clip_tokenizer(), _t5_tokenizer()
-    clip_model = _torch_clip(vocab_size=len(tokenizer), max_position_embeddings=77, eos_token_id=2,
+    tokenizer, tokenizer_2 = clip_tokenizer(), t5_tokenizer()
+    clip_model = torch_clip(vocab_size=len(tokenizer), max_position_embeddings=77, eos_token_id=2,
                              bos_token_id=0, pad_token_id=1)
-    t5_model = _torch_t5(vocab_size=len(tokenizer_2) + 4)
+    t5_model = torch_t5(vocab_size=len(tokenizer_2) + 4)
     pipe = FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=None, text_encoder=clip_model,
                         tokenizer=tokenizer, text_encoder_2=t5_model, tokenizer_2=tokenizer_2, transformer=None)
     folder = tmp_path_factory.mktemp("flux")

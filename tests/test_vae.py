@@ -15,6 +15,8 @@ import pytest
 import safetensors.torch
 import torch
 from diffusers import AutoencoderKL
+from flux_testing import randomize_vae as _randomize  # test_import_images imports both from here
+from flux_testing import torch_vae as _torch_vae
 
 from pnapo_jax.convert import files
 from pnapo_jax.models import vae
@@ -27,24 +29,6 @@ CONFIGS = {  # FLUX-like: 16 latent channels, shift, no quant convs; SD-like: 4 
                     scaling_factor=0.18215),
 }
 CASES = {"2x32x32": (2, 32, 32, None), "3x24x40_chunks_of_2": (3, 24, 40, 2)}  # batch, height, width, batch_chunk
-
-
-def _torch_vae(**config) -> AutoencoderKL:
-    n = len(config["block_out_channels"])
-    return AutoencoderKL(down_block_types=("DownEncoderBlock2D",) * n, up_block_types=("UpDecoderBlock2D",) * n,
-                         **config)
-
-
-def _randomize(model: torch.nn.Module, seed: int) -> None:
-    """Weights ~ N(0, 1/fan_in), biases ~ N(0, 0.1^2), norm scales ~ 1 + N(0, 0.2^2): nothing at its default."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            noise = torch.randn(p.shape, generator=gen)
-            if p.ndim > 1:
-                p.copy_(noise / np.sqrt(p[0].numel()))
-            else:
-                p.copy_(1 + 0.2 * noise if name.endswith("weight") else 0.1 * noise)
 
 
 @pytest.fixture(scope="module")

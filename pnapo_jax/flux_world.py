@@ -1,0 +1,112 @@
+"""The FLUX world: `generate.World` for FLUX.1, from a diffusers pipeline folder's text encoders and VAE and a
+CLIP-based reward (PickScore or HPSv2, pnapo_jax.rewards).
+
+Prompts are encoded once, CLIP's pooled output and T5's hidden states over config.data.text_len tokens (FluxPipeline's
+max_sequence_length), and the records carry the embeddings: training never runs T5. Samples are decoded as
+FluxPipeline decodes them and scored by the reward. The transformer is not loaded here: generation samples with
+training's base (config.model.pretrained). Text encoders and VAE compute in config.model.dtype, the reward in
+float32 (its winner-loser gaps, ~1e-2 for HPSv2, decide the pairs). Everything loads on first use, so asking for
+prompts alone (data.source=generate) loads nothing.
+
+There is no `fidelity` (FLUX has no ground-truth image manifold to measure the distance to) and no built-in
+prompt set: `prompts(split)` reads config.generate.prompts_file.
+"""
+
+import dataclasses
+import functools
+import os
+import pathlib
+from collections.abc import Sequence
+from typing import Any
+
+import huggingface_hub
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from pnapo_jax import flow, generate, rewards, sample, text, train
+from pnapo_jax.models import vae
+from pnapo_jax.models.vae_loading import VAE_SUBFOLDER, load_vae
+
+PIPELINE_SUBFOLDERS = (text.CLIP_SUBFOLDER, text.T5_SUBFOLDER, text.CLIP_TOKENIZER_SUBFOLDER,
+                       text.T5_TOKENIZER_SUBFOLDER, VAE_SUBFOLDER)
+DECODE_BATCH_CHUNK = 2  # images the VAE decodes at a time: at 1024 px its activations are GBs per image
+
+
+def pipeline_dir(config: ml_collections.ConfigDict) -> pathlib.Path:
+    """The local folder holding PIPELINE_SUBFOLDERS: config.generate.pipeline, else config.model.pretrained
+    (a hub id is fetched, those subfolders only)."""
+    path = config.generate.pipeline or config.model.pretrained
+    if "://" in path:
+        raise ValueError(f"{path}: remote folders are not read directly; copy the pipeline's "
+                         f"{', '.join(PIPELINE_SUBFOLDERS)} to local disk and set config.generate.pipeline")
+    if path and not os.path.exists(path):
+        path = huggingface_hub.snapshot_download(path, allow_patterns=[f"{sub}/*" for sub in PIPELINE_SUBFOLDERS])
+    missing = [sub for sub in PIPELINE_SUBFOLDERS if not path or not (pathlib.Path(path) / sub).is_dir()]
+    if missing:
+        raise FileNotFoundError(f"the flux world needs a FLUX pipeline folder: {path!r} (config.generate.pipeline, "
+                                f"else config.model.pretrained) has no {', '.join(missing)}")
+    return pathlib.Path(path)
+
+
+@dataclasses.dataclass
+class FluxWorld:
+    """FLUX.1's prompt encoding, decoding and a reward for `config` (see the module docstring)."""
+
+    config: ml_collections.ConfigDict
+    latent_h_tokens: int = dataclasses.field(init=False)
+    latent_w_tokens: int = dataclasses.field(init=False)
+    model_id: str = dataclasses.field(init=False)  # names the base that sampled, in every record
+
+    def __post_init__(self):
+        gen = self.config.generate
+        if gen.reward not in rewards.KINDS:
+            raise ValueError(f"config.generate.reward={gen.reward!r}: choose from {rewards.KINDS}")
+        if not gen.reward_path:
+            raise ValueError(f"config.generate.reward_path is required by the flux world: a local {gen.reward} "
+                             "folder (layouts in pnapo_jax.rewards)")
+        self.latent_h_tokens = self.config.data.latent_h_tokens
+        self.latent_w_tokens = self.config.data.latent_w_tokens
+        self.model_id = self.config.model.pretrained or f"random-init(seed={self.config.seed})"
+
+    @functools.cached_property
+    def _loaded(self) -> tuple[text.TextEncoders, vae.VAEConfig, Any]:
+        """(text encoders, VAE config, VAE params), checked to fit the transformer config.model describes."""
+        folder, dtype = pipeline_dir(self.config), self.config.model.dtype
+        encoders = text.load_text_encoders(folder, dtype)
+        vae_cfg, vae_params = load_vae(folder, dtype)
+        sample._check_fits(train.flux_config(self.config), encoders, vae_cfg)
+        return encoders, vae_cfg, vae_params
+
+    @functools.cached_property
+    def reward(self) -> rewards.Reward:
+        """callable(images [B, H, W, 3] in [0, 1], prompts) -> scores [B]."""
+        return rewards.load_reward(self.config.generate.reward, self.config.generate.reward_path, "float32")
+
+    @property
+    def patch_pixels(self) -> int:
+        """Image pixels per token side: a token is 2 x 2 latent pixels (16 for FLUX)."""
+        return 2 * self._loaded[1].downsample_factor
+
+    def encode_prompts(self, prompts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        """(T5 embeds [B, config.data.text_len, 4096], CLIP pooled [B, 768]) in float32, as the records hold them."""
+        embeds, pooled = text.encode_prompts(prompts, self._loaded[0], max_sequence_length=self.config.data.text_len)
+        return np.asarray(embeds, np.float32), np.asarray(pooled, np.float32)
+
+    def decode(self, latents_BxIxC: jax.Array) -> np.ndarray:
+        """Packed latents -> images [B, H, W, 3] in [0, 1], FluxPipeline's postprocessing. The latents come to the
+        host first: the sampler leaves them sharded over the mesh, the VAE's params are on one device."""
+        _, vae_cfg, vae_params = self._loaded
+        z = flow.unpack_latents(jnp.asarray(np.asarray(latents_BxIxC)), 2 * self.latent_h_tokens,
+                                2 * self.latent_w_tokens)
+        images = vae.decode(vae_params, vae_cfg, z, batch_chunk=DECODE_BATCH_CHUNK)
+        return np.asarray(jnp.clip(images / 2 + 0.5, 0, 1).transpose(0, 2, 3, 1))
+
+    def prompts(self, split: str) -> list[str]:
+        """The prompts of `split` (train for data.source=generate, config.eval.split for the sampling eval)."""
+        path = self.config.generate.prompts_file
+        if not path:
+            raise ValueError("the flux world has no built-in prompts: set config.generate.prompts_file (one prompt "
+                             "a line; '{split}' in the path is replaced by the split)")
+        return generate.read_prompts(path.replace("{split}", split))

@@ -1,0 +1,132 @@
+"""The FLUX world end to end on tiny random models: a FLUX pipeline folder (transformer with guidance embeds,
+16-channel VAE, CLIP and T5 with offline tokenizers) and a PickScore-layout reward folder; generation's records
+hold what the world's parts compute on their own, and they train."""
+
+import os
+
+os.environ["HF_HUB_OFFLINE"] = "1"  # everything here is local files; never reach for the hub
+
+import json
+import sys
+
+import jax
+import numpy as np
+import pytest
+import transformers
+from etils import epath
+from flux_testing import clip_tokenizer, randomize, tiny_flux_pipeline
+
+from pnapo_jax import evaluate, flow, generate, rewards, text, train
+from pnapo_jax.data.source import open_written
+from pnapo_jax.flux_world import FluxWorld
+from pnapo_jax.models import vae
+from pnapo_jax.models.flux import FluxConfig
+from pnapo_jax.models.vae_loading import load_vae
+
+sys.path.insert(0, str(epath.Path(__file__).parent.parent / "configs"))
+import tiny  # noqa: E402
+
+PROMPTS = ["a photo of a cat", "the tiny red dog under a blue sky", "a blue sky", "zebra"]
+H_TOKENS, W_TOKENS, TEXT_LEN = 2, 3, 8  # 32 x 48 images
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory) -> tuple[epath.Path, epath.Path]:
+    """(FLUX pipeline folder, PickScore folder: a CLIPModel with FLUX's CLIP tokenizer, as PickScore ships)."""
+    pipeline = epath.Path(tmp_path_factory.mktemp("flux_pipeline"))
+    tiny_flux_pipeline().save_pretrained(pipeline)
+    reward = epath.Path(tmp_path_factory.mktemp("pickscore"))
+    tokenizer = clip_tokenizer()
+    config = transformers.CLIPConfig(
+        text_config=dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=40, num_hidden_layers=1,
+                         num_attention_heads=4, max_position_embeddings=77, eos_token_id=2, bos_token_id=0,
+                         pad_token_id=1),
+        vision_config=dict(hidden_size=32, intermediate_size=40, num_hidden_layers=1, num_attention_heads=4,
+                           patch_size=8, image_size=32), projection_dim=16)
+    randomize(transformers.CLIPModel(config), seed=3, scale=0.2).save_pretrained(reward)
+    tokenizer.save_pretrained(reward)
+    return pipeline, reward
+
+
+def _config(pipeline: epath.Path, reward: epath.Path, tmp_path: epath.Path):
+    """The tiny config with the pipeline's transformer as the base, generating K=2 pairs in the flux world."""
+    c = tiny.get_config()
+    model = FluxConfig.from_diffusers(json.loads((pipeline / "transformer" / "config.json").read_text()))
+    for k, v in model.to_diffusers().items():
+        if k != "_class_name":
+            c.model[k] = v
+    c.model.pretrained = str(pipeline / "transformer")
+    c.data.latent_h_tokens, c.data.latent_w_tokens, c.data.text_len = H_TOKENS, W_TOKENS, TEXT_LEN
+    c.generate.world, c.generate.pipeline = "flux", str(pipeline)
+    c.generate.reward, c.generate.reward_path = "pickscore", str(reward)
+    c.generate.prompts_file = str(tmp_path / "prompts_{split}.txt")
+    c.generate.images_per_prompt, c.generate.num_steps = 2, 2
+    c.generate.prompts_per_batch, c.generate.prompts_per_chunk = 4, 4
+    return c
+
+
+def test_flux_pairs_hold_the_worlds_computations_and_train(folders, tmp_path):
+    pipeline, reward_dir = folders
+    config = _config(pipeline, reward_dir, tmp_path)
+    (tmp_path / "prompts.txt").write_text("\n".join(PROMPTS))
+    summary = generate.run(config, str(tmp_path / "prompts.txt"), str(tmp_path / "pairs"), show_progress=False)
+    assert summary["pairs_written_now"] == len(PROMPTS)
+    source = open_written(str(tmp_path / "pairs"))
+    records = [source[i] for i in range(len(source))]
+    assert [r["prompt"] for r in records] == PROMPTS
+
+    embeds, pooled = text.encode_prompts(PROMPTS, text.load_text_encoders(pipeline), max_sequence_length=TEXT_LEN)
+    vae_cfg, vae_params = load_vae(pipeline)
+    reward = rewards.load_reward("pickscore", reward_dir)
+    key = jax.random.PRNGKey(config.generate.seed)
+    for p, r in enumerate(records):
+        np.testing.assert_array_equal(r["prompt_embeds"], embeds[p])
+        np.testing.assert_array_equal(r["pooled_prompt_embeds"], pooled[p])
+        assert {r["seed_w"], r["seed_l"]} == {2 * p, 2 * p + 1}
+        for side in "wl":
+            noise = jax.random.normal(jax.random.fold_in(key, r[f"seed_{side}"]), (H_TOKENS * W_TOKENS, 64))
+            np.testing.assert_array_equal(r[f"x1_{side}"], noise)
+        latents = flow.unpack_latents(np.stack([r["x0_w"], r["x0_l"]]), 2 * H_TOKENS, 2 * W_TOKENS)
+        images = np.clip(np.asarray(vae.decode(vae_params, vae_cfg, latents)) / 2 + 0.5, 0, 1).transpose(0, 2, 3, 1)
+        assert images.shape == (2, 32, 48, 3)
+        np.testing.assert_allclose([r["reward_w"], r["reward_l"]], reward(images, [r["prompt"]] * 2), rtol=1e-4,
+                                   atol=1e-5)
+        assert r["reward_w"] > r["reward_l"]
+        assert (r["height"], r["width"], r["steps"], r["model_id"]) == (32, 48, 2, str(pipeline / "transformer"))
+
+    config.data.source, config.data.path = "array_record", str(tmp_path / "pairs")
+    config.train.num_steps, config.train.global_batch_size, config.train.eval_every = 2, 2, 0
+    line = train.train_and_evaluate(config, str(tmp_path / "run"), devices=jax.devices()[:1], show_progress=False)
+    assert line["step"] == 2 and np.isfinite(line["loss"])
+
+
+def test_sample_eval_without_fidelity(folders, tmp_path):
+    """The flux world reads eval prompts from prompts_file and has no fidelity: eval lines go without it."""
+    config = _config(*folders, tmp_path)
+    (tmp_path / "prompts_heldout.txt").write_text("\n".join(PROMPTS[:2]))
+    config.eval.num_prompts, config.eval.samples_per_prompt, config.eval.num_steps = 2, 1, 2
+    setup = train.make_setup(config, jax.devices()[:1])
+    base = {"params": train.base_params(setup)}
+    metrics, images, scores = evaluate.SampleEval(setup, generate.make_world(config), config.eval, base)(base)
+    assert set(metrics) == {"eval/reward_mean", "eval/reward_base_mean", "eval/win_rate_vs_base"}
+    assert metrics["eval/win_rate_vs_base"] == 0.5  # the policy is the base
+    assert images.shape == (2, 32, 48, 3) and scores.shape == (2,)
+
+
+def test_errors(folders, tmp_path):
+    config = _config(*folders, tmp_path)
+    config.generate.reward_path = ""
+    with pytest.raises(ValueError, match="reward_path is required"):
+        FluxWorld(config)
+    config.generate.reward_path, config.generate.reward = str(folders[1]), "aesthetic"
+    with pytest.raises(ValueError, match="choose from"):
+        FluxWorld(config)
+    config.generate.reward, config.generate.prompts_file = "pickscore", ""
+    with pytest.raises(ValueError, match="no built-in prompts"):
+        FluxWorld(config).prompts("train")
+    config.generate.pipeline = ""  # model.pretrained is the transformer folder, not a pipeline
+    with pytest.raises(FileNotFoundError, match="has no text_encoder, text_encoder_2, tokenizer"):
+        FluxWorld(config).encode_prompts(["a cat"])
+    config.generate.world = "sd3"
+    with pytest.raises(ValueError, match=r"known worlds are \('demo', 'flux'\)"):
+        generate.make_world(config)
