@@ -21,7 +21,6 @@ DEFAULT_RULES = (
     ("layers", None),
     ("length", None),
     ("act_embed", None),
-    ("act_heads", "tensor"),
     ("latent", None),
     ("text_in", None),
     ("cond_in", None),
@@ -110,7 +109,7 @@ def defaults() -> ml_collections.ConfigDict:
     c.generate.max_prompts = 0  # data.source=generate: use the world's first N train prompts (0: all)
     c.generate.seed = 0  # noise of image k of prompt p: normal(fold_in(PRNGKey(seed), p * K + k))
 
-    # Evaluation by sampling (needs a world with prompts, reward and fidelity): policy vs base on fixed noises.
+    # Evaluation by sampling (a world's prompts and reward; fidelity where it has one): policy vs base, fixed noises.
     c.eval = ml_collections.ConfigDict()
     c.eval.sample_every = 0  # steps between sampling evals (0: never); also before training and at the end
     c.eval.split = "heldout"  # the world's prompt split to evaluate on

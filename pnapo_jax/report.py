@@ -40,7 +40,8 @@ def eval_curves(metrics_jsonl: epath.Path, path: epath.Path) -> None:
     if not evals:
         return
     steps = [d["step"] for d in evals]
-    fig, axes = plt.subplots(1, 3, figsize=(11, 3))
+    has_fidelity = "eval/fidelity_mean" in evals[0]  # worlds without a data manifold (FLUX) have none
+    fig, axes = plt.subplots(1, 3 if has_fidelity else 2, figsize=(11 if has_fidelity else 7.5, 3))
     axes[0].plot(steps, [d["eval/reward_mean"] for d in evals], "o-", label="policy")
     axes[0].plot(steps, [d["eval/reward_base_mean"] for d in evals], "--", label="base")
     axes[0].set_title("reward (held-out prompts)")
@@ -48,10 +49,11 @@ def eval_curves(metrics_jsonl: epath.Path, path: epath.Path) -> None:
     axes[1].plot(steps, [d["eval/win_rate_vs_base"] for d in evals], "o-")
     axes[1].axhline(0.5, color="gray", lw=0.5)
     axes[1].set_title("win rate vs base")
-    axes[2].plot(steps, [d["eval/fidelity_mean"] for d in evals], "o-", label="policy")
-    axes[2].plot(steps, [d["eval/fidelity_base_mean"] for d in evals], "--", label="base")
-    axes[2].set_title("fidelity (lower = closer to the data)")
-    axes[2].legend()
+    if has_fidelity:
+        axes[2].plot(steps, [d["eval/fidelity_mean"] for d in evals], "o-", label="policy")
+        axes[2].plot(steps, [d["eval/fidelity_base_mean"] for d in evals], "--", label="base")
+        axes[2].set_title("fidelity (lower = closer to the data)")
+        axes[2].legend()
     for ax in axes:
         ax.set_xlabel("step")
     fig.tight_layout()

@@ -128,3 +128,31 @@ def test_lora_adapters_equal_merged_weights(scan):
     ref = flux.FluxTransformer(plain_cfg).apply({"params": merged}, **inputs)
     assert _rel_err(np.asarray(with_lora), np.asarray(ref)) < 1e-5
     assert _rel_err(np.asarray(with_lora), np.asarray(without)) > 1e-3
+
+
+@pytest.mark.parametrize("scan", [False, True])
+def test_sharded_on_8_devices_equals_one_device(scan):
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    from pnapo_jax import config as config_lib
+    from pnapo_jax import sharding
+
+    cfg = flux.FluxConfig.from_diffusers(TINY, scan_layers=scan)
+    params = params_from_torch(torch_flux(), cfg)
+    params = flux.scan_params(params, cfg) if scan else params
+    inputs = random_inputs(cfg, 4, 4, 4, 8)
+    ref = jax.jit(flux.FluxTransformer(cfg).apply)({"params": params}, **inputs)
+
+    mesh = sharding.make_mesh(flux.nn.FrozenDict(data=2, fsdp=2, tensor=2))
+    rules = config_lib.DEFAULT_RULES
+    shardings = sharding.logical_shardings(
+        jax.eval_shape(lambda: flux.init_params(cfg, jax.random.key(0))), mesh, rules)
+    sharded = jax.device_put(params, shardings)
+    assert sharded["x_embedder"]["kernel"].sharding.spec == P(None, "fsdp")
+    batched = {k: jax.device_put(v, NamedSharding(mesh, P(sharding.BATCH_AXES)) if k not in ("img_ids", "txt_ids")
+                                 else sharding.replicated(mesh)) for k, v in inputs.items()}
+    with jax.set_mesh(mesh), flux.nn.logical_axis_rules(rules):
+        out = jax.jit(flux.FluxTransformer(cfg).apply)({"params": sharded}, **batched)
+    assert len(out.sharding.device_set) == 8
+    np.testing.assert_allclose(np.asarray(out), np.asarray(ref), atol=1e-5 * float(np.abs(ref).max()))

@@ -116,6 +116,18 @@ def test_same_losses_on_1_2_4_8_devices(tmp_path, lora):
         np.testing.assert_allclose(list(losses[n].values()), list(losses[1].values()), rtol=2e-5)
 
 
+def test_data_fsdp_tensor_mesh_trains_like_one_device(tmp_path):
+    """(2, 2, 2): the layout where XLA's partitioner once swapped batch shards (see models/layers._gathered)."""
+    losses = {}
+    for name, mesh, devices in [("one", (1, -1, 1), jax.devices()[:1]), ("cube", (2, 2, 2), jax.devices())]:
+        config = tiny.get_config()
+        config.mesh.data, config.mesh.fsdp, config.mesh.tensor = mesh
+        config.train.num_steps, config.train.eval_every, config.train.log_every = 4, 0, 1
+        train.train_and_evaluate(config, str(tmp_path / name), devices=devices, show_progress=False)
+        losses[name] = _train_losses(tmp_path / name)
+    np.testing.assert_allclose(list(losses["cube"].values()), list(losses["one"].values()), rtol=2e-5)
+
+
 def test_mesh_with_data_fsdp_and_tensor_axes(tmp_path):
     config = tiny.get_config()
     config.mesh.data, config.mesh.fsdp, config.mesh.tensor = 2, 2, 2

@@ -114,12 +114,6 @@ def _constrain(x_BxLxD: jax.Array) -> jax.Array:
     return nn.with_logical_constraint(x_BxLxD, ("batch", "length", "act_embed"))
 
 
-def _constrain_heads(x_BxLxNxH: jax.Array) -> jax.Array:
-    """Per-head activations: batch-sharded, heads over the tensor axis. Pinning q/k/v and the attention
-    output also keeps XLA's partitioner from a layout that mis-partitions the text/image split."""
-    return nn.with_logical_constraint(x_BxLxNxH, ("batch", "length", "act_heads", None))
-
-
 class AdaLNModulation(nn.Module):
     """`linear(silu(temb))` split into n chunks (diffusers AdaLayerNormZero*/Continuous `.linear`)."""
 
@@ -166,13 +160,13 @@ def _project_qkv(cfg: FluxConfig, x_BxLxD: jax.Array, names: tuple[str, str, str
                .reshape(B, L, N, H) for n in names[:3])
     q = RMSNorm(cfg.dtype, cfg.param_dtype, name=names[3])(q)
     k = RMSNorm(cfg.dtype, cfg.param_dtype, name=names[4])(k)
-    return _constrain_heads(q), _constrain_heads(k), _constrain_heads(v)
+    return q, k, v
 
 
 def _rope_attend(cfg: FluxConfig, q, k, v, cos, sin) -> jax.Array:
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
     q, k, v = (checkpoint_name(a, "qkv") for a in (q, k, v))
-    out_BxLxNxH = _constrain_heads(attention(q, k, v, cfg.attention_impl))
+    out_BxLxNxH = attention(q, k, v, cfg.attention_impl)
     B, L = out_BxLxNxH.shape[:2]
     return checkpoint_name(out_BxLxNxH.reshape(B, L, cfg.inner_dim), "attn_out")
 

@@ -15,6 +15,18 @@ import jax.numpy as jnp
 Dtype = jnp.dtype
 
 
+def _gathered(w: jax.Array, axes: tuple[str | None, ...]) -> jax.Array:
+    """`w` all-gathered over its FSDP (`embed`) dimension: the layout a matmul should use it in.
+
+    FSDP keeps weights sharded at rest and gathers them for compute. Pinning that here, rather than leaving it
+    to XLA's SPMD partitioner, avoids a partitioner miscompile (jaxlib 0.10.2, Shardy and GSPMD alike): with
+    the batch split over (data, fsdp) and a tensor axis > 1, a matmul by a (tensor, fsdp)-sharded kernel could
+    be partitioned with a collective-permute that swaps batch shards between devices and never swaps them back,
+    so whole batch rows came out wrong on a data=2, fsdp=2, tensor=2 mesh.
+    """
+    return nn.with_logical_constraint(w, tuple("act_embed" if a == "embed" else a for a in axes))
+
+
 class Dense(nn.Module):
     """y = x W + b with logical axes on W and b, plus an optional low-rank update (LoRA).
 
@@ -40,6 +52,7 @@ class Dense(nn.Module):
                             (x.shape[-1], self.features), pdt)
         bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros_init(), (self.axes[1],)),
                           (self.features,), pdt)
+        kernel, bias = _gathered(kernel, self.axes), _gathered(bias, self.axes[1:])
         x = x.astype(dt)
         y = x @ kernel.astype(dt) + bias.astype(dt)
         if self.lora_rank and (self.is_initializing() or self.has_variable("lora", "lora_a")):
@@ -51,7 +64,8 @@ class Dense(nn.Module):
                           (self.axes[0], None), (x.shape[-1], self.lora_rank))
             b = lora_init("lora_b", nn.initializers.zeros_init(), (None, self.axes[1]),
                           (self.lora_rank, self.features))
-            a, b = nn.meta.unbox(a.value), nn.meta.unbox(b.value)
+            a = _gathered(nn.meta.unbox(a.value), (self.axes[0], None))
+            b = _gathered(nn.meta.unbox(b.value), (None, self.axes[1]))
             y = y + self.lora_scale * ((x @ a.astype(dt)) @ b.astype(dt))
         return y
 
