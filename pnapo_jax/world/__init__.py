@@ -1,0 +1,40 @@
+"""The embedded world: a small synthetic text-to-image world that runs the whole real pipeline on a laptop CPU.
+
+Prompts come from a grammar (`grammar`), images are procedural renderings (`render`), latents are the pixels
+(`latents`), the text encoder is a fixed table (`text`), the base model is a small FLUX transformer pretrained
+on the train prompts (`base`, `pretrain`), and `reward` / `fidelity` score samples. `components()` is what a
+generic pair generator needs, without knowing any of this.
+"""
+
+import dataclasses
+from collections.abc import Callable
+
+from pnapo_jax.world import base, fidelity, grammar, latents, render, reward, text
+
+
+@dataclasses.dataclass(frozen=True)
+class World:
+    """The world's functions (numpy in, numpy out) and the shapes a model config must match."""
+
+    encode_prompts: Callable  # texts -> (prompt_embeds [B, text_len, text_dim], pooled [B, pooled_dim])
+    encode: Callable  # images [B, 32, 32, 3] in [0, 1] -> packed latents [B, 256, 12]
+    decode: Callable  # packed latents [B, 256, 12] -> images [B, 32, 32, 3] in [0, 1]
+    render: Callable  # (texts, seeds) -> clean renderings [B, 32, 32, 3]
+    reward: Callable  # (images, texts) -> [B], higher is better
+    fidelity: Callable  # (images, texts) -> [B], distance to the data, lower is better
+    prompts: Callable  # split ("train" | "heldout" | "all") -> texts
+    load_base: Callable  # () -> (FluxConfig, params)
+    model_id: str = base.MODEL_ID  # names the shipped base in generated records
+    latent_h_tokens: int = latents.LATENT_H_TOKENS
+    latent_w_tokens: int = latents.LATENT_W_TOKENS
+    patch_pixels: int = latents.PATCH_PIXELS
+    in_channels: int = latents.IN_CHANNELS
+    text_len: int = text.TEXT_LEN
+    text_dim: int = text.TEXT_DIM
+    pooled_dim: int = text.POOLED_DIM
+
+
+def components() -> World:
+    return World(encode_prompts=text.encode_prompts, encode=latents.encode, decode=latents.decode,
+                 render=render.render, reward=reward.reward, fidelity=fidelity.fidelity, prompts=grammar.prompts,
+                 load_base=base.load_base)

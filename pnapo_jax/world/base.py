@@ -1,0 +1,60 @@
+"""The world's base model: a small FLUX transformer (the project's own code) and its shipped weights.
+
+The weights ship as a diffusers `FluxTransformer2DModel` folder (config.json + safetensors, stored in float16
+to halve the file; loaded as float32), so that training loads them like any FLUX checkpoint
+(`config.model.pretrained`) and diffusers reads them too; pretrain.json beside them records how
+`pnapo_jax.world.pretrain` made them.
+"""
+
+import functools
+import json
+import pathlib
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from pnapo_jax import convert, flow
+from pnapo_jax.models.flux import FluxConfig, FluxTransformer
+from pnapo_jax.world import latents, text
+
+DEFAULT_BASE = pathlib.Path(__file__).parent.parent / "assets" / "demo_base"
+MODEL_ID = "pnapo_jax/assets/demo_base"
+STORE_DTYPE = np.float16
+PRETRAIN_INFO = "pretrain.json"
+
+
+def flux_config() -> FluxConfig:
+    """About 2.3M parameters: 2 double-stream + 4 single-stream blocks, 4 heads of 32."""
+    return FluxConfig(in_channels=latents.IN_CHANNELS, num_layers=2, num_single_layers=4, attention_head_dim=32,
+                      num_attention_heads=4, joint_attention_dim=text.TEXT_DIM, pooled_projection_dim=text.POOLED_DIM,
+                      guidance_embeds=False, axes_dims_rope=(8, 12, 12))
+
+
+def save_base(folder: str | pathlib.Path, cfg: FluxConfig, params: Any, info: dict[str, Any]) -> None:
+    """Write the diffusers folder (weights in STORE_DTYPE) and `info` as pretrain.json."""
+    convert.save_diffusers_transformer(cfg, jax.tree.map(lambda x: np.asarray(x, STORE_DTYPE), params), folder)
+    (pathlib.Path(folder) / PRETRAIN_INFO).write_text(json.dumps(info, indent=2) + "\n")
+
+
+def load_base(folder: str | pathlib.Path = DEFAULT_BASE) -> tuple[FluxConfig, dict[str, Any]]:
+    """(config, float32 params) of the shipped base model, or of another `save_base` output."""
+    return convert.load_diffusers_transformer(folder, dtype=jnp.float32)
+
+
+@functools.cache
+def _apply_fn(cfg: FluxConfig) -> Callable[..., jax.Array]:
+    """One apply function per config: `flow.euler_sample` recompiles for a new one."""
+    return FluxTransformer(cfg).apply
+
+
+def sample(cfg: FluxConfig, params: Any, prompts: Sequence[str], seed: int, num_steps: int = 20) -> np.ndarray:
+    """[B, 32, 32, 3] images from the model, Euler from N(0, I) noise drawn from `seed` (FluxPipeline schedule)."""
+    embeds, pooled = text.encode_prompts(prompts)
+    noise = jax.random.normal(jax.random.key(seed), (len(prompts), latents.LATENT_H_TOKENS * latents.LATENT_W_TOKENS,
+                                                     latents.IN_CHANNELS))
+    x0 = flow.euler_sample(_apply_fn(cfg), {"params": params}, noise, embeds, pooled, num_steps, 0.0,
+                           flow.img_ids(latents.LATENT_H_TOKENS, latents.LATENT_W_TOKENS), flow.txt_ids(text.TEXT_LEN))
+    return latents.decode(np.asarray(x0))

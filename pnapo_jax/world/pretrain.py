@@ -1,0 +1,104 @@
+"""Pretrain the world's base model with the rectified-flow objective on clean renderings of TRAIN prompts.
+
+    python -m pnapo_jax.world.pretrain --out=pnapo_jax/assets/demo_base --steps=1400
+
+x_t = (1 - t) x0 + t x1 with x0 a rendering's latent, x1 ~ N(0, I), logit-normal t, target x1 - x0, AdamW
+with warmup and cosine decay. Every random choice (init, prompts, rendering seeds, noise, t) derives from
+--seed, so the same flags give the same weights on the same machine (XLA's CPU kernels are deterministic;
+another CPU, XLA version or change to the model code may differ). Only pretrain.json's timing varies.
+"""
+
+import functools
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from absl import app, flags
+from flax import linen as nn
+
+from pnapo_jax import flow
+from pnapo_jax.models.flux import FluxConfig, FluxTransformer, init_params
+from pnapo_jax.world import base, grammar, latents, render, text
+
+T_SAMPLER = {"kind": "logit_normal", "logit_mean": 0.0, "logit_std": 1.0}
+
+
+def make_optimizer(lr: float, steps: int) -> optax.GradientTransformation:
+    warmup = min(100, steps // 10)
+    schedule = optax.warmup_cosine_decay_schedule(0.0, lr, warmup, max(steps, warmup + 1), end_value=lr / 10)
+    return optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(schedule, weight_decay=1e-4))
+
+
+def data_batch(rng: np.random.Generator, batch: int) -> dict[str, np.ndarray]:
+    """Clean latents of random (train prompt, seed) renderings and their prompt embeddings."""
+    train = grammar.prompts("train")
+    texts = [train[i] for i in rng.integers(len(train), size=batch)]
+    x0 = latents.encode(render.render(texts, rng.integers(2**31, size=batch)))
+    embeds, pooled = text.encode_prompts(texts)
+    return {"x0": x0, "embeds": embeds, "pooled": pooled}
+
+
+@functools.partial(jax.jit, static_argnames=("model", "tx"), donate_argnames=("params", "opt_state"))
+def train_step(model: FluxTransformer, tx: optax.GradientTransformation, params: Any, opt_state: Any,
+               batch: dict[str, jax.Array], rng: jax.Array) -> tuple[Any, Any, jax.Array]:
+    """One AdamW step on the mean squared velocity error."""
+    x0 = batch["x0"]
+    noise_key, t_key = jax.random.split(rng)
+    x1 = jax.random.normal(noise_key, x0.shape)
+    t_B = flow.sample_t(t_key, x0.shape[0], **T_SAMPLER)
+    ids_img, ids_txt = flow.img_ids(latents.LATENT_H_TOKENS, latents.LATENT_W_TOKENS), flow.txt_ids(text.TEXT_LEN)
+
+    def loss_fn(p):
+        v = model.apply({"params": p}, flow.interpolate(x0, x1, t_B), batch["embeds"], batch["pooled"], t_B,
+                        ids_img, ids_txt)
+        return jnp.mean((v - flow.velocity_target(x0, x1)) ** 2)
+
+    loss, grads = jax.value_and_grad(loss_fn)(params)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state, loss
+
+
+def pretrain(cfg: FluxConfig, steps: int, batch: int, lr: float, seed: int, log_every: int = 50
+             ) -> tuple[Any, dict[str, Any]]:
+    """Trained params and a record of how they were made."""
+    model, tx = FluxTransformer(cfg), make_optimizer(lr, steps)
+    params = nn.meta.unbox(init_params(cfg, jax.random.key(seed)))
+    opt_state = tx.init(params)
+    data_rng, step_key = np.random.default_rng(seed), jax.random.key(seed + 1)
+    start, losses = time.time(), []
+    for step in range(steps):
+        params, opt_state, loss = train_step(model, tx, params, opt_state, data_batch(data_rng, batch),
+                                             jax.random.fold_in(step_key, step))
+        losses.append(float(loss))
+        if (step + 1) % log_every == 0 or step + 1 == steps:
+            print(f"step {step + 1}/{steps}  loss {np.mean(losses[-log_every:]):.4f}  "
+                  f"{time.time() - start:.0f}s", flush=True)
+    info = {"steps": steps, "batch": batch, "lr": lr, "seed": seed, "t_sampler": T_SAMPLER,
+            "final_loss": float(np.mean(losses[-log_every:])), "seconds": round(time.time() - start)}
+    return params, info
+
+
+def _main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    f = flags.FLAGS
+    cfg = base.flux_config()
+    params, info = pretrain(cfg, f.steps, f.batch, f.lr, f.seed)
+    base.save_base(f.out, cfg, params, info)
+    print(f"wrote {f.out}", flush=True)
+
+
+def run() -> None:
+    flags.DEFINE_string("out", str(base.DEFAULT_BASE), "Output folder (a diffusers transformer folder).")
+    flags.DEFINE_integer("steps", 1400, "Training steps.")
+    flags.DEFINE_integer("batch", 16, "Renderings per step.")
+    flags.DEFINE_float("lr", 1e-3, "Peak AdamW learning rate.")
+    flags.DEFINE_integer("seed", 0, "Seeds init, data and noise.")
+    app.run(_main)
+
+
+if __name__ == "__main__":
+    run()
