@@ -10,7 +10,7 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.11",
     packages=find_packages(include=["pnapo_jax", "pnapo_jax.*"]),
-    package_data={"pnapo_jax": ["assets/*"]},
+    package_data={"pnapo_jax": ["assets/*", "assets/*/*"]},
     install_requires=[
         "jax>=0.7",
         "flax>=0.11",

@@ -39,3 +39,13 @@ def test_every_field_is_commented():
             continue
         is_section = line.split(" = ")[0].count(".") == 1 and "ConfigDict(" in line
         assert ("#" in line) or (is_section and lines[i - 1].strip().startswith("#")), line
+
+
+@pytest.mark.parametrize("arg", ["", "independent", "static_beta", "fast", "fast,independent"])
+def test_demo_cpu_variants_match_the_shipped_base(arg):
+    import demo_cpu
+
+    c = demo_cpu.get_config(arg)
+    assert epath.Path(c.model.pretrained, "config.json").exists()  # the base ships inside the package
+    assert train.flux_config(c).in_channels == 12 and c.data.source == "generate"
+    assert c.pnapo.noise_mode == ("independent" if "independent" in arg else "recorded")

@@ -8,6 +8,8 @@ Records keep their order (no TFDS shuffle): the loader shuffles, and a record's 
 error messages. Every record is validated before it is written.
 """
 
+import contextlib
+import io
 import os
 from collections.abc import Iterable, Mapping
 from typing import Any, NamedTuple
@@ -77,5 +79,7 @@ def write_dataset(
     builder = SextupleBuilder(spec=spec, records=records, on_bad_record=on_bad_record, data_dir=data_dir)
     if os.path.exists(builder.final_dir):
         raise FileExistsError(f"{builder.final_dir} already holds a dataset; write to a new data_dir")
-    builder.download_and_prepare()
+    tfds.disable_progress_bar()  # callers show their own progress; TFDS's bars would interleave with it
+    with contextlib.redirect_stdout(io.StringIO()):  # TFDS prints "Downloading and preparing ..." per write
+        builder.download_and_prepare()
     return WriteReport(builder.final_dir, builder.info.splits[SPLIT].num_examples, builder.bad_records.skipped)
