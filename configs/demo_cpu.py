@@ -38,33 +38,35 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.data.text_len = text.TEXT_LEN
 
     c.generate.world = "demo"
-    c.generate.images_per_prompt = 4  # best vs worst of 4
+    c.generate.images_per_prompt = 4
+    c.generate.pairs = "all_above_gap"  # every pair of the 4 whose reward gap is at least min_gap
+    c.generate.min_gap = 0.05  # the reward's resolution: smaller gaps are mostly noise
     c.generate.num_steps = 16
     c.generate.prompts_per_batch = 16
     c.generate.prompts_per_chunk = 128
 
-    c.pnapo.beta = 500.0  # tuned on the demo's grid (benchmarks/ablation_demo.py); velocity MSEs here are O(0.1)
+    c.pnapo.beta = 500.0  # velocity MSEs here are O(0.1); not yet tuned on a grid (issue 8's experiment)
     c.pnapo.noise_mode = "recorded"
     c.pnapo.tau = 0.05  # the world's reward gaps are O(0.1)
-    c.pnapo.n1, c.pnapo.n2 = 100, 300  # the beta schedule plays out within the run
+    c.pnapo.n1, c.pnapo.n2 = 30, 90  # the beta schedule plays out within the run
 
-    c.optim.lr = 1e-4
+    c.optim.lr = 2e-5  # 1e-4 memorised the train pairs within 50 steps and lost held-out reward
     c.optim.warmup_steps = 10
     c.optim.weight_decay = 0.0
 
-    c.train.num_steps = 300
+    c.train.num_steps = 100
     c.train.global_batch_size = 16
     c.train.log_every = 10
     c.train.eval_every = 0  # the sampling eval below is what this demo is about
 
-    c.eval.sample_every = 100
+    c.eval.sample_every = 50
     c.eval.split = "heldout"
     c.eval.num_prompts = 32
     c.eval.samples_per_prompt = 2
     c.eval.num_steps = 16
     c.eval.batch_size = 32
 
-    c.checkpoint.every_steps = 100
+    c.checkpoint.every_steps = 50
     c.checkpoint.keep = 2
     c.mesh.fsdp = -1
 
