@@ -103,6 +103,7 @@ def test_sigterm_saves_and_resumes_exactly(tmp_path):
     assert straight == resumed
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("lora", [False, True])
 def test_same_losses_on_1_2_4_8_devices(tmp_path, lora):
     losses = {}
