@@ -11,7 +11,7 @@ shrinks everything for tests and notebooks.
 
 import ml_collections
 
-from pnapo_jax.config import defaults
+from pnapo_jax.config import defaults, parse_variants
 from pnapo_jax.world import base, latents, text
 
 VARIANTS = ("independent", "static_beta", "fast")
@@ -19,10 +19,7 @@ VARIANTS = ("independent", "static_beta", "fast")
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
     """arg: comma-separated variants from VARIANTS ("" = PNAPO at the demo's settings)."""
-    variants = [v for v in arg.split(",") if v]
-    unknown = set(variants) - set(VARIANTS)
-    if unknown:
-        raise ValueError(f"configs/demo_cpu.py: unknown variants {sorted(unknown)}; choose from {VARIANTS}")
+    variants = parse_variants(arg, VARIANTS, "configs/demo_cpu.py")
     c = defaults()
 
     # The world's shipped base model: a ~2.3M-parameter FLUX (same code as FLUX.1-dev), pixel-space latents.

@@ -10,17 +10,14 @@ Variants combine with commas: `configs/flux_tpu.py:lora,independent`.
 
 import ml_collections
 
-from pnapo_jax.config import defaults
+from pnapo_jax.config import defaults, parse_variants
 
 VARIANTS = ("lora", "independent", "static_beta")
 
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
     """arg: comma-separated variants from VARIANTS ("" = PNAPO, full fine-tune)."""
-    variants = [v for v in arg.split(",") if v]
-    unknown = set(variants) - set(VARIANTS)
-    if unknown:
-        raise ValueError(f"configs/flux_tpu.py: unknown variants {sorted(unknown)}; choose from {VARIANTS}")
+    variants = parse_variants(arg, VARIANTS, "configs/flux_tpu.py")
     c = defaults()
 
     # FLUX.1-dev's architecture (its transformer/config.json); the loader checks the file agrees.

@@ -29,6 +29,15 @@ DEFAULT_RULES = (
 )
 
 
+def parse_variants(arg: str, allowed: tuple[str, ...], config_file: str) -> list[str]:
+    """`configs/x.py:a,b` -> ["a", "b"], refusing variants the file does not define."""
+    variants = [v for v in arg.split(",") if v]
+    unknown = set(variants) - set(allowed)
+    if unknown:
+        raise ValueError(f"{config_file}: unknown variants {sorted(unknown)}; choose from {allowed}")
+    return variants
+
+
 def defaults() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.seed = 0  # params init (random-init models), t draws, independent noises, data shuffle

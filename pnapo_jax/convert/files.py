@@ -45,12 +45,14 @@ def _transformer_subfolder(folder: epath.Path) -> str:
     raise FileNotFoundError(f"no {CONFIG_NAME} in {folder} nor in {folder / TRANSFORMER_SUBFOLDER}")
 
 
-def weight_files(folder: epath.Path | pathlib.Path) -> list[str]:
-    """Names of the safetensors files holding the weights: those in the shard index, or the single file."""
-    if (folder / INDEX_NAME).exists():
-        names = sorted(set(json.loads((folder / INDEX_NAME).read_text())["weight_map"].values()))
+def weight_files(folder: epath.Path | pathlib.Path, weights_name: str = WEIGHTS_NAME,
+                 index_name: str = INDEX_NAME) -> list[str]:
+    """Names of the safetensors files holding the weights: those in the shard index, or the single file
+    (diffusers' names by default; transformers folders pass theirs)."""
+    if (folder / index_name).exists():
+        names = sorted(set(json.loads((folder / index_name).read_text())["weight_map"].values()))
     else:
-        names = [WEIGHTS_NAME]
+        names = [weights_name]
     for name in names:
         if not (folder / name).exists():
             raise FileNotFoundError(f"weights file {folder / name} not found")

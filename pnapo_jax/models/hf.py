@@ -8,7 +8,6 @@ is our `embedding`, a norm's is our `scale`. So the key of every tensor comes fr
 
 import contextlib
 import functools
-import json
 import os
 import pathlib
 import re
@@ -94,14 +93,7 @@ def config_file(folder: str | os.PathLike) -> pathlib.Path:
 
 def weight_files(folder: pathlib.Path) -> list[str]:
     """The safetensors files of a transformers folder: those in `model.safetensors.index.json`, or the one file."""
-    if (folder / INDEX_NAME).exists():
-        names = sorted(set(json.loads((folder / INDEX_NAME).read_text())["weight_map"].values()))
-    else:
-        names = [WEIGHTS_NAME]
-    for name in names:
-        if not (folder / name).exists():
-            raise FileNotFoundError(f"weights file {folder / name} not found")
-    return [str(folder / name) for name in names]
+    return [str(folder / name) for name in files.weight_files(folder, WEIGHTS_NAME, INDEX_NAME)]
 
 
 def _listed(names: Collection[str]) -> str:
