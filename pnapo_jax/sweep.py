@@ -1,0 +1,115 @@
+"""Grid sweeps on Cloud TPU: every point of a grid of config overrides becomes one `launch/tpu.sh run` on its
+own TPU, into its own workdir under --workdir.
+
+    python -m pnapo_jax.sweep --config=configs/flux_tpu.py --workdir=gs://BUCKET/sweeps/beta \\
+        --tpu=pnapo-{i} --zone=us-east5-a --grid pnapo.beta=1000,2000,5000 --grid optim.lr=1e-6,2e-6 \\
+        -- --config.data.path=gs://BUCKET/pairs/1.0.0
+
+runs 6 points on TPUs pnapo-0 ... pnapo-5 (created beforehand with launch/tpu.sh create), in workdirs such as
+gs://BUCKET/sweeps/beta/beta=1000,lr=1e-6. Every point is checked against the config before anything launches;
+--dry-run prints the commands instead.
+"""
+
+import argparse
+import ast
+import importlib.util
+import itertools
+import re
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import ml_collections
+
+TPU_SH = Path(__file__).resolve().parent.parent / "launch" / "tpu.sh"
+Point = dict[str, str]
+
+
+def parse_grid(specs: list[str]) -> list[Point]:
+    """['pnapo.beta=1,2', 'optim.lr=3,4'] -> the 4 points {'pnapo.beta': '1', 'optim.lr': '3'}, ..., first key
+    slowest. Values are split on commas: a value containing one goes after `--` as a fixed override."""
+    axes = []
+    for spec in specs:
+        key, sep, values = spec.partition("=")
+        key = key.removeprefix("--").removeprefix("config.")
+        if not sep or not key or not all(values.split(",")):
+            raise ValueError(f"--grid takes KEY=V1,V2,..., got {spec!r}")
+        axes.append([(key, v) for v in values.split(",")])
+    keys = [axis[0][0] for axis in axes]
+    if len(set(keys)) < len(keys):
+        raise ValueError(f"a key appears in two --grid flags: {keys}")
+    return [dict(p) for p in itertools.product(*axes)]
+
+
+def point_name(point: Point) -> str:
+    """The workdir suffix: 'beta=1000,lr=1e-6' (the full key where last components collide)."""
+    short = [k.rsplit(".", 1)[-1] for k in point]
+    names = short if len(set(short)) == len(short) else list(point)
+    return ",".join(f"{n}={re.sub(r'[^A-Za-z0-9._+-]', '_', v)}" for n, v in zip(names, point.values(), strict=True))
+
+
+def load_config(spec: str) -> ml_collections.ConfigDict:
+    """configs/x.py[:arg] -> its get_config(arg), as ml_collections' config flags load it."""
+    path, _, arg = spec.partition(":")
+    module_spec = importlib.util.spec_from_file_location("sweep_config", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module.get_config(arg) if arg else module.get_config()
+
+
+def check_point(config: ml_collections.ConfigDict, point: Point) -> None:
+    """Raise ValueError when a key is not a config field or a value does not fit the field's type."""
+    trial = config.copy_and_resolve_references()
+    trial.lock()  # an unknown key is refused, not added
+    for key, text in point.items():
+        try:
+            value = ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            value = text  # a bare string, as --config.x=y takes it
+        try:
+            trial.update_from_flattened_dict({key: value})
+        except (KeyError, AttributeError, TypeError) as e:
+            raise ValueError(f"--config.{key}={text}: {str(e.args[0]).splitlines()[-1]}") from None
+
+
+def run_commands(args: argparse.Namespace, points: list[Point]) -> list[list[str]]:
+    """One `launch/tpu.sh run` per point."""
+    if len(points) > 1 and "{i}" not in args.tpu:
+        raise ValueError(f"--tpu={args.tpu!r} names one TPU for {len(points)} runs: put {{i}} in it")
+    zone = [f"--zone={args.zone}"] if args.zone else []
+    return [[str(TPU_SH), "run", f"--name={args.tpu.format(i=i)}", *zone, f"--config={args.config}",
+             f"--workdir={args.workdir.rstrip('/')}/{point_name(p)}", "--",
+             *(f"--config.{k}={v}" for k, v in p.items()), *args.overrides]
+            for i, p in enumerate(points)]
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m pnapo_jax.sweep", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", required=True, help="configs/*.py[:variant], as pnapo_jax.main takes it")
+    parser.add_argument("--workdir", required=True, help="sweep root (gs://...): each point writes WORKDIR/NAME")
+    parser.add_argument("--grid", action="append", required=True, metavar="KEY=V1,V2", help="repeat per axis")
+    parser.add_argument("--tpu", default="pnapo-{i}", help="TPU name per point; {i} is the point's index")
+    parser.add_argument("--zone", default="", help="TPU zone (default: $TPU_ZONE in launch/tpu.sh)")
+    parser.add_argument("--dry-run", action="store_true", help="print the commands instead of running them")
+    parser.add_argument("overrides", nargs="*", help="after --: overrides every point shares")
+    args = parser.parse_args(argv)
+    try:
+        points = parse_grid(args.grid)
+        config = load_config(args.config)
+        fixed = dict(o.removeprefix("--config.").partition("=")[::2] for o in args.overrides
+                     if o.startswith("--config."))
+        for point in [*points, fixed]:
+            check_point(config, point)
+        commands = run_commands(args, points)
+    except ValueError as e:
+        parser.exit(2, f"error: {e}\n")
+    for command in commands:
+        print(shlex.join(command), flush=True)
+        if not args.dry_run:
+            subprocess.run(command, check=True)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
