@@ -40,7 +40,8 @@ setup(
             "pytest>=8",
             "pytest-xdist>=3.5",
             "ruff>=0.6",
+            "libtpu==0.0.42.*",  # compile-only TPU target for the AOT fit tests (no TPU needed)
         ],
-        "tpu": ["jax[tpu]"],
+        "tpu": ["jax[tpu]==0.10.2", "etils[epath-gcs]"],  # gcsfs for gs:// workdirs
     },
 )
