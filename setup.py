@@ -40,8 +40,10 @@ setup(
             "pytest>=8",
             "pytest-xdist>=3.5",
             "ruff>=0.6",
-            "libtpu==0.0.42.*",  # compile-only TPU target for the AOT fit tests (no TPU needed)
         ],
+        # The AOT fit check's compile-only TPU target (no TPU needed). Not in `dev`: with libtpu installed, every
+        # JAX process on a machine without TPU chips probes for one and prints libtpu's errors.
+        "aot": ["libtpu==0.0.42.*"],
         "tpu": ["jax[tpu]==0.10.2", "etils[epath-gcs]"],  # gcsfs for gs:// workdirs
     },
 )

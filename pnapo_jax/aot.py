@@ -7,10 +7,11 @@ per-chip HBM, FLOPs per step, a step-time lower bound, and the largest global ba
 
 The step is `train.jit_steps(setup)[0]` traced on abstract inputs with training's shardings, so what fits here
 is what `pnapo_jax.main` runs. The last stdout line is one JSON object; the exit status is 1 when the step does
-not fit. Needs libtpu (`pip install .[tpu]`); runs on the CPU backend (JAX_PLATFORMS=cpu unless set).
+not fit. Needs libtpu (`pip install .[aot]`, or `.[tpu]`); runs on the CPU backend (JAX_PLATFORMS=cpu unless set).
 """
 
 import dataclasses
+import importlib.util
 import json
 import math
 import os
@@ -73,6 +74,8 @@ def resolve_topology(name: str) -> tuple[str, Chip, str, int]:
 
 def tpu_devices(desc_name: str) -> list:
     """Compile-only devices of a TPU slice (libtpu's topology description; no TPU needed)."""
+    if importlib.util.find_spec("libtpu") is None:
+        raise SystemExit("error: the AOT check compiles with libtpu, which is not installed: pip install -e '.[aot]'")
     os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # else a second process (a job, a test) is refused
     return topologies.get_topology_desc(platform="tpu", topology_name=desc_name).devices
 
