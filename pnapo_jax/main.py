@@ -21,6 +21,18 @@ def main(argv: list[str]) -> None:
     cli.quiet_logs()
     line = train.train_and_evaluate(_CONFIG.value, _WORKDIR.value, show_progress=_PROGRESS.value)
     print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in line.items()))
+    if "eval/reward_mean" in line:
+        print(summary(line, _WORKDIR.value))
+
+
+def summary(line: dict, workdir: str) -> str:
+    """The sampling eval in words: reward before -> after, the win rate against the base, fidelity."""
+    text = (f"held-out reward {line['eval/reward_base_mean']:.3f} (base) -> {line['eval/reward_mean']:.3f} "
+            f"(policy), win rate vs base {line['eval/win_rate_vs_base']:.2f}")
+    if "eval/fidelity_mean" in line:
+        text += (f"; fidelity {line['eval/fidelity_base_mean']:.5f} -> {line['eval/fidelity_mean']:.5f} "
+                 "(distance to the nearest clean rendering: lower is better)")
+    return f"{text}; images {workdir}/samples.png, curves {workdir}/curves.png"
 
 
 def run() -> None:
