@@ -28,6 +28,8 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
             c.model[k] = v
     c.model.pretrained = str(base.DEFAULT_BASE)  # a diffusers transformer folder inside the package
     c.model.remat_policy = "none"  # small enough to keep every activation
+    c.model.attention_impl = "head_major"  # faster than "xla" on XLA:CPU (docs/benchmarks.md)
+    c.model.dense_input_barrier = True  # less backward transpose work on XLA:CPU (docs/benchmarks.md)
 
     c.data.source = "generate"  # pairs from the base model first, into WORKDIR/pairs
     c.data.latent_h_tokens = latents.LATENT_H_TOKENS

@@ -17,24 +17,34 @@ CASES = {
     "single_only": dict(num_layers=0, num_single_layers=3, in_channels=16),
     "out_channels": dict(out_channels=4, patch_size=2),
 }
+# How to compute it: the default, and the CPU configs' options (configs/tiny.py, configs/demo_cpu.py).
+CPU_FAST = dict(attention_impl="head_major", dense_input_barrier=True)
 
 
 def _rel_err(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.abs(a - b).max() / np.abs(b).max())
 
 
-@pytest.mark.parametrize("name", list(CASES))
+@pytest.mark.parametrize("name,compute", [*((n, {}) for n in CASES), ("guidance", CPU_FAST),
+                                          ("deeper_wider_heads", CPU_FAST)])
 @pytest.mark.parametrize("shape", [(2, 4, 4, 8), (3, 3, 5, 7)])
-def test_matches_diffusers(name, shape):
+def test_matches_diffusers(name, compute, shape):
     batch, h, w, txt = shape
     model = torch_flux(seed=1, **CASES[name])
-    cfg = flux.FluxConfig.from_diffusers(dict(model.config))
+    cfg = flux.FluxConfig.from_diffusers(dict(model.config), **compute)
     params = params_from_torch(model, cfg)
     inputs = random_inputs(cfg, batch, h, w, txt, seed=2)
     ours = np.asarray(jax.jit(flux.FluxTransformer(cfg).apply)({"params": params}, **inputs))
     ref = torch_forward(model, inputs)
     assert ours.shape == ref.shape
     assert _rel_err(ours, ref) <= 1e-4, _rel_err(ours, ref)
+
+
+def test_diffusers_config_round_trip_leaves_compute_options_out():
+    cfg = flux.FluxConfig.from_diffusers(TINY, **CPU_FAST)
+    exported = cfg.to_diffusers()
+    assert set(exported) == {"_class_name", *flux.DIFFUSERS_FIELDS}
+    assert flux.FluxConfig.from_diffusers(exported) == flux.FluxConfig.from_diffusers(TINY)
 
 
 def test_batched_ids_equal_shared_ids():
@@ -57,7 +67,8 @@ def test_guidance_required_when_embedded():
 
 
 @pytest.mark.parametrize("variant", [dict(scan_layers=True), dict(remat_policy="full"),
-                                     dict(remat_policy="save_named", scan_layers=True)])
+                                     dict(remat_policy="save_named", scan_layers=True), CPU_FAST,
+                                     dict(CPU_FAST, remat_policy="save_named", scan_layers=True)])
 def test_scan_and_remat_equal_plain(variant):
     cfg = flux.FluxConfig.from_diffusers(TINY)
     params = params_from_torch(torch_flux(), cfg)

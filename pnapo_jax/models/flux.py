@@ -56,7 +56,11 @@ class FluxConfig:
     lora_rank: int = 0  # > 0: LoRA adapters (collection "lora") on the Dense layers named in lora_targets
     lora_alpha: float = 0.0  # LoRA scale is alpha / rank; 0 means alpha = rank
     lora_targets: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out_0")  # diffusers' default FLUX targets
-    attention_impl: str = "xla"  # jax.nn.dot_product_attention implementation, or "dot"
+    attention_impl: str = "xla"  # jax.nn.dot_product_attention implementation, "dot", or "head_major" (CPU)
+    # optimization_barrier on every Dense input. On XLA:CPU this stops norm / modulation chains being fused into
+    # the weight-gradient transposes (-10% step time, docs/benchmarks.md); unmeasured on TPU, where it may
+    # block fusing the producer into the matmul and changes what remat saves.
+    dense_input_barrier: bool = False
 
     def __post_init__(self):
         if self.remat_policy not in REMAT_POLICIES:
@@ -98,7 +102,7 @@ def _dense(cfg: FluxConfig, features: int, axes: tuple[str, str], name: str, zer
     """A Dense in the config's dtypes, with LoRA when the config targets this layer's name."""
     rank = cfg.lora_rank if name in cfg.lora_targets else 0
     return Dense(features, axes, cfg.dtype, cfg.param_dtype, zero_init, rank, cfg.lora_scale,
-                 name=name)
+                 cfg.dense_input_barrier, name=name)
 
 
 def _remat(module_cls: type[nn.Module], cfg: FluxConfig) -> type[nn.Module]:
@@ -302,7 +306,7 @@ class _TimeTextEmbed(nn.Module):
     def __call__(self, timestep_B, guidance_B, pooled_BxP) -> jax.Array:
         cfg = self.cfg
         dt = jnp.dtype(cfg.dtype)
-        emb = lambda name: MLPEmbedder(cfg.inner_dim, dt, cfg.param_dtype, name=name)
+        emb = lambda name: MLPEmbedder(cfg.inner_dim, dt, cfg.param_dtype, cfg.dense_input_barrier, name=name)
         B = pooled_BxP.shape[0]
         t = jnp.broadcast_to(jnp.asarray(timestep_B, jnp.float32), (B,)) * 1000.0
         temb = emb("timestep_embedder")(timestep_sinusoid(t).astype(dt))

@@ -33,7 +33,10 @@ class Dense(nn.Module):
     Params are named as nn.Dense's (`kernel` [in, out], `bias`). With lora_rank > 0 the adapters `lora_a`
     [in, r] and `lora_b` [r, out] live in the separate `lora` collection and add lora_scale x A B. Applied
     without a `lora` collection the layer is the plain base layer: that is how the frozen reference shares the
-    policy's base weights instead of holding a second copy.
+    policy's base weights instead of holding a second copy. With input_barrier the input is materialised
+    (an optimization barrier, which also materialises its gradient in the backward): on XLA:CPU that stops
+    norm / modulation / residual-gradient chains being fused, and duplicated, into the transposes feeding the
+    weight-gradient matmuls.
     """
 
     features: int
@@ -43,6 +46,7 @@ class Dense(nn.Module):
     zero_init: bool = False
     lora_rank: int = 0
     lora_scale: float = 1.0  # alpha / rank
+    input_barrier: bool = False  # jax.lax.optimization_barrier on x (FluxConfig.dense_input_barrier)
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -54,6 +58,8 @@ class Dense(nn.Module):
                           (self.features,), pdt)
         kernel, bias = _gathered(kernel, self.axes), _gathered(bias, self.axes[1:])
         x = x.astype(dt)
+        if self.input_barrier:
+            x = jax.lax.optimization_barrier(x)
         y = x @ kernel.astype(dt) + bias.astype(dt)
         if self.lora_rank and (self.is_initializing() or self.has_variable("lora", "lora_a")):
             def lora_init(name: str, init: Any, axes: tuple, shape: tuple[int, int]) -> nn.Variable:
@@ -108,11 +114,14 @@ class MLPEmbedder(nn.Module):
     features: int
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    input_barrier: bool = False  # see Dense
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        x = Dense(self.features, ("cond_in", "embed"), self.dtype, self.param_dtype, name="linear_1")(x)
-        return Dense(self.features, ("embed", "embed_out"), self.dtype, self.param_dtype, name="linear_2")(nn.silu(x))
+        dense = lambda axes, name: Dense(self.features, axes, self.dtype, self.param_dtype,
+                                         input_barrier=self.input_barrier, name=name)
+        x = dense(("cond_in", "embed"), "linear_1")(x)
+        return dense(("embed", "embed_out"), "linear_2")(nn.silu(x))
 
 
 def rope_cos_sin(ids_BxSx3: jax.Array, axes_dim: Sequence[int], theta: float = 10000.0
@@ -137,7 +146,18 @@ def apply_rope(x_BxSxNxH: jax.Array, cos_BxSxH: jax.Array, sin_BxSxH: jax.Array)
 
 
 def attention(q_BxSxNxH: jax.Array, k_BxSxNxH: jax.Array, v_BxSxNxH: jax.Array, impl: str) -> jax.Array:
-    """Full (unmasked) multi-head attention; softmax in fp32. impl: 'xla' | 'cudnn' | 'dot'."""
+    """Full (unmasked) multi-head attention; softmax in fp32. impl: 'xla' | 'cudnn' | 'dot' | 'head_major'.
+
+    'head_major' transposes to [B, N, L, H] itself and uses batched matmuls: on XLA:CPU these run faster than
+    the layouts XLA picks for 'xla' or 'dot' (the CPU configs use it; cuDNN and TPU have better paths).
+    """
+    if impl == "head_major":
+        heads_first = lambda x: jnp.transpose(x, (0, 2, 1, 3))
+        q_BxNxLxH = heads_first(q_BxSxNxH) / math.sqrt(q_BxSxNxH.shape[-1])
+        k_BxNxLxH, v_BxNxLxH = heads_first(k_BxSxNxH), heads_first(v_BxSxNxH)
+        logits_BxNxLxL = jnp.matmul(q_BxNxLxH, k_BxNxLxH.swapaxes(-1, -2), preferred_element_type=jnp.float32)
+        probs_BxNxLxL = jax.nn.softmax(logits_BxNxLxL, axis=-1).astype(v_BxSxNxH.dtype)
+        return heads_first(probs_BxNxLxL @ v_BxNxLxH)
     if impl == "dot":
         scale = 1.0 / math.sqrt(q_BxSxNxH.shape[-1])
         logits = jnp.einsum("bqnh,bknh->bnqk", q_BxSxNxH, k_BxSxNxH, preferred_element_type=jnp.float32)
