@@ -312,13 +312,14 @@ def _eval_batches(config: ml_collections.ConfigDict, setup: Setup) -> list[dict[
     return batches
 
 
-def _pairs_path(config: ml_collections.ConfigDict, workdir: epath.Path, show_progress: bool) -> str:
+def pairs_path(config: ml_collections.ConfigDict, workdir: str | epath.Path, show_progress: bool) -> str:
     """config.data.path; for source "generate", the base model's pairs for the world's train prompts, made
     (resumably) into WORKDIR/pairs first."""
     if config.data.source != "generate":
         return config.data.path
     from pnapo_jax import generate
 
+    workdir = epath.Path(workdir)
     prompts = workdir / "prompts_train.txt"
     if jax.process_index() == 0:
         train_prompts = generate.make_world(config).prompts("train")
@@ -341,7 +342,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices:
         workdir.mkdir(parents=True, exist_ok=True)
         (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
     logging.info("mesh %s; model %s", dict(setup.mesh.shape), setup.model_cfg)
-    loader = make_train_loader(config, make_source(config, _pairs_path(config, workdir, show_progress)))
+    loader = make_train_loader(config, make_source(config, pairs_path(config, workdir, show_progress)))
     ckpt = Checkpointer(str(workdir / "checkpoints"), config.checkpoint)
     base = base_params(setup)
     state, frozen = init_state(setup, base)
