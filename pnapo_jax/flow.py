@@ -67,6 +67,14 @@ def sample_t(rng: jax.Array, batch: int, **kwargs: Any) -> jax.Array:
     return t_from_uniform(jax.random.uniform(rng, (batch,)), **kwargs)
 
 
+def seeded_noise(seed: int, seeds_N: Any, shape_IxC: tuple[int, int]) -> jax.Array:
+    """[N, I, C] N(0, I) noises, one per integer seed under the run's `seed`: each is reproducible on its own,
+    whatever batch it was drawn in, so a record's seed names its noise."""
+    key = jax.random.PRNGKey(seed)
+    keys = jax.vmap(lambda s: jax.random.fold_in(key, s))(jnp.asarray(seeds_N, jnp.uint32))
+    return jax.vmap(lambda k: jax.random.normal(k, shape_IxC, jnp.float32))(keys)
+
+
 def t_bucket(t_B: jax.Array, num_buckets: int) -> jax.Array:
     """Index of t's bin among `num_buckets` equal bins of [0, 1] (t = 1 in the last), for per-t metrics."""
     return jnp.clip(jnp.floor(t_B * num_buckets), 0, num_buckets - 1).astype(jnp.int32)

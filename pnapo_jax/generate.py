@@ -109,9 +109,7 @@ class Sampler:
         self.batch_sharding = sharding.batch_sharding(self.setup.mesh)
 
     def noises(self, seeds_N: np.ndarray) -> jax.Array:
-        key = jax.random.PRNGKey(self.gen.seed)
-        keys = jax.vmap(lambda s: jax.random.fold_in(key, s))(jnp.asarray(seeds_N, jnp.uint32))
-        return jax.vmap(lambda k: jax.random.normal(k, self.shape_IxC, jnp.float32))(keys)
+        return flow.seeded_noise(self.gen.seed, seeds_N, self.shape_IxC)
 
     def __call__(self, noise_NxIxC: jax.Array, embeds_NxTxD: np.ndarray, pooled_NxP: np.ndarray) -> jax.Array:
         """Final latents [N, I, C]; N is padded up to a multiple of the mesh's batch shards and cut back."""

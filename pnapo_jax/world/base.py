@@ -24,6 +24,7 @@ DEFAULT_BASE = pathlib.Path(__file__).parent.parent / "assets" / "demo_base"
 MODEL_ID = "pnapo_jax/assets/demo_base"
 STORE_DTYPE = np.float16
 PRETRAIN_INFO = "pretrain.json"
+LATENT_SHAPE = (latents.LATENT_H_TOKENS * latents.LATENT_W_TOKENS, latents.IN_CHANNELS)  # one sample's [I, C]
 
 
 def flux_config() -> FluxConfig:
@@ -33,10 +34,11 @@ def flux_config() -> FluxConfig:
                       guidance_embeds=False, axes_dims_rope=(8, 12, 12))
 
 
-def save_base(folder: str | pathlib.Path, cfg: FluxConfig, params: Any, info: dict[str, Any]) -> None:
-    """Write the diffusers folder (weights in STORE_DTYPE) and `info` as pretrain.json."""
+def save_base(folder: str | pathlib.Path, cfg: FluxConfig, params: Any, info: dict[str, Any],
+              info_name: str = PRETRAIN_INFO) -> None:
+    """Write the diffusers folder (weights in STORE_DTYPE) and `info` (how they were made) as `info_name`."""
     convert.save_diffusers_transformer(cfg, jax.tree.map(lambda x: np.asarray(x, STORE_DTYPE), params), folder)
-    (pathlib.Path(folder) / PRETRAIN_INFO).write_text(json.dumps(info, indent=2) + "\n")
+    (pathlib.Path(folder) / info_name).write_text(json.dumps(info, indent=2) + "\n")
 
 
 def load_base(folder: str | pathlib.Path = DEFAULT_BASE) -> tuple[FluxConfig, dict[str, Any]]:
@@ -50,11 +52,35 @@ def _apply_fn(cfg: FluxConfig) -> Callable[..., jax.Array]:
     return FluxTransformer(cfg).apply
 
 
+def sample_latents(cfg: FluxConfig, params: Any, prompts: Sequence[str], noise_BxIxC: jax.Array, num_steps: int,
+                   guidance: float = 0.0, return_trajectory: bool = False) -> jax.Array:
+    """Final latents [B, I, C] from the given noise by `flow.euler_sample` (FluxPipeline schedule), or with
+    `return_trajectory` every solver state [num_steps + 1, B, I, C] at the noise levels of `flow.flux_sigmas`."""
+    embeds, pooled = text.encode_prompts(prompts)
+    return flow.euler_sample(_apply_fn(cfg), {"params": params}, noise_BxIxC, embeds, pooled, num_steps, guidance,
+                             flow.img_ids(latents.LATENT_H_TOKENS, latents.LATENT_W_TOKENS),
+                             flow.txt_ids(text.TEXT_LEN), return_trajectory=return_trajectory)
+
+
 def sample(cfg: FluxConfig, params: Any, prompts: Sequence[str], seed: int, num_steps: int = 20) -> np.ndarray:
     """[B, 32, 32, 3] images from the model, Euler from N(0, I) noise drawn from `seed` (FluxPipeline schedule)."""
-    embeds, pooled = text.encode_prompts(prompts)
-    noise = jax.random.normal(jax.random.key(seed), (len(prompts), latents.LATENT_H_TOKENS * latents.LATENT_W_TOKENS,
-                                                     latents.IN_CHANNELS))
-    x0 = flow.euler_sample(_apply_fn(cfg), {"params": params}, noise, embeds, pooled, num_steps, 0.0,
-                           flow.img_ids(latents.LATENT_H_TOKENS, latents.LATENT_W_TOKENS), flow.txt_ids(text.TEXT_LEN))
-    return latents.decode(np.asarray(x0))
+    noise = jax.random.normal(jax.random.key(seed), (len(prompts), *LATENT_SHAPE))
+    return latents.decode(np.asarray(sample_latents(cfg, params, prompts, noise, num_steps)))
+
+
+def sample_seeded(cfg: FluxConfig, params: Any, prompts: Sequence[str], seeds_N: Sequence[int], seed: int,
+                  num_steps: int, guidance: float = 0.0, batch: int = 64, return_trajectory: bool = False
+                  ) -> tuple[np.ndarray, np.ndarray]:
+    """Sample prompt n from its own noise `flow.seeded_noise(seed, seeds_N[n])` (reproducible by its seed alone),
+    in batches of `batch` (the last padded, so that one compile serves all). Returns (noises [N, I, C], final
+    latents [N, I, C] or with `return_trajectory` every solver state [num_steps + 1, N, I, C])."""
+    N, batch = len(prompts), min(batch, len(prompts))
+    noise_NxIxC = np.asarray(flow.seeded_noise(seed, np.asarray(seeds_N), LATENT_SHAPE))
+    out = []
+    for s in range(0, N, batch):
+        pad = max(0, s + batch - N)
+        texts = list(prompts[s:s + batch]) + [prompts[-1]] * pad
+        noise = np.concatenate([noise_NxIxC[s:s + batch], np.repeat(noise_NxIxC[-1:], pad, 0)])
+        x = np.asarray(sample_latents(cfg, params, texts, noise, num_steps, guidance, return_trajectory))
+        out.append(x[..., :batch - pad, :, :])
+    return noise_NxIxC, np.concatenate(out, axis=-3)

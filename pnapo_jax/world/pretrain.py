@@ -10,6 +10,7 @@ another CPU, XLA version or change to the model code may differ). Only pretrain.
 
 import functools
 import time
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -44,10 +45,11 @@ def data_batch(rng: np.random.Generator, batch: int) -> dict[str, np.ndarray]:
 @functools.partial(jax.jit, static_argnames=("model", "tx"), donate_argnames=("params", "opt_state"))
 def train_step(model: FluxTransformer, tx: optax.GradientTransformation, params: Any, opt_state: Any,
                batch: dict[str, jax.Array], rng: jax.Array) -> tuple[Any, Any, jax.Array]:
-    """One AdamW step on the mean squared velocity error."""
+    """One AdamW step on the mean squared velocity error. x1 is the batch's "x1" when it has one (a coupling,
+    as reflow trains on), else fresh N(0, I) noise independent of x0."""
     x0 = batch["x0"]
     noise_key, t_key = jax.random.split(rng)
-    x1 = jax.random.normal(noise_key, x0.shape)
+    x1 = batch["x1"] if "x1" in batch else jax.random.normal(noise_key, x0.shape)
     t_B = flow.sample_t(t_key, x0.shape[0], **T_SAMPLER)
     ids_img, ids_txt = flow.img_ids(latents.LATENT_H_TOKENS, latents.LATENT_W_TOKENS), flow.txt_ids(text.TEXT_LEN)
 
@@ -61,24 +63,30 @@ def train_step(model: FluxTransformer, tx: optax.GradientTransformation, params:
     return optax.apply_updates(params, updates), opt_state, loss
 
 
-def pretrain(cfg: FluxConfig, steps: int, batch: int, lr: float, seed: int, log_every: int = 50
-             ) -> tuple[Any, dict[str, Any]]:
-    """Trained params and a record of how they were made."""
+def fit(cfg: FluxConfig, params: Any, next_batch: Callable[[], dict[str, np.ndarray]], steps: int, lr: float,
+        seed: int, log_every: int = 50) -> tuple[Any, dict[str, Any]]:
+    """`steps` of `train_step` from `params` on batches from `next_batch`; (params, final loss and seconds)."""
     model, tx = FluxTransformer(cfg), make_optimizer(lr, steps)
-    params = nn.meta.unbox(init_params(cfg, jax.random.key(seed)))
     opt_state = tx.init(params)
-    data_rng, step_key = np.random.default_rng(seed), jax.random.key(seed + 1)
+    step_key = jax.random.key(seed + 1)
     start, losses = time.time(), []
     for step in range(steps):
-        params, opt_state, loss = train_step(model, tx, params, opt_state, data_batch(data_rng, batch),
+        params, opt_state, loss = train_step(model, tx, params, opt_state, next_batch(),
                                              jax.random.fold_in(step_key, step))
         losses.append(float(loss))
         if (step + 1) % log_every == 0 or step + 1 == steps:
             print(f"step {step + 1}/{steps}  loss {np.mean(losses[-log_every:]):.4f}  "
                   f"{time.time() - start:.0f}s", flush=True)
-    info = {"steps": steps, "batch": batch, "lr": lr, "seed": seed, "t_sampler": T_SAMPLER,
-            "final_loss": float(np.mean(losses[-log_every:])), "seconds": round(time.time() - start)}
-    return params, info
+    return params, {"final_loss": float(np.mean(losses[-log_every:])), "seconds": round(time.time() - start)}
+
+
+def pretrain(cfg: FluxConfig, steps: int, batch: int, lr: float, seed: int, log_every: int = 50
+             ) -> tuple[Any, dict[str, Any]]:
+    """Trained params and a record of how they were made."""
+    params = nn.meta.unbox(init_params(cfg, jax.random.key(seed)))
+    data_rng = np.random.default_rng(seed)
+    params, fit_info = fit(cfg, params, lambda: data_batch(data_rng, batch), steps, lr, seed, log_every)
+    return params, {"steps": steps, "batch": batch, "lr": lr, "seed": seed, "t_sampler": T_SAMPLER, **fit_info}
 
 
 def _main(argv: list[str]) -> None:
