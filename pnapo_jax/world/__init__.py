@@ -2,8 +2,9 @@
 
 Prompts come from a grammar (`grammar`), images are procedural renderings (`render`), latents are the pixels
 (`latents`), the text encoder is a fixed table (`text`), the base model is a small FLUX transformer pretrained
-on the train prompts (`base`, `pretrain`), and `reward` / `fidelity` score samples. `components()` is what a
-generic pair generator needs, without knowing any of this.
+on the train prompts (`base`, `pretrain`), and `reward` / `fidelity` score samples. `straightness` measures
+how far the base's ODE paths bend away from the straight interpolation PNAPO assumes, and `reflow` straightens
+them. `components()` is what a generic pair generator needs, without knowing any of this.
 """
 
 import dataclasses
