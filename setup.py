@@ -40,6 +40,9 @@ setup(
             "pytest>=8",
             "pytest-xdist>=3.5",
             "ruff>=0.6",
+            "nbclient>=0.10",  # tests/test_notebooks.py executes notebooks/ in a kernel
+            "nbformat>=5.10",
+            "ipykernel>=6.29",
         ],
         # The AOT fit check's compile-only TPU target (no TPU needed). Not in `dev`: with libtpu installed, every
         # JAX process on a machine without TPU chips probes for one and prints libtpu's errors.

@@ -1,0 +1,48 @@
+"""benchmarks/noise_modes.py's selection and summary rules on hand-made eval curves (the runs themselves are what
+tests/test_notebooks.py's ablation notebook exercises)."""
+
+import importlib.util
+import pathlib
+
+import pytest
+
+PATH = pathlib.Path(__file__).resolve().parent.parent / "benchmarks" / "noise_modes.py"
+
+
+@pytest.fixture(scope="module")
+def nm():
+    spec = importlib.util.spec_from_file_location("noise_modes", PATH)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def ev(step: int, reward: float, fidelity: float) -> dict:
+    """One eval line against a base of reward 0.5 and fidelity 1.0."""
+    return {"step": step, "eval/reward_mean": reward, "eval/reward_base_mean": 0.5, "eval/fidelity_mean": fidelity,
+            "eval/fidelity_base_mean": 1.0}
+
+
+CURVE = [ev(0, 0.5, 1.0), ev(10, 0.55, 1.1), ev(20, 0.62, 1.3), ev(30, 0.7, 2.0)]
+
+
+def test_pick_prefers_reward_within_the_fidelity_bound(nm):
+    grid = [dict(beta=1, evals=[ev(5, 0.9, 3.0)]), dict(beta=2, evals=[ev(5, 0.6, 1.1)]),
+            dict(beta=3, evals=[ev(5, 0.55, 1.0)])]
+    assert nm.pick(grid, 1.2)["beta"] == 2  # beta=1 rewards most but drifted off the data
+    assert nm.pick(grid, 5.0)["beta"] == 1
+    assert nm.pick(grid[:1], 1.2)["beta"] == 1  # none within the bound: the best of all
+
+
+def test_best_gain_and_steps_to(nm):
+    assert nm.best_gain(CURVE, 1.2) == pytest.approx(0.05)
+    assert nm.best_gain(CURVE, 1.5) == pytest.approx(0.12)
+    assert nm.best_gain(CURVE, 0.9) is None
+    assert nm.steps_to(CURVE, 0.1, 1.5) == 20
+    assert nm.steps_to(CURVE, 0.1, 1.2) is None  # reached only off the data
+    assert nm.steps_to(CURVE, 0.0, 1.2) == 0
+
+
+def test_frontier_keeps_the_upper_left_points(nm):
+    points = [(1.0, 0.5), (1.1, 0.4), (1.2, 0.6), (1.3, 0.6), (2.0, 0.7), (0.9, 0.45)]
+    assert nm.frontier(points) == [(0.9, 0.45), (1.0, 0.5), (1.2, 0.6), (2.0, 0.7)]
