@@ -21,7 +21,6 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -30,7 +29,7 @@ from jax.experimental import topologies
 from jax.extend import core as jcore
 from ml_collections import config_flags
 
-from pnapo_jax import sharding, train
+from pnapo_jax import cli, sharding, train
 from pnapo_jax.data.batch import LATENT_KEYS, NOISE_KEYS, REWARD_KEYS
 from pnapo_jax.data.pipeline import batch_keys
 from pnapo_jax.models.flux import FluxTransformer, dummy_inputs
@@ -80,15 +79,6 @@ def tpu_devices(desc_name: str) -> list:
     return topologies.get_topology_desc(platform="tpu", topology_name=desc_name).devices
 
 
-def abstract_frozen(setup: train.Setup) -> Any:
-    """The frozen weights as `train.init_state` holds them: base shapes in config.model.reference_dtype."""
-    params = nn.meta.unbox(train._variable_shardings(setup)[0]["params"])
-    dtype = jnp.dtype(setup.config.model.reference_dtype)
-    leaf = lambda s, sh: jax.ShapeDtypeStruct(s.shape, dtype if jnp.issubdtype(s.dtype, jnp.floating) else s.dtype,
-                                              sharding=sh)
-    return {k: jax.tree.map(leaf, params, sh) for k, sh in train.frozen_shardings(setup).items()}
-
-
 def abstract_batch(setup: train.Setup) -> dict[str, jax.ShapeDtypeStruct]:
     """The global batch the loader feeds (pnapo_jax/data/batch.py), batch-sharded as in training."""
     c = setup.config
@@ -121,11 +111,11 @@ def matmul_flops(jaxpr: jcore.Jaxpr) -> int:
 
 def forward_flops_per_image(setup: train.Setup) -> int:
     """Matmul FLOPs of one transformer forward on one image (the unit the step's count is a multiple of)."""
-    variables = nn.meta.unbox(train._variable_shardings(setup)[0])
     inputs = dummy_inputs(setup.model_cfg, img_len=setup.image_tokens, txt_len=setup.config.data.text_len)
     model = FluxTransformer(setup.model_cfg)
-    trace = train._with_rules(setup, jax.make_jaxpr(lambda v, kw: model.apply(v, **kw)))
-    return matmul_flops(trace(variables, inputs).jaxpr)
+    with setup.scope():
+        jaxpr = jax.make_jaxpr(lambda v, kw: model.apply(v, **kw))(train.abstract_variables(setup), inputs)
+    return matmul_flops(jaxpr.jaxpr)
 
 
 def _per_chip_bytes(tree: Any) -> int:
@@ -153,9 +143,10 @@ def analyze(config: ml_collections.ConfigDict, topology: str, hbm_gib: float | N
     gen, chip, desc, chips = resolve_topology(topology)
     capacity = chip.hbm_gib if hbm_gib is None else hbm_gib
     setup = train.make_setup(config, devices=tpu_devices(desc))
-    args = (train.abstract_state(setup), abstract_frozen(setup), abstract_batch(setup))
+    args = (train.abstract_state(setup), train.abstract_frozen(setup), abstract_batch(setup))
     start = time.perf_counter()
-    traced = train._with_rules(setup, train.jit_steps(setup)[0].trace)(*args)
+    with setup.scope():
+        traced = train.jit_steps(setup)[0].trace(*args)
     compiled, hbm, oom = _hbm(lambda: traced.lower().compile(), args)
     compile_s = time.perf_counter() - start
     total = None if None in hbm.values() else sum(hbm.values())
@@ -241,4 +232,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=cli.parse_flags)

@@ -2,7 +2,9 @@
 
 A checkpoint is one step directory holding `state` (step, trainable params, optimizer state, RNG) and `data`
 (the grain iterator, one JSON file per process). Restoring both makes a resumed run train on exactly the
-batches the interrupted run had not. The frozen reference is never saved: it is rebuilt from its source.
+batches the interrupted run had not. A checkpoint restores onto another mesh or number of hosts too: the state
+is resharded to the restoring run's layout, and the data resumes from the step's global batch. The frozen
+reference is never saved: it is rebuilt from its source.
 SIGTERM (TPU preemption) sets a flag; the loop then saves and exits cleanly.
 """
 
@@ -55,6 +57,12 @@ class Checkpointer:
 
     def all_steps(self) -> list[int]:
         return list(self.manager.all_steps())
+
+    def has_data_state(self, step: int) -> bool:
+        """Whether `step` holds this process's data iterator position: not when another number of hosts wrote it
+        (the train state itself restores onto any mesh, its shardings being the restore target's)."""
+        name = f"process_{jax.process_index()}-of-{jax.process_count()}.json"  # grain's handler names it so
+        return (self.directory / str(step) / "data" / name).exists()
 
     def should_stop(self, step: int) -> bool:
         """True when this host got SIGTERM or any host reached a preemption point (multi-host TPU)."""

@@ -15,6 +15,7 @@ import flax.linen as nn
 import jax
 import ml_collections
 import numpy as np
+from jax._src import cloud_tpu_init, xla_bridge  # no public API tells a Cloud TPU VM or a started backend
 from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -25,10 +26,13 @@ Rules = Sequence[tuple[str, Any]]
 
 
 def maybe_initialize_distributed() -> None:
-    """`jax.distributed.initialize()` on multi-host TPU (auto-detected) or when JAX_COORDINATOR_ADDRESS is set."""
-    if jax.distributed.is_initialized():
-        return
-    if os.environ.get("JAX_COORDINATOR_ADDRESS") or os.environ.get("TPU_WORKER_HOSTNAMES", "").count(",") > 0:
+    """`jax.distributed.initialize()` where jax can find the other processes by itself: on a Cloud TPU VM (workers
+    and coordinator come from the VM's metadata server, so every worker of a pod slice runs the same command, as
+    launch/tpu.sh does), or when JAX_COORDINATOR_ADDRESS is set (count and index from a cluster jax detects).
+    Elsewhere nothing is called: no metadata query, no wait for peers on a laptop."""
+    if jax.distributed.is_initialized() or xla_bridge.backends_are_initialized():
+        return  # too late to join others: this process already computes alone (a notebook, a test)
+    if cloud_tpu_init.running_in_cloud_tpu_vm or os.environ.get("JAX_COORDINATOR_ADDRESS"):
         jax.distributed.initialize()
         logging.info("jax.distributed: process %d of %d", jax.process_index(), jax.process_count())
 

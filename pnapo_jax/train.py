@@ -5,6 +5,7 @@ adapters). The frozen side is separate and never donated: {"ref": reference weig
 {"base": base weights} with LoRA, where the reference is the same base applied without adapters.
 """
 
+import contextlib
 import dataclasses
 import logging
 from collections.abc import Callable, Iterator
@@ -74,6 +75,12 @@ class Setup:
     def image_tokens(self) -> int:
         return self.config.data.latent_h_tokens * self.config.data.latent_w_tokens
 
+    @contextlib.contextmanager
+    def scope(self) -> Iterator[None]:
+        """The mesh and the logical axis rules, which tracing the model needs."""
+        with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
+            yield
+
 
 def make_setup(config: ml_collections.ConfigDict, devices: list | None = None) -> Setup:
     if config.train.global_batch_size % config.train.grad_accum_steps:
@@ -117,7 +124,7 @@ def base_params(setup: Setup) -> Any:
         return _load_pretrained(setup, shardings["params"])
     model = FluxTransformer(setup.model_cfg)
     init = lambda: nn.meta.unbox(model.init(jax.random.key(setup.config.seed), **dummy_inputs(setup.model_cfg)))
-    with jax.set_mesh(setup.mesh), nn.logical_axis_rules(setup.rules):
+    with setup.scope():
         return jax.jit(lambda: init()["params"], out_shardings=shardings["params"])()
 
 
@@ -126,7 +133,7 @@ def init_state(setup: Setup, base: Any) -> tuple[State, Any]:
     abstract, shardings = _variable_shardings(setup)
     frozen_dtype = setup.config.model.reference_dtype
     frozen_sh = shardings["params"]
-    with jax.set_mesh(setup.mesh), nn.logical_axis_rules(setup.rules):
+    with setup.scope():
         frozen = jax.jit(lambda p: _cast(p, frozen_dtype), out_shardings=frozen_sh)(base)
         if setup.lora:
             model = FluxTransformer(setup.model_cfg)
@@ -171,6 +178,22 @@ def abstract_state(setup: Setup) -> State:
         "opt_state": setup.tx.init(nn.meta.unbox(_trainable_abstract(setup))), "rng": jax.random.PRNGKey(0)})
     return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes,
                         state_shardings(setup))
+
+
+def abstract_variables(setup: Setup) -> dict[str, Any]:
+    """The model's variables {"params", "lora"?} as ShapeDtypeStructs with their shardings (nothing allocated)."""
+    abstract, shardings = _variable_shardings(setup)
+    boxed = lambda x: isinstance(x, nn.LogicallyPartitioned)  # unboxed by hand: nn.meta.unbox under a mesh constrains
+    leaf = lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh)
+    return jax.tree.map(lambda x, sh: leaf(x.value if boxed(x) else x, sh), abstract, shardings, is_leaf=boxed)
+
+
+def abstract_frozen(setup: Setup) -> Any:
+    """The frozen weights as `init_state` holds them: base shapes in config.model.reference_dtype."""
+    dtype = jnp.dtype(setup.config.model.reference_dtype)
+    cast = lambda s: jax.ShapeDtypeStruct(s.shape, dtype if jnp.issubdtype(s.dtype, jnp.floating) else s.dtype,
+                                          sharding=s.sharding)
+    return {"base" if setup.lora else "ref": jax.tree.map(cast, abstract_variables(setup)["params"])}
 
 
 def policy_variables(setup: Setup, state: State, frozen: Any) -> dict[str, Any]:
@@ -269,7 +292,7 @@ def jit_steps(setup: Setup) -> tuple[Callable, Callable]:
 def _with_rules(setup: Setup, fn: Callable) -> Callable:
     """Run `fn` (tracing included) under the mesh and the logical axis rules."""
     def wrapped(*args):
-        with jax.set_mesh(setup.mesh), nn.logical_axis_rules(setup.rules):
+        with setup.scope():
             return fn(*args)
     return wrapped
 
@@ -288,13 +311,13 @@ def make_source(config: ml_collections.ConfigDict, path: str, seed_offset: int =
     return open_source(kind, path, expected, d.synthetic_num, config.seed + seed_offset)
 
 
-def make_train_loader(config: ml_collections.ConfigDict, source: Any) -> Any:
+def make_train_loader(config: ml_collections.ConfigDict, source: Any, first_step: int = 0) -> Any:
     from pnapo_jax.data.pipeline import LoaderConfig, make_loader
 
     d = config.data
     cfg = LoaderConfig(global_batch_size=config.train.global_batch_size, seed=config.seed,
                        worker_count=d.worker_count, on_bad_record=d.on_bad_record)
-    return make_loader(source, cfg, config.pnapo.noise_mode)
+    return make_loader(source, cfg, config.pnapo.noise_mode, first_step=first_step)
 
 
 def _eval_batches(config: ml_collections.ConfigDict, setup: Setup) -> list[dict[str, jax.Array]] | None:
@@ -342,15 +365,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices:
         workdir.mkdir(parents=True, exist_ok=True)
         (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
     logging.info("mesh %s; model %s", dict(setup.mesh.shape), setup.model_cfg)
-    loader = make_train_loader(config, make_source(config, pairs_path(config, workdir, show_progress)))
+    source = make_source(config, pairs_path(config, workdir, show_progress))
     ckpt = Checkpointer(str(workdir / "checkpoints"), config.checkpoint)
+    start = ckpt.latest_step()
+    same_hosts = start is not None and ckpt.has_data_state(start)
+    if start is not None and not same_hosts:  # the saved positions are per host: start at the step's batch
+        logging.warning("checkpoint %d was written by another number of hosts: data resumes at global batch %d "
+                        "(exact unless records were skipped as bad)", start, start)
+    loader = make_train_loader(config, source, first_step=0 if same_hosts or start is None else start)
     base = base_params(setup)
     state, frozen = init_state(setup, base)
     del base
-    start = ckpt.latest_step()
     if start is not None:
         logging.info("resuming from step %d", start)
-        state = ckpt.restore(start, abstract_state(setup), loader.iterator)
+        state = ckpt.restore(start, abstract_state(setup), loader.iterator if same_hosts else None)
     start = int(state["step"])
     step_fn, eval_fn = (_with_rules(setup, f) for f in jit_steps(setup))
     eval_batches = _eval_batches(config, setup)

@@ -81,6 +81,14 @@ def _cli(*args: str) -> tuple[int, dict]:
     return proc.returncode, json.loads(proc.stdout.splitlines()[-1])
 
 
+def test_cli_reports_a_mistyped_override_in_one_line():
+    cmd = [sys.executable, "-m", "pnapo_jax.aot", f"--config={ROOT / 'configs' / 'tiny.py'}", "--topology=v5p-8",
+           "--config.train.global_batch_sise=8"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert proc.returncode == 1 and proc.stderr.strip() == (
+        "error: unknown config field 'global_batch_sise' (did you mean 'global_batch_size'?) in --config.* overrides")
+
+
 @needs_libtpu
 def test_cli_compiles_the_tiny_step_for_v5p_8():
     rc, r = _cli("--topology=v5p-8")

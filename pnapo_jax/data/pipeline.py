@@ -1,14 +1,16 @@
 """The grain input pipeline: record source -> host-local numpy batches -> global jax.Arrays on the mesh.
 
-Per host:  its shard of record indices -> shuffle(seed), a new order each epoch -> repeat -> read and check
-           (in `worker_count` processes) -> raise on, or drop and count, bad records (here, so the count is
-           exact) -> batches of global_batch_size / hosts, keyed as in batch.py.
-The batches are a function of (seed, step): saving the iterator state with the train checkpoint makes a
-resumed run read exactly the records the interrupted one had not. Two ways to save it:
+One global order of record indices, shuffle(seed), a new order each epoch, cut into global batches; per host:
+its slice of every global batch -> read and check (in `worker_count` processes) -> raise on, or drop and count,
+bad records (here, so the count is exact) -> batches of global_batch_size / hosts, keyed as in batch.py.
+The global batch of a step is a function of (seed, step) alone, whatever the number of hosts: one host with 8
+chips trains on the batches two hosts with 4 do, and a run can resume on another host count (`first_step`).
+Saving the iterator state with the train checkpoint makes a resumed run read exactly the records the interrupted
+one had not, bad records skipped included. Two ways to save it:
   - by hand: `iterator_state(loader)` -> bytes, `restore_iterator(loader, state)` on a freshly made loader;
   - with orbax: `grain.checkpoint.CheckpointSave(loader.iterator)` / `CheckpointRestore(loader.iterator)`
     as one item of `ocp.args.Composite` (one JSON file per process).
-A state only fits a loader made with the same source, config, noise mode and host count.
+A state only fits a loader made with the same source, config, noise mode, host count and first_step.
 """
 
 import dataclasses
@@ -93,12 +95,19 @@ class Loader:
         self.iterator.close()
 
 
-def _host_indices(num_records: int, shard: grain.sharding.ShardOptions) -> grain.MapDataset:
-    """This host's record indices, strided; with drop_remainder every host gets the same count."""
-    usable = num_records - num_records % shard.shard_count if shard.drop_remainder else num_records
-    if usable < shard.shard_count:
-        raise ValueError(f"{num_records} records cannot feed {shard.shard_count} hosts")
-    return grain.MapDataset.range(usable)[shard.shard_index :: shard.shard_count]
+class _HostSlice:
+    """Position q in this host's stream -> the record index at row q % b of this host's slice of global batch
+    first_step + q // b (b = global batch / hosts): hosts read disjoint records, together every global batch."""
+
+    def __init__(self, order: grain.MapDataset, global_batch_size: int, shard: grain.sharding.ShardOptions,
+                 first_step: int):
+        self._order, self._global = order, global_batch_size
+        self._host_batch = global_batch_size // shard.shard_count
+        self._offset = first_step * global_batch_size + shard.shard_index * self._host_batch
+
+    def __call__(self, q: int) -> int:
+        step, row = divmod(q, self._host_batch)
+        return self._order[self._offset + step * self._global + row]
 
 
 def make_loader(
@@ -106,17 +115,23 @@ def make_loader(
     cfg: LoaderConfig,
     noise_mode: str,
     shard: grain.sharding.ShardOptions | None = None,
+    first_step: int = 0,
 ) -> Loader:
-    """Host-local batches of `source` for `noise_mode`; `shard` defaults to one even shard per JAX process."""
+    """Host-local batches of `source` for `noise_mode` from global batch `first_step` on; `shard` defaults to one
+    slice of each global batch per JAX process. Only whole global batches are read."""
     check_noise_mode(source.spec, noise_mode)
     bad_records = BadRecords(cfg.on_bad_record)
-    shard = shard or grain.sharding.ShardByJaxProcess(drop_remainder=True)
+    shard = shard or grain.sharding.ShardByJaxProcess()
     if cfg.global_batch_size % shard.shard_count:
         raise ValueError(f"global_batch_size={cfg.global_batch_size} does not split over {shard.shard_count} hosts")
+    if not len(source):
+        raise ValueError("the record source is empty")
+    order = grain.MapDataset.range(len(source)).shuffle(seed=cfg.seed).repeat(cfg.num_epochs)
+    host_batch_size = cfg.global_batch_size // shard.shard_count
+    host_records = max(len(order) // cfg.global_batch_size - first_step, 0) * host_batch_size
     records = (
-        _host_indices(len(source), shard)
-        .shuffle(seed=cfg.seed)
-        .repeat(cfg.num_epochs)
+        grain.MapDataset.range(host_records)
+        .map(_HostSlice(order, cfg.global_batch_size, shard, first_step))
         .map(_ReadPair(source, batch_keys(noise_mode)))
         .to_iter_dataset(grain.ReadOptions(num_threads=cfg.read_threads, prefetch_buffer_size=cfg.prefetch_records))
     )
@@ -126,7 +141,6 @@ def make_loader(
         records = records.mp_prefetch(
             grain.MultiprocessingOptions(num_workers=cfg.worker_count, per_worker_buffer_size=cfg.worker_buffer_size)
         )
-    host_batch_size = cfg.global_batch_size // shard.shard_count
     batches = records.filter(_BadRecordGate(bad_records)).batch(host_batch_size, drop_remainder=True)
     return Loader(iter(batches), bad_records)
 
