@@ -11,7 +11,8 @@ Stages (every run is resumable: a finished run is read back, not redone):
 2. Tuning (seed --tune_seed): every method on every (beta, lr) of the grid. The scale of the loss differs between
    noise modes, so each method gets its own best point: the highest held-out reward at the last step among
    points whose fidelity stays within --fidelity_bound x the base's (reward is easy to hack by drifting off the
-   data). Selected on the same held-out prompts it is then reported on, with other seeds (--seeds).
+   data). Tuning runs sample the held-out prompts only at the end (all the pick uses), to save time. Selected on
+   the same held-out prompts it is then reported on, with other seeds (--seeds).
 3. Seeds: each method's pick with every seed of --seeds (t draws, Flow-DPO's noises and data order change).
 
 Writes OUT/results.json (every run's eval curve and the summary), OUT/frontier.png (held-out reward vs fidelity
@@ -50,8 +51,8 @@ def demo_config(*variants: str) -> ml_collections.ConfigDict:
     return module.get_config(",".join(v for v in variants if v))
 
 
-def run_config(args: argparse.Namespace, variant: str, beta: float, lr: float, seed: int,
-               pairs: str) -> ml_collections.ConfigDict:
+def run_config(args: argparse.Namespace, variant: str, beta: float, lr: float, seed: int, pairs: str,
+               eval_every: int) -> ml_collections.ConfigDict:
     """configs/demo_cpu.py's method `variant`, shortened to --steps, on the shared pairs."""
     c = demo_config(variant, args.demo_variant)
     if args.base:
@@ -60,7 +61,7 @@ def run_config(args: argparse.Namespace, variant: str, beta: float, lr: float, s
     c.pnapo.beta, c.optim.lr, c.seed = beta, lr, seed
     scale = args.steps / c.train.num_steps  # the beta schedule plays out within the run, as in the demo
     c.pnapo.n1, c.pnapo.n2 = round(c.pnapo.n1 * scale), round(c.pnapo.n2 * scale)
-    c.train.num_steps, c.eval.sample_every = args.steps, args.eval_every
+    c.train.num_steps, c.eval.sample_every = args.steps, eval_every
     c.checkpoint.every_steps = args.steps
     return c
 
@@ -71,12 +72,13 @@ def evals(workdir: Path) -> list[dict[str, float]]:
     return [x for x in lines if "eval/reward_mean" in x]
 
 
-def run(args: argparse.Namespace, method: str, beta: float, lr: float, seed: int, pairs: str) -> list[dict]:
+def run(args: argparse.Namespace, method: str, beta: float, lr: float, seed: int, pairs: str,
+        eval_every: int) -> list[dict]:
     """Train one run (or read it back when it finished before); its eval lines."""
     workdir = Path(args.out) / "runs" / f"{METHODS[method] or 'pnapo'}_beta{beta:g}_lr{lr:g}_seed{seed}"
     done = evals(workdir)
     if not done or done[-1]["step"] < args.steps:
-        config = run_config(args, METHODS[method], beta, lr, seed, pairs)
+        config = run_config(args, METHODS[method], beta, lr, seed, pairs, eval_every)
         print(f"run {workdir.name}", flush=True)
         train.train_and_evaluate(config, str(workdir), show_progress=False)
         done = evals(workdir)
@@ -161,15 +163,16 @@ def main(args: argparse.Namespace) -> None:
     for method in methods:
         if method in picked:
             continue
-        tuning[method] = [dict(beta=b, lr=lr, evals=run(args, method, b, lr, args.tune_seed, pairs))
+        tuning[method] = [dict(beta=b, lr=lr, evals=run(args, method, b, lr, args.tune_seed, pairs,
+                                                        args.tune_eval_every or args.steps))
                           for b in betas for lr in lrs]
         p = pick(tuning[method], args.fidelity_bound)
         picked[method] = dict(beta=p["beta"], lr=p["lr"])
         print(f"{method}: picked beta {p['beta']:g}, lr {p['lr']:g}", flush=True)
     (out / "picked.json").write_text(json.dumps(picked, indent=2))
 
-    runs = {m: [dict(seed=s, evals=run(args, m, picked[m]["beta"], picked[m]["lr"], s, pairs)) for s in seeds]
-            for m in methods}
+    runs = {m: [dict(seed=s, evals=run(args, m, picked[m]["beta"], picked[m]["lr"], s, pairs, args.eval_every))
+                for s in seeds] for m in methods}
     results = dict(args=vars(args), picked=picked, fidelity_bound=args.fidelity_bound,
                    runs={m: [*runs[m], *tuning.get(m, [])] for m in methods}, seeds=runs)
     report(results, args)
@@ -216,7 +219,10 @@ if __name__ == "__main__":
     parser.add_argument("--seeds", default="1,2,3", help="the seeds each method's pick is reported on")
     parser.add_argument("--pick", default="", help="picked.json of an earlier run: skip tuning, use its picks")
     parser.add_argument("--steps", type=int, default=60, help="train steps per run")
-    parser.add_argument("--eval_every", type=int, default=15, help="steps between held-out sampling evals")
+    parser.add_argument("--eval_every", type=int, default=15, help="steps between held-out sampling evals of the "
+                        "seed runs")
+    parser.add_argument("--tune_eval_every", type=int, default=0, help="the same for tuning runs (0: only at the "
+                        "end, which is all the pick uses)")
     parser.add_argument("--fidelity_bound", type=float, default=1.2,
                         help="picks and steps-to-target count only evals within this x the base's fidelity")
     parser.add_argument("--report_bounds", default="1.1,1.2,1.5", help="fidelity bounds of the gain table")
