@@ -82,6 +82,8 @@ def run(args: argparse.Namespace, method: str, beta: float, lr: float, seed: int
         print(f"run {workdir.name}", flush=True)
         train.train_and_evaluate(config, str(workdir), show_progress=False)
         done = evals(workdir)
+        if not done or done[-1]["step"] < args.steps:  # e.g. SIGTERM: the checkpoint is saved, the rerun resumes
+            raise SystemExit(f"{workdir.name} stopped before step {args.steps}; rerun the same command to resume it")
     last = done[-1]
     print(f"  {workdir.name}: reward {last['eval/reward_base_mean']:.3f} -> {last['eval/reward_mean']:.3f}, "
           f"fidelity {last['eval/fidelity_base_mean']:.5f} -> {last['eval/fidelity_mean']:.5f}", flush=True)
@@ -192,7 +194,7 @@ def report(results: dict[str, Any], args: argparse.Namespace) -> None:
     header = "| method | beta | lr | " + " | ".join(f"best gain, fidelity <= {b:g}x base" for b in bounds)
     print(header + f" | steps to +{args.target:g} (fidelity <= {args.fidelity_bound:g}x) | last: gain | "
           "last: win rate | last: fidelity / base |")
-    print("|" + "---|" * (5 + len(bounds) + 3))
+    print("|" + "---|" * (3 + len(bounds) + 4))
     for method, rs in seeds.items():
         curves = [r["evals"] for r in rs]
         last = [c[-1] for c in curves]
