@@ -77,3 +77,10 @@ def test_reflow_writes_a_loadable_base_that_straightness_measures(tmp_path):
     assert run["rel_distance"][0] == run["rel_distance"][-1] == 0 and 0 < run["summary"]["rel_distance_mean"] < 1
     assert 0 < run["reward_mean"] <= 1 and run["fidelity_mean"] >= 0
     assert (tmp_path / "straightness.png").stat().st_size > 0
+
+
+def test_shipped_reflowed_base_loads_and_records_how_it_was_made():
+    cfg, _ = base.load_base(reflow.SHIPPED)
+    assert cfg == base.flux_config()
+    info = json.loads((reflow.SHIPPED / reflow.REFLOW_INFO).read_text())
+    assert (info["base"], info["pairs"], info["steps"], info["seed"]) == (base.MODEL_ID, 540, 120, 0)
