@@ -51,7 +51,6 @@ def make_config(name: str) -> Any:
 
 def worker(name: str, runs: int) -> dict[str, Any]:
     """Runs in the subprocess: one model on all (fake) devices; returns the figures."""
-    import flax.linen as nn
     import jax
     import numpy as np
 
@@ -72,7 +71,7 @@ def worker(name: str, runs: int) -> dict[str, Any]:
     n_params = sum(x.size for x in jax.tree.leaves(state["params"]))
 
     start = time.perf_counter()
-    with jax.set_mesh(setup.mesh), nn.logical_axis_rules(setup.rules):
+    with setup.scope():
         compiled = train.jit_steps(setup)[0].lower(state, frozen, batch).compile()
     compile_s = time.perf_counter() - start
     ma = compiled.memory_analysis()

@@ -34,7 +34,6 @@ from typing import Any
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
-import flax.linen as nn  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
@@ -156,14 +155,14 @@ class Ours:
         self.state, self.frozen = train.init_state(setup, params)
         self.batch = jax.device_put({k: jnp.asarray(v) for k, v in make_batch().items()})
         self.jitted = train.jit_steps(setup)[0]
-        self.step_fn = train._with_rules(setup, self.jitted)
 
     def compile_step(self) -> Any:
-        with jax.set_mesh(self.setup.mesh), nn.logical_axis_rules(self.setup.rules):
+        with self.setup.scope():
             return self.jitted.lower(self.state, self.frozen, self.batch).compile()
 
     def step(self) -> None:
-        self.state, metrics = self.step_fn(self.state, self.frozen, self.batch)
+        with self.setup.scope():
+            self.state, metrics = self.jitted(self.state, self.frozen, self.batch)
         jax.block_until_ready((self.state, metrics))
 
     def errors(self, params: Any, x: dict[str, jax.Array], y: jax.Array) -> jax.Array:
