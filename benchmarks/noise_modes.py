@@ -112,11 +112,12 @@ def steps_to(curve: list[dict], target: float, bound: float) -> int | None:
                  and within(e, bound)), None)
 
 
-def mean_std(xs: list[float | None]) -> str:
+def mean_std(xs: list[float | None], fmt: str = ".3f") -> str:
     vals = [x for x in xs if x is not None]
     if not vals:
         return "never"
-    text = f"{statistics.mean(vals):.3f} +- {statistics.stdev(vals):.3f}" if len(vals) > 1 else f"{vals[0]:.3f}"
+    m = statistics.mean(vals)
+    text = f"{m:{fmt}} +- {statistics.stdev(vals):{fmt}}" if len(vals) > 1 else f"{m:{fmt}}"
     return text + (f" ({len(vals)}/{len(xs)} seeds)" if len(vals) < len(xs) else "")
 
 
@@ -201,7 +202,7 @@ def report(results: dict[str, Any], args: argparse.Namespace) -> None:
         cells = [mean_std([best_gain(c, b) for c in curves]) for b in bounds]
         steps = [steps_to(c, args.target, args.fidelity_bound) for c in curves]
         p = results["picked"][method]
-        print(f"| {method} | {p['beta']:g} | {p['lr']:g} | " + " | ".join(cells) + f" | {mean_std(steps)} | "
+        print(f"| {method} | {p['beta']:g} | {p['lr']:g} | " + " | ".join(cells) + f" | {mean_std(steps, '.0f')} | "
               f"{mean_std([e['eval/reward_mean'] - e['eval/reward_base_mean'] for e in last])} | "
               f"{mean_std([e['eval/win_rate_vs_base'] for e in last])} | "
               f"{mean_std([e['eval/fidelity_mean'] / e['eval/fidelity_base_mean'] for e in last])} |")
