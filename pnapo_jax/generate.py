@@ -30,7 +30,7 @@ from etils import epath
 from pnapo_jax import flow, sharding, train
 from pnapo_jax.data.builder import write_dataset
 from pnapo_jax.data.schema import SextupleSpec
-from pnapo_jax.models.flux import FluxTransformer
+from pnapo_jax.models.flux import apply_fn
 
 PAIR_MODES = ("best_worst", "all_above_gap")
 
@@ -102,7 +102,7 @@ class Sampler:
 
     def __post_init__(self):
         d = self.setup.config.data
-        self.apply = FluxTransformer(self.setup.model_cfg).apply
+        self.apply = apply_fn(self.setup.model_cfg)  # cached: evals make a Sampler per call
         self.img_ids = flow.img_ids(d.latent_h_tokens, d.latent_w_tokens)
         self.txt_ids = flow.txt_ids(d.text_len)
         self.shape_IxC = (d.latent_h_tokens * d.latent_w_tokens, self.setup.model_cfg.in_channels)

@@ -7,6 +7,8 @@ Module and parameter names follow diffusers' state dict (`transformer_blocks_3/a
 """
 
 import dataclasses
+import functools
+from collections.abc import Callable
 from typing import Any
 
 import flax.linen as nn
@@ -334,6 +336,13 @@ def dummy_inputs(cfg: FluxConfig, batch: int = 1, img_len: int = 16, txt_len: in
     if cfg.guidance_embeds:
         out["guidance"] = jnp.ones((batch,), jnp.float32)
     return out
+
+
+@functools.cache
+def apply_fn(cfg: FluxConfig) -> Callable[..., jax.Array]:
+    """One `FluxTransformer(cfg).apply` per config: jitted samplers take it as a static argument, and a new module
+    object (equal config or not) would compile them again."""
+    return FluxTransformer(cfg).apply
 
 
 def init_params(cfg: FluxConfig, rng: jax.Array) -> dict[str, Any]:

@@ -6,10 +6,9 @@ to halve the file; loaded as float32), so that training loads them like any FLUX
 `pnapo_jax.world.pretrain` made them.
 """
 
-import functools
 import json
 import pathlib
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -17,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from pnapo_jax import convert, flow
-from pnapo_jax.models.flux import FluxConfig, FluxTransformer
+from pnapo_jax.models.flux import FluxConfig, apply_fn
 from pnapo_jax.world import latents, text
 
 DEFAULT_BASE = pathlib.Path(__file__).parent.parent / "assets" / "demo_base"
@@ -46,18 +45,12 @@ def load_base(folder: str | pathlib.Path = DEFAULT_BASE) -> tuple[FluxConfig, di
     return convert.load_diffusers_transformer(folder, dtype=jnp.float32)
 
 
-@functools.cache
-def _apply_fn(cfg: FluxConfig) -> Callable[..., jax.Array]:
-    """One apply function per config: `flow.euler_sample` recompiles for a new one."""
-    return FluxTransformer(cfg).apply
-
-
 def sample_latents(cfg: FluxConfig, params: Any, prompts: Sequence[str], noise_BxIxC: jax.Array, num_steps: int,
                    guidance: float = 0.0, return_trajectory: bool = False) -> jax.Array:
     """Final latents [B, I, C] from the given noise by `flow.euler_sample` (FluxPipeline schedule), or with
     `return_trajectory` every solver state [num_steps + 1, B, I, C] at the noise levels of `flow.flux_sigmas`."""
     embeds, pooled = text.encode_prompts(prompts)
-    return flow.euler_sample(_apply_fn(cfg), {"params": params}, noise_BxIxC, embeds, pooled, num_steps, guidance,
+    return flow.euler_sample(apply_fn(cfg), {"params": params}, noise_BxIxC, embeds, pooled, num_steps, guidance,
                              flow.img_ids(latents.LATENT_H_TOKENS, latents.LATENT_W_TOKENS),
                              flow.txt_ids(text.TEXT_LEN), return_trajectory=return_trajectory)
 
