@@ -1,10 +1,15 @@
-"""What every command-line tool shares: flag parsing with one-line errors, and quiet library logs."""
+"""What every command-line tool shares: flag parsing and expected errors as one clear line, and quiet logs."""
 
 import logging as pylogging
 import re
 import sys
+from collections.abc import Callable
 
-from absl import flags, logging
+from absl import app, flags, logging
+
+from pnapo_jax.errors import UserError
+
+_DEBUG = flags.DEFINE_bool("debug", False, "Show the full traceback of an expected error instead of one line.")
 
 
 def parse_flags(argv: list[str]) -> list[str]:
@@ -18,6 +23,23 @@ def parse_flags(argv: list[str]) -> list[str]:
         sys.exit(f"error: unknown config field {field} in --config.* overrides")
     except flags.Error as e:  # ill-typed value, missing required flag, bad config file
         sys.exit(f"error: {e}")
+
+
+def run(main: Callable[[list[str]], None]) -> None:
+    """absl's app.run with the shared parser; a UserError ends the command with `error: <its line>`, exit 1."""
+
+    def guarded(argv: list[str]) -> None:
+        if len(argv) > 1:
+            raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+        quiet_logs()
+        try:
+            main(argv)
+        except UserError as e:
+            if _DEBUG.value:
+                raise
+            sys.exit(f"error: {e}")
+
+    app.run(guarded, flags_parser=parse_flags)
 
 
 def quiet_logs() -> None:

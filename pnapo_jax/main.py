@@ -4,7 +4,7 @@ Any config field can be overridden: `--config.pnapo.beta=5000 --config.lora.rank
 `pnapo_jax.train` so that it can be imported from a notebook.
 """
 
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
 from pnapo_jax import cli, train
@@ -16,9 +16,7 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 
 def main(argv: list[str]) -> None:
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    cli.quiet_logs()
+    del argv  # cli.run refuses extra arguments
     line = train.train_and_evaluate(_CONFIG.value, _WORKDIR.value, show_progress=_PROGRESS.value)
     print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in line.items()))
     if "eval/reward_mean" in line:
@@ -36,7 +34,7 @@ def summary(line: dict, workdir: str) -> str:
 
 
 def run() -> None:
-    app.run(main, flags_parser=cli.parse_flags)
+    cli.run(main)
 
 
 if __name__ == "__main__":

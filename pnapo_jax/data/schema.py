@@ -28,6 +28,7 @@ import numpy as np
 from absl import logging
 
 from pnapo_jax.data.batch import NOISE_KEYS
+from pnapo_jax.errors import UserError
 
 ARRAY_DTYPE = np.dtype(np.float32)
 TEXT_FIELDS = ("prompt", "model_id")
@@ -38,7 +39,7 @@ ON_BAD_RECORD = ("raise", "skip")
 FLUX_PATCH_PIXELS = 16  # VAE downsample 8 x 2x2 packing: one FLUX image token covers 16x16 pixels
 
 
-class RecordError(ValueError):
+class RecordError(UserError, ValueError):
     """A record that breaks the dataset's spec; the message is one line: where, which record, which field, what."""
 
     def __init__(self, path: str, index: int | None, field: str, problem: str):
