@@ -37,7 +37,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import ml_collections  # noqa: E402
 
-from pnapo_jax import train  # noqa: E402
+from pnapo_jax import metrics, train  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 METHODS = {"PNAPO": "", "Flow-DPO (independent noise)": "independent", "PNAPO, static beta": "static_beta"}
@@ -67,8 +67,7 @@ def run_config(args: argparse.Namespace, variant: str, beta: float, lr: float, s
 
 
 def evals(workdir: Path) -> list[dict[str, float]]:
-    lines = [json.loads(x) for x in (workdir / "metrics.jsonl").read_text().splitlines()] if (
-        workdir / "metrics.jsonl").exists() else []
+    lines = metrics.read_lines(workdir / "metrics.jsonl") if (workdir / "metrics.jsonl").exists() else []
     return [x for x in lines if "eval/reward_mean" in x]
 
 
@@ -80,10 +79,12 @@ def run(args: argparse.Namespace, method: str, beta: float, lr: float, seed: int
     if not done or done[-1]["step"] < args.steps:
         config = run_config(args, METHODS[method], beta, lr, seed, pairs, eval_every)
         print(f"run {workdir.name}", flush=True)
-        train.train_and_evaluate(config, str(workdir), show_progress=False)
+        try:
+            train.train_and_evaluate(config, str(workdir), show_progress=False)
+        except train.Stopped as e:  # SIGTERM / Ctrl-C: the checkpoint is saved, the rerun resumes
+            print(f"{workdir.name}: {e}; rerun the same command to resume it", flush=True)
+            raise SystemExit(train.Stopped.EXIT_CODE) from None
         done = evals(workdir)
-        if not done or done[-1]["step"] < args.steps:  # e.g. SIGTERM: the checkpoint is saved, the rerun resumes
-            raise SystemExit(f"{workdir.name} stopped before step {args.steps}; rerun the same command to resume it")
     last = done[-1]
     print(f"  {workdir.name}: reward {last['eval/reward_base_mean']:.3f} -> {last['eval/reward_mean']:.3f}, "
           f"fidelity {last['eval/fidelity_base_mean']:.5f} -> {last['eval/fidelity_mean']:.5f}", flush=True)

@@ -5,11 +5,13 @@ A checkpoint is one step directory holding `state` (step, trainable params, opti
 batches the interrupted run had not. A checkpoint restores onto another mesh or number of hosts too: the state
 is resharded to the restoring run's layout, and the data resumes from the step's global batch. The frozen
 reference is never saved: it is rebuilt from its source.
-SIGTERM (TPU preemption) sets a flag; the loop then saves and exits cleanly.
+SIGTERM (TPU preemption) and SIGINT (Ctrl-C) set a flag; the loop then saves and exits cleanly. A second Ctrl-C
+aborts at once (KeyboardInterrupt), for a run stuck where it cannot reach the end of a step.
 """
 
 import logging
 import signal
+import threading
 from typing import Any
 
 import grain
@@ -36,12 +38,21 @@ class Checkpointer:
         )
         self.manager = ocp.CheckpointManager(self.directory, options=options)
         self.preempted = False
-        if handle_sigterm:  # only a training loop, which checks `should_stop`, may defer SIGTERM
-            signal.signal(signal.SIGTERM, self._on_sigterm)
+        self.stop_signal = ""  # the name of the signal that asked the run to stop
+        self._previous_handlers = {}
+        # only a training loop, which checks `should_stop`, may defer the signals (and only the main thread can)
+        if handle_sigterm and threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self._previous_handlers[sig] = signal.signal(sig, self._on_signal)
 
-    def _on_sigterm(self, signum: int, frame: Any) -> None:
-        logging.warning("SIGTERM: saving a checkpoint after this step, then exiting")
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        name = signal.Signals(signum).name
+        if self.preempted and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # the second Ctrl-C: abort without saving
+        logging.warning("%s: saving a checkpoint after this step, then exiting%s", name,
+                        " (Ctrl-C again to abort without saving)" if signum == signal.SIGINT else "")
         self.preempted = True
+        self.stop_signal = self.stop_signal or name
 
     def _warn_unfinished(self) -> None:
         """Half-written step directories (a crash mid-save) are skipped by orbax; say so instead of silently."""
@@ -96,4 +107,10 @@ class Checkpointer:
         self.manager.wait_until_finished()
 
     def close(self) -> None:
-        self.manager.close()
+        """Waits for a save in flight, and gives the signals back to their previous handlers."""
+        try:
+            self.manager.close()
+        finally:
+            for sig, handler in self._previous_handlers.items():
+                signal.signal(sig, signal.SIG_DFL if handler is None else handler)
+            self._previous_handlers = {}

@@ -2,12 +2,19 @@
 
 Any config field can be overridden: `--config.pnapo.beta=5000 --config.lora.rank=64`. The logic lives in
 `pnapo_jax.train` so that it can be imported from a notebook.
+
+Exit status: 0 finished (or had finished before), 75 stopped early by SIGTERM / Ctrl-C with the checkpoint saved
+(rerun the same command to resume), 1 an error (one line; --debug for the traceback).
 """
+
+import shlex
+import sys
 
 from absl import flags
 from ml_collections import config_flags
 
 from pnapo_jax import cli, train
+from pnapo_jax import workdir as run_dir
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py[:variant]).", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Checkpoints, metrics.jsonl, TensorBoard (local path or gs://).")
@@ -17,7 +24,11 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 def main(argv: list[str]) -> None:
     del argv  # cli.run refuses extra arguments
-    line = train.train_and_evaluate(_CONFIG.value, _WORKDIR.value, show_progress=_PROGRESS.value)
+    try:
+        line = train.train_and_evaluate(_CONFIG.value, _WORKDIR.value, show_progress=_PROGRESS.value)
+    except train.Stopped as e:
+        print(f"{e}; resume with: {resume_command(sys.argv)}", flush=True)
+        sys.exit(train.Stopped.EXIT_CODE)
     print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in line.items()))
     if "eval/reward_mean" in line:
         print(summary(line, _WORKDIR.value))
@@ -31,6 +42,18 @@ def summary(line: dict, workdir: str) -> str:
         text += (f"; fidelity {line['eval/fidelity_base_mean']:.5f} -> {line['eval/fidelity_mean']:.5f} "
                  "(distance to the nearest clean rendering: lower is better)")
     return f"{text}; images {workdir}/samples.png, curves {workdir}/curves.png"
+
+
+def resume_command(argv: list[str]) -> str:
+    """The command that resumes this run from any directory: this one, with the workdir made absolute."""
+    args, workdir = [], str(run_dir.resolve(_WORKDIR.value))
+    for i, a in enumerate(argv[1:]):
+        if a.startswith("--workdir="):
+            a = f"--workdir={workdir}"
+        elif i > 0 and argv[i] == "--workdir":
+            a = workdir
+        args.append(a)
+    return shlex.join([sys.executable, "-m", "pnapo_jax.main", *args])
 
 
 def run() -> None:

@@ -4,7 +4,6 @@
     WORKDIR/curves.png    eval reward and win rate vs the base, and fidelity (lower = closer to the data), per step
 """
 
-import json
 from typing import Any
 
 import matplotlib
@@ -13,6 +12,8 @@ matplotlib.use("Agg")  # files only; no display needed
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from etils import epath  # noqa: E402
+
+from pnapo_jax import metrics  # noqa: E402
 
 
 def sample_grid(base_BxHxWx3: np.ndarray, policy_BxHxWx3: np.ndarray, prompts: list[str], base_rewards: np.ndarray,
@@ -35,7 +36,7 @@ def sample_grid(base_BxHxWx3: np.ndarray, policy_BxHxWx3: np.ndarray, prompts: l
 
 
 def eval_curves(metrics_jsonl: epath.Path, path: epath.Path) -> None:
-    lines = [json.loads(s) for s in metrics_jsonl.read_text().splitlines()]
+    lines = metrics.read_lines(metrics_jsonl)
     evals = [d for d in lines if "eval/reward_mean" in d]
     if not evals:
         return

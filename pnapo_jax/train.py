@@ -21,6 +21,8 @@ from etils import epath
 from jax.sharding import Mesh
 
 from pnapo_jax import flow, pnapo, sharding
+from pnapo_jax import workdir as run_dir
+from pnapo_jax.errors import UserError
 from pnapo_jax.models.flux import FluxConfig, FluxTransformer, dummy_inputs
 
 State = dict[str, Any]
@@ -264,7 +266,7 @@ def train_step(setup: Setup, state: State, frozen: Any, batch: dict[str, jax.Arr
     params = optax.apply_updates(state["params"], updates)
     metrics = {**metrics, "grad_norm": optax.global_norm(grads),
                "lr": learning_rate(setup.config.optim, setup.config.train.num_steps)(step),
-               "skipped_updates": opt_state.total_notfinite}
+               "skipped_updates": opt_state.total_notfinite, "nonfinite_streak": opt_state.notfinite_count}
     return {"step": step + 1, "params": params, "opt_state": opt_state, "rng": state["rng"]}, metrics
 
 
@@ -351,74 +353,122 @@ def pairs_path(config: ml_collections.ConfigDict, workdir: str | epath.Path, sho
     return str(workdir / "pairs")
 
 
+class Stopped(Exception):
+    """The run stopped early on a signal (preemption, Ctrl-C) with its checkpoint saved: rerun it to resume."""
+
+    EXIT_CODE = 75  # EX_TEMPFAIL: what `python -m pnapo_jax.main` exits with then, so launchers can tell it apart
+
+    def __init__(self, step: int, signal_name: str):
+        super().__init__(f"stopped at step {step} on {signal_name or 'a preemption notice'}; the checkpoint is saved")
+        self.step = step
+
+
+def _check_finite(line: dict[str, Any], config: ml_collections.ConfigDict, step: int) -> None:
+    """Stops a run whose updates have all been non-finite (so skipped) for train.max_nonfinite_steps steps."""
+    limit = config.train.max_nonfinite_steps
+    if limit > 0 and line.get("nonfinite_streak", 0) >= limit:
+        raise UserError(f"training diverged: the last {line['nonfinite_streak']} updates (to step {step}) had "
+                        "non-finite gradients and were skipped; lower config.optim.lr or check the data, then "
+                        "rerun to resume from the last checkpoint (config.train.max_nonfinite_steps sets the limit)")
+
+
+def _finished(workdir: epath.Path, step: int) -> dict[str, Any]:
+    """The results a finished run logged: its last train line and its last sampling eval."""
+    from pnapo_jax.metrics import read_lines
+
+    path = workdir / "metrics.jsonl"
+    lines = [d for d in read_lines(path) if d.get("step", 0) <= step] if path.exists() else []
+    last = lambda key: next((d for d in reversed(lines) if key in d), {})
+    return {**last("loss"), **last("eval/reward_mean")}
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices: list | None = None,
                        show_progress: bool = True) -> dict[str, Any]:
-    """Train (resuming from WORKDIR/checkpoints if there are any); returns the last train and eval metrics."""
+    """Train (resuming from WORKDIR/checkpoints if there are any); returns the last train and eval metrics.
+
+    One run at a time per workdir (WORKDIR/run.lock). Raises Stopped when SIGTERM / SIGINT stopped it early
+    (checkpoint saved), UserError for what the user can fix (one line). A finished run returns its results.
+    """
     from pnapo_jax.checkpoint import Checkpointer
     from pnapo_jax.data.pipeline import global_batch
     from pnapo_jax.metrics import MetricWriter
 
     sharding.maybe_initialize_distributed()
     setup = make_setup(config, devices)
-    workdir = epath.Path(workdir)
-    if jax.process_index() == 0:  # export and eval scripts rebuild the model from it
-        workdir.mkdir(parents=True, exist_ok=True)
-        (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
-    logging.info("mesh %s; model %s", dict(setup.mesh.shape), setup.model_cfg)
-    source = make_source(config, pairs_path(config, workdir, show_progress))
-    ckpt = Checkpointer(str(workdir / "checkpoints"), config.checkpoint)
-    start = ckpt.latest_step()
-    same_hosts = start is not None and ckpt.has_data_state(start)
-    if start is not None and not same_hosts:  # the saved positions are per host: start at the step's batch
-        logging.warning("checkpoint %d was written by another number of hosts: data resumes at global batch %d "
-                        "(exact unless records were skipped as bad)", start, start)
-    loader = make_train_loader(config, source, first_step=0 if same_hosts or start is None else start)
-    base = base_params(setup)
-    state, frozen = init_state(setup, base)
-    del base
-    if start is not None:
-        logging.info("resuming from step %d", start)
-        state = ckpt.restore(start, abstract_state(setup), loader.iterator if same_hosts else None)
-    start = int(state["step"])
-    step_fn, eval_fn = (_with_rules(setup, f) for f in jit_steps(setup))
-    eval_batches = _eval_batches(config, setup)
-    sample_eval = _sample_eval(config, setup, frozen)
-    writer = MetricWriter(str(workdir), config.train.num_steps, start, show_progress)
-    batch_sh = sharding.batch_sharding(setup.mesh)
-    line: dict[str, Any] = {}
-    evaluated: dict[str, Any] = {}
+    workdir = run_dir.resolve(workdir)
+    say = lambda text: print(text, flush=True) if jax.process_index() == 0 else None
+    # every resource joins the stack as it is made, so an error anywhere closes them all and surfaces itself
+    # (an unclosed checkpointer hid it behind orbax's "cannot schedule new futures after interpreter shutdown")
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(run_dir.locked(workdir))
+        ckpt = Checkpointer(str(workdir / "checkpoints"), config.checkpoint)
+        stack.callback(ckpt.close)
+        start = ckpt.latest_step()
+        if start is not None and start >= config.train.num_steps:
+            say(f"already finished at step {start} ({workdir})")
+            return _finished(workdir, start)
+        if jax.process_index() == 0:  # export and eval scripts rebuild the model from it
+            (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
+        logging.info("mesh %s; model %s", dict(setup.mesh.shape), setup.model_cfg)
+        source = make_source(config, pairs_path(config, workdir, show_progress))
+        same_hosts = start is not None and ckpt.has_data_state(start)
+        if start is not None and not same_hosts:  # the saved positions are per host: start at the step's batch
+            logging.warning("checkpoint %d was written by another number of hosts: data resumes at global batch "
+                            "%d (exact unless records were skipped as bad)", start, start)
+        loader = make_train_loader(config, source, first_step=0 if same_hosts or start is None else start)
+        stack.callback(loader.close)
+        base = base_params(setup)
+        state, frozen = init_state(setup, base)
+        del base
+        if start is not None:
+            say(f"resuming from step {start} ({workdir})")
+            state = ckpt.restore(start, abstract_state(setup), loader.iterator if same_hosts else None)
+        start = int(state["step"])
+        writer = MetricWriter(str(workdir), config.train.num_steps, start, show_progress)
+        stack.callback(writer.close)
+        step_fn, eval_fn = (_with_rules(setup, f) for f in jit_steps(setup))
+        eval_batches = _eval_batches(config, setup)
+        writer.phase("evaluating the base") if config.eval.sample_every > 0 else None
+        sample_eval = _sample_eval(config, setup, frozen)
+        batch_sh = sharding.batch_sharding(setup.mesh)
+        line: dict[str, Any] = {}
+        evaluated: dict[str, Any] = {}
 
-    def evaluate_samples(step: int) -> None:
-        nonlocal evaluated
-        metrics, images, rewards = sample_eval(policy_variables(setup, state, frozen))
-        evaluated = writer.write(step, metrics)
-        if jax.process_index() == 0:
-            from pnapo_jax import report
+        def evaluate_samples(step: int) -> None:
+            nonlocal evaluated
+            writer.phase("evaluating")
+            metrics, images, rewards = sample_eval(policy_variables(setup, state, frozen))
+            evaluated = writer.write(step, metrics)
+            if jax.process_index() == 0:
+                from pnapo_jax import report
 
-            report.write(workdir, sample_eval, images, rewards, step)
+                report.write(workdir, sample_eval, images, rewards, step)
+            writer.phase("training")
 
-    try:
         if sample_eval and start == 0:
             evaluate_samples(0)
         for step in range(start + 1, config.train.num_steps + 1):
+            if step == start + 1:
+                writer.phase("compiling the train step")
             state, metrics = step_fn(state, frozen, global_batch(next(loader), batch_sh))
+            if step == start + 1:
+                writer.phase("training")
             if step % config.train.log_every == 0 or step == config.train.num_steps:
                 line = writer.write(step, {**metrics, "skipped_records": loader.skipped})
                 writer.progress(step, line, config.train.global_batch_size)
+                _check_finite(line, config, step)
             if eval_batches and step % config.train.eval_every == 0:
+                writer.phase("evaluating")
                 writer.write(step, _mean_metrics(eval_fn(state, frozen, b) for b in eval_batches))
+                writer.phase("training")
             if sample_eval and (step % config.eval.sample_every == 0 or step == config.train.num_steps):
                 evaluate_samples(step)
             stop = ckpt.should_stop(step)
             ckpt.save(step, state, loader.iterator, force=stop or step == config.train.num_steps)
             if stop:
-                logging.warning("stopped at step %d on preemption; the checkpoint is saved", step)
-                break
+                ckpt.wait()
+                raise Stopped(step, ckpt.stop_signal)
         ckpt.wait()
-    finally:
-        ckpt.close()
-        writer.close()
-        loader.close()
     return {**line, **evaluated}
 
 
