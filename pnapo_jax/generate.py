@@ -189,7 +189,7 @@ def run(config: ml_collections.ConfigDict, prompts_file: str, out: str, show_pro
     pairs = 0
     done = sum(len(mine[c]) for c in mine if c not in todo)
     with tqdm.tqdm(total=sum(map(len, mine.values())), initial=done, unit="prompt", disable=not show_progress,
-                   dynamic_ncols=True) as bar:
+                   dynamic_ncols=True, desc="generating pairs") as bar:
         for c in todo:
             records = generate_chunk(mine[c], c * n, sampler, world, gen, bar.update)
             tmp = out_dir / f".tmp_chunk_{c:05d}"

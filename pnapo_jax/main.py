@@ -29,7 +29,8 @@ def main(argv: list[str]) -> None:
     except train.Stopped as e:
         print(f"{e}; resume with: {resume_command(sys.argv)}", flush=True)
         sys.exit(train.Stopped.EXIT_CODE)
-    print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in line.items()))
+    if line:
+        print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in line.items()))
     if "eval/reward_mean" in line:
         print(summary(line, _WORKDIR.value))
 

@@ -428,7 +428,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices:
         stack.callback(writer.close)
         step_fn, eval_fn = (_with_rules(setup, f) for f in jit_steps(setup))
         eval_batches = _eval_batches(config, setup)
-        writer.phase("evaluating the base") if config.eval.sample_every > 0 else None
+        if config.eval.sample_every > 0:
+            writer.phase("evaluating the base")
         sample_eval = _sample_eval(config, setup, frozen)
         batch_sh = sharding.batch_sharding(setup.mesh)
         line: dict[str, Any] = {}

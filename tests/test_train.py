@@ -80,7 +80,7 @@ def test_resume_equals_straight_run(tmp_path):
 
 
 def test_sigterm_saves_and_resumes_exactly(tmp_path):
-    """A real preemption: SIGTERM mid-run saves a checkpoint and exits 0; rerunning finishes identically."""
+    """A real preemption: SIGTERM mid-run saves a checkpoint and exits 75; rerunning finishes identically."""
     args = ["--config=" + str(ROOT / "configs/tiny.py"), "--config.train.num_steps=40",
             "--config.train.log_every=1", "--config.train.eval_every=0", "--config.checkpoint.every_steps=1000",
             "--progress=false"]
@@ -94,11 +94,15 @@ def test_sigterm_saves_and_resumes_exactly(tmp_path):
     while time.time() < deadline and not (metrics.exists() and metrics.read_text().count("\n") >= 3):
         time.sleep(0.05)
     proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 0, err.decode()[-2000:]
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == train.Stopped.EXIT_CODE, err.decode()[-2000:]  # 75: stopped early, not finished
     saved = sorted(int(p.name) for p in (tmp_path / "preempted" / "checkpoints").iterdir() if p.name.isdigit())
     assert saved and saved[-1] < 40, saved  # stopped early, with a checkpoint
-    subprocess.run([*cmd, f"--workdir={tmp_path / 'preempted'}", *args], env=env, check=True, capture_output=True)
+    assert out.decode().strip().splitlines()[-1].startswith(f"stopped at step {saved[-1]} on SIGTERM; the checkpoint "
+                                                            "is saved; resume with: ")
+    resumed = subprocess.run([*cmd, f"--workdir={tmp_path / 'preempted'}", *args], env=env, check=True,
+                             capture_output=True, text=True)
+    assert f"resuming from step {saved[-1]}" in resumed.stdout
     straight, resumed = _train_losses(tmp_path / "straight"), _train_losses(tmp_path / "preempted")
     assert straight == resumed
 
