@@ -9,9 +9,12 @@ SIGTERM (TPU preemption) and SIGINT (Ctrl-C) set a flag; the loop then saves and
 aborts at once (KeyboardInterrupt), for a run stuck where it cannot reach the end of a step.
 """
 
+import contextlib
+import errno
 import logging
 import signal
 import threading
+from collections.abc import Iterator
 from typing import Any
 
 import grain
@@ -22,9 +25,22 @@ import orbax.checkpoint as ocp
 from etils import epath
 from jax.experimental import multihost_utils
 
+from pnapo_jax.errors import UserError
+
+
+def _disk_full(e: BaseException) -> bool:
+    """An OSError, or tensorstore's ValueError that carries the OS error in its text."""
+    if isinstance(e, OSError):
+        return e.errno in (errno.ENOSPC, errno.EDQUOT)
+    return "No space left on device" in str(e) or "Disk quota exceeded" in str(e)
+
 
 class Checkpointer:
-    """Saves every `every_steps` steps (async), keeps the last `keep`, restores the latest finished one."""
+    """Saves every `every_steps` steps (async), keeps the last `keep`, restores the latest finished one.
+
+    As a context manager it closes itself; when the block failed, a save failing too (a full disk fails both) is
+    one warning, and the block's own error surfaces.
+    """
 
     def __init__(self, directory: str, cfg: ml_collections.ConfigDict, handle_sigterm: bool = True):
         self.directory = epath.Path(directory)
@@ -44,6 +60,33 @@ class Checkpointer:
         if handle_sigterm and threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGTERM, signal.SIGINT):
                 self._previous_handlers[sig] = signal.signal(sig, self._on_signal)
+
+    def __enter__(self) -> "Checkpointer":
+        return self
+
+    def __exit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> bool:
+        if exc is None:
+            self.close()
+            return False
+        try:
+            self.close()
+        except Exception as e:  # noqa: BLE001 -- secondary: the block's error is the one to report
+            logging.warning("the checkpoint in flight was not saved either: %s", str(e).splitlines()[0][:300])
+        return False
+
+    @contextlib.contextmanager
+    def _disk(self) -> Iterator[None]:
+        """A full disk while saving as one line: only finished saves are ever renamed, so the last one stays."""
+        try:
+            yield
+        except (OSError, ValueError) as e:
+            if not _disk_full(e):
+                raise
+            finished = [int(p.name) for p in self.directory.iterdir() if p.name.isdigit()
+                        and (p / "_CHECKPOINT_METADATA").exists()]  # on disk: orbax lists a failed save as well
+            last = f"step {max(finished)}" if finished else "none yet"
+            raise UserError(f"{self.directory}: no space left on device while saving a checkpoint; the last finished "
+                            f"one ({last}) is intact: free space, then rerun the same command to resume") from None
 
     def _on_signal(self, signum: int, frame: Any) -> None:
         name = signal.Signals(signum).name
@@ -86,7 +129,8 @@ class Checkpointer:
         items = {"state": ocp.args.StandardSave(state)}
         if data_iterator is not None:
             items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
-        return self.manager.save(step, args=ocp.args.Composite(**items), force=force)
+        with self._disk():
+            return self.manager.save(step, args=ocp.args.Composite(**items), force=force)
 
     def restore(self, step: int, abstract_state: Any, data_iterator: grain.DatasetIterator | None) -> Any:
         """The state at `step`, placed as `abstract_state`'s shardings say; moves `data_iterator` in place."""
@@ -104,12 +148,14 @@ class Checkpointer:
         return self.manager.restore(step, args=ocp.args.Composite(state=restore))["state"]["params"]
 
     def wait(self) -> None:
-        self.manager.wait_until_finished()
+        with self._disk():
+            self.manager.wait_until_finished()
 
     def close(self) -> None:
         """Waits for a save in flight, and gives the signals back to their previous handlers."""
         try:
-            self.manager.close()
+            with self._disk():
+                self.manager.close()
         finally:
             for sig, handler in self._previous_handlers.items():
                 signal.signal(sig, signal.SIG_DFL if handler is None else handler)

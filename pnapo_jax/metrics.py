@@ -47,12 +47,20 @@ def _scalar(v: Any) -> float | int:
     return int(v) if np.issubdtype(v.dtype, np.integer) else float(v)
 
 
-def _kept_lines(path: epath.Path, start_step: int) -> list[dict[str, Any]]:
-    """The lines a run restarting at `start_step` keeps: those up to its checkpoint (it logs every later step
-    again, and the step-0 eval again when it starts from scratch)."""
+def _drop_relogged(path: epath.Path, start_step: int) -> None:
+    """Keeps only the lines a run restarting at `start_step` will not log again: those up to its checkpoint (it
+    logs every later step again, and the step-0 eval again when it starts from scratch). The file is rewritten
+    only when something goes, via a temporary file, so a crash leaves the old or the new one."""
     if not path.exists():
-        return []
-    return [d for d in read_lines(path) if start_step > 0 and d.get("step", 0) <= start_step]
+        return
+    text = path.read_text()
+    lines = read_lines(path)
+    kept = [d for d in lines if start_step > 0 and d.get("step", 0) <= start_step]
+    if len(kept) == len(lines) and (not text or text.endswith("\n")):
+        return
+    tmp = path.parent / f"{path.name}.tmp"
+    tmp.write_text("".join(json.dumps(d) + "\n" for d in kept))
+    tmp.replace(path)
 
 
 class MetricWriter:
@@ -70,7 +78,7 @@ class MetricWriter:
         workdir.mkdir(parents=True, exist_ok=True)
         self.path = workdir / "metrics.jsonl"
         with self._disk(self.path):
-            self._keep(_kept_lines(self.path, start_step))
+            _drop_relogged(self.path, start_step)
             self._jsonl = self.path.open("a")
             # imported here: only the writing process needs it. EventsWriter writes synchronously (SummaryWriter's
             # thread dies on a full disk and leaves the loop blocked on its queue).
@@ -86,14 +94,6 @@ class MetricWriter:
         self._bar = tqdm.tqdm(total=total_steps, initial=start_step, disable=not show_progress, unit="step",
                               dynamic_ncols=True, desc="training")
         self._last = (start_step, time.perf_counter())
-
-    def _keep(self, lines: list[dict[str, Any]]) -> None:
-        """Rewrites metrics.jsonl as `lines` (via a temporary file, so a crash leaves the old or the new one)."""
-        if not self.path.exists():
-            return
-        tmp = self.path.parent / "metrics.jsonl.tmp"
-        tmp.write_text("".join(json.dumps(d) + "\n" for d in lines))
-        tmp.replace(self.path)
 
     @contextlib.contextmanager
     def _disk(self, path: epath.Path):

@@ -401,8 +401,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices:
     # (an unclosed checkpointer hid it behind orbax's "cannot schedule new futures after interpreter shutdown")
     with contextlib.ExitStack() as stack:
         stack.enter_context(run_dir.locked(workdir))
-        ckpt = Checkpointer(str(workdir / "checkpoints"), config.checkpoint)
-        stack.callback(ckpt.close)
+        ckpt = stack.enter_context(Checkpointer(str(workdir / "checkpoints"), config.checkpoint))
         start = ckpt.latest_step()
         if start is not None and start >= config.train.num_steps:
             say(f"already finished at step {start} ({workdir})")
