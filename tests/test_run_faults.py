@@ -224,3 +224,24 @@ def test_ctrl_c_saves_and_exits_75_with_the_resume_command(tmp_path):
     assert f"-m pnapo_jax.main --config={ROOT}/configs/tiny.py" in last and f"--workdir {workdir} " in last, last
     assert "results" not in out and "step=0" not in out
     assert _steps(workdir) == list(range(1, saved[-1] + 1))
+
+
+def test_full_disk_while_saving_is_one_line_and_does_not_hide_the_loops_error(tmp_path, monkeypatch):
+    config = _config()
+    full = ValueError('RESOURCE_EXHAUSTED: Error writing local file "x/manifest.ocdbt": Failed to write 118 bytes '
+                      "to file 11: No space left on device [os_error_code='28']")
+
+    def fail(*args, **kwargs):
+        raise full
+
+    ckpt = checkpoint.Checkpointer(str(tmp_path / "checkpoints"), config.checkpoint)
+    (tmp_path / "checkpoints" / "4").mkdir()
+    (tmp_path / "checkpoints" / "4" / "_CHECKPOINT_METADATA").write_text("{}")
+    monkeypatch.setattr(ckpt.manager, "wait_until_finished", fail)
+    with pytest.raises(UserError, match=r"checkpoints: no space left on device while saving a checkpoint; the last "
+                                        r"finished one \(step 4\) is intact"):
+        ckpt.wait()
+    monkeypatch.setattr(ckpt.manager, "close", fail)
+    with pytest.raises(UserError, match="the loop's own error"):  # the close failing too does not replace it
+        with ckpt:
+            raise UserError("the loop's own error")
