@@ -68,10 +68,15 @@ class Checkpointer:
         if exc is None:
             self.close()
             return False
+        absl_logger = logging.getLogger("absl")
+        level = absl_logger.level
+        absl_logger.setLevel(logging.CRITICAL)  # orbax logs the failed save's traceback: the warning says it
         try:
             self.close()
         except Exception as e:  # noqa: BLE001 -- secondary: the block's error is the one to report
             logging.warning("the checkpoint in flight was not saved either: %s", str(e).splitlines()[0][:300])
+        finally:
+            absl_logger.setLevel(level)
         return False
 
     @contextlib.contextmanager
