@@ -115,6 +115,14 @@ def _create(path: epath.Path, content: str) -> bool:
         return True
     except FileExistsError:
         return False
+    except OSError:  # a file system without hard links (some FUSE mounts): exclusive create, then write
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            return False
+        with os.fdopen(fd, "w") as f:
+            f.write(content)
+        return True
     finally:
         tmp.unlink()
 

@@ -245,3 +245,20 @@ def test_full_disk_while_saving_is_one_line_and_does_not_hide_the_loops_error(tm
     with pytest.raises(UserError, match="the loop's own error"):  # the close failing too does not replace it
         with ckpt:
             raise UserError("the loop's own error")
+
+
+def test_lock_without_hard_links(tmp_path, monkeypatch):
+    """File systems without hard links (some FUSE mounts) get the lock by exclusive create."""
+    from pnapo_jax import workdir as run_dir
+
+    def no_links(*args):
+        raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr(os, "link", no_links)
+    mine = run_dir.acquire(tmp_path)
+    assert json.loads((tmp_path / "run.lock").read_text()) == mine
+    run_dir.release(tmp_path, mine)
+    _hold_lock(tmp_path)
+    with pytest.raises(UserError, match="in use by another run"):
+        run_dir.acquire(tmp_path)
+    assert [p.name for p in tmp_path.iterdir()] == ["run.lock"]
