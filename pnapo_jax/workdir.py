@@ -1,11 +1,11 @@
 """A run's working directory: an absolute path fixed up front, and a lock so that one run at a time writes it.
 
-WORKDIR/run.lock holds JSON {host, pid, since, boot, start}: the run that holds it (`boot` and `start` tell a
-reused pid from the holder after a restart). A second run on the workdir refuses with one line naming the holder;
-a lock left by a process that is gone (same host, pid dead or reused) is taken over with a warning, so a run
-killed with kill -9 resumes. On a remote workdir (gs://) the lock is read then written, not atomically: it stops
-a second run started later, not two started within the same second; a lock from another host is never taken
-over (delete the file when that run is dead).
+WORKDIR/run.lock holds JSON {host, pid, since, boot, start, beat}: the run that holds it (`boot` and `start` tell
+a reused pid from the holder after a restart; `beat`, rewritten every minute, says it is still there). A second
+run on the workdir refuses with one line naming the holder. A lock left by a process that is gone is taken over
+with a warning, so a run killed with kill -9 or a preempted VM resumes: on the same host when its pid is dead or
+reused, from another host when its beat is older than STALE_S. On a remote workdir (gs://) the lock is read then
+written, not atomically: it stops a second run started later, not two started within the same second.
 """
 
 import contextlib
@@ -14,6 +14,8 @@ import json
 import logging
 import os
 import socket
+import threading
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -25,6 +27,8 @@ from jax.experimental import multihost_utils
 from pnapo_jax.errors import UserError
 
 LOCK_NAME = "run.lock"
+BEAT_S = 60  # the holder rewrites its lock this often
+STALE_S = 15 * 60  # a lock from another host not rewritten for this long is a dead run's
 
 
 def resolve(workdir: str) -> epath.Path:
@@ -60,7 +64,7 @@ def _boot_id() -> str:
 def _me() -> dict[str, Any]:
     return {"host": socket.gethostname(), "pid": os.getpid(),
             "since": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M:%S UTC"),
-            "boot": _boot_id(), "start": _process_start(os.getpid())}
+            "boot": _boot_id(), "start": _process_start(os.getpid()), "beat": time.time()}
 
 
 def _alive(pid: int) -> bool:
@@ -74,10 +78,10 @@ def _alive(pid: int) -> bool:
 
 
 def _gone(holder: dict[str, Any]) -> bool:
-    """Whether the holder is known to be dead: it ran on this host, and its pid is gone, is ours, or is reused
-    (another boot or another start time). A holder on another host cannot be checked: it is alive."""
+    """Whether the holder is known to be dead: on this host, its pid is gone, is ours, or is reused (another boot
+    or another start time); on another host, its beat stopped STALE_S ago."""
     if holder.get("host") != socket.gethostname():
-        return False
+        return time.time() - float(holder.get("beat", time.time())) > STALE_S
     pid = int(holder.get("pid", -1))
     if pid == os.getpid() or not _alive(pid):
         return True
@@ -140,13 +144,26 @@ def acquire(workdir: epath.Path) -> dict[str, Any]:
             continue
         if not _gone(holder):
             raise UserError(f"{workdir} is in use by another run: pid {holder['pid']} on host {holder['host']} "
-                            f"since {holder.get('since', '?')} ({path}); stop it or use another --workdir (if that "
-                            "run is dead, delete the lock file)")
+                            f"since {holder.get('since', '?')} ({path}); stop it or use another --workdir (a dead "
+                            f"run's lock is taken over: at once on its host, after {STALE_S // 60} min elsewhere)")
         logging.warning("taking over %s: its run (pid %s on host %s since %s) is gone", path, holder["pid"],
                         holder["host"], holder.get("since", "?"))
         with contextlib.suppress(FileNotFoundError):
             path.unlink()
     raise UserError(f"{path}: another run keeps taking the lock; use another --workdir")
+
+
+def _beat(workdir: epath.Path, mine: dict[str, Any], stop: threading.Event) -> None:
+    """Rewrites the lock's beat every BEAT_S until `stop` (a temporary file renamed over it: never half-written)."""
+    path = workdir / LOCK_NAME
+    while not stop.wait(BEAT_S):
+        mine["beat"] = time.time()
+        tmp = path.parent / f".{path.name}.{os.getpid()}.beat"
+        try:
+            tmp.write_text(json.dumps(mine))
+            tmp.replace(path)
+        except OSError as e:  # a full disk must not end the run here: its own writes say so in one line
+            logging.warning("could not refresh %s: %s", path, e)
 
 
 def release(workdir: epath.Path, mine: dict[str, Any]) -> None:
@@ -175,8 +192,14 @@ def locked(workdir: epath.Path) -> Iterator[None]:
             error = UserError(f"{workdir}: process 0 could not take the workdir's lock (see its log)")
     if error is not None:
         raise error
+    stop = threading.Event()
+    beat = threading.Thread(target=_beat, args=(workdir, mine, stop), daemon=True, name="workdir-lock-beat")
+    if mine is not None:
+        beat.start()
     try:
         yield
     finally:
+        stop.set()
         if mine is not None:
+            beat.join(timeout=30)  # not mid-rewrite when the lock goes
             release(workdir, mine)

@@ -105,7 +105,7 @@ def test_second_run_on_a_workdir_refuses_naming_the_holder(tmp_path):
     assert json.loads((tmp_path / "run.lock").read_text()) == holder  # still theirs
 
 
-def test_lock_of_a_dead_process_or_a_reused_pid_is_taken_over(tmp_path):
+def test_lock_of_a_dead_process_a_reused_pid_or_a_silent_host_is_taken_over(tmp_path):
     from pnapo_jax import workdir as run_dir
 
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
@@ -117,9 +117,12 @@ def test_lock_of_a_dead_process_or_a_reused_pid_is_taken_over(tmp_path):
     assert not (tmp_path / "run.lock").exists()
     _hold_lock(tmp_path, start="1")  # a live pid, but not the process that took the lock (started at tick 1)
     run_dir.release(tmp_path, run_dir.acquire(tmp_path))
-    _hold_lock(tmp_path, host="another-host", pid=os.getpid())  # cannot be checked from here: refused
+    _hold_lock(tmp_path, host="another-host", pid=os.getpid(), beat=time.time() - 60)  # alive a minute ago
     with pytest.raises(UserError, match="pid .* on host another-host"):
         run_dir.acquire(tmp_path)
+    _hold_lock(tmp_path, host="another-host", beat=time.time() - run_dir.STALE_S - 1)  # a preempted VM's
+    run_dir.release(tmp_path, run_dir.acquire(tmp_path))
+    assert not (tmp_path / "run.lock").exists()
 
 
 def test_relative_workdir_is_made_absolute_and_empty_is_refused(tmp_path, monkeypatch):
@@ -262,3 +265,14 @@ def test_lock_without_hard_links(tmp_path, monkeypatch):
     with pytest.raises(UserError, match="in use by another run"):
         run_dir.acquire(tmp_path)
     assert [p.name for p in tmp_path.iterdir()] == ["run.lock"]
+
+
+def test_lock_holder_beats_and_lets_go(tmp_path, monkeypatch):
+    from pnapo_jax import workdir as run_dir
+
+    monkeypatch.setattr(run_dir, "BEAT_S", 0.05)
+    with run_dir.locked(tmp_path):
+        first = json.loads((tmp_path / "run.lock").read_text())["beat"]
+        time.sleep(0.5)
+        assert json.loads((tmp_path / "run.lock").read_text())["beat"] > first
+    assert list(tmp_path.iterdir()) == []
