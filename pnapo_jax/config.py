@@ -87,9 +87,7 @@ def defaults() -> ml_collections.ConfigDict:
     c.train.log_every = 10  # steps between metric lines
     c.train.eval_every = 0  # steps between evals on data.eval_path (0: never)
     c.train.eval_batches = 4  # batches per eval
-    # Stop (one line, exit 1) when this many updates in a row had non-finite gradients (each is skipped, so the
-    # run cannot recover by itself); checked at every log line. 0: never stop.
-    c.train.max_nonfinite_steps = 20
+    c.train.max_nonfinite_steps = 20  # stop (one line) after this many non-finite updates in a row; 0: never
 
     # Input pipeline (pnapo_jax.data). Shapes are in packed tokens: image_tokens = (H/16) * (W/16) for FLUX.
     c.data = ml_collections.ConfigDict()
