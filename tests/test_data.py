@@ -529,3 +529,31 @@ def test_import_cli_help_mentions_vae(capsys):
     with pytest.raises(SystemExit):
         import_pairs.main(["--help"])
     assert "VAE" in capsys.readouterr().out
+
+
+def test_import_bad_rows_name_manifest_row_and_field_and_are_skippable(tmp_path):
+    rng = np.random.default_rng(1)
+    arrays = {"latent_0": (16, 8), "latent_1": (16, 8), "prompt_embeds": (4, 6), "pooled_prompt_embeds": (5,)}
+    for name, shape in arrays.items():
+        np.save(tmp_path / f"{name}.npy", rng.standard_normal(shape).astype(np.float32))
+    good = json.dumps({"caption": "fine", "label_0": 1, **{name: f"{name}.npy" for name in arrays}})
+    bad_rows = {  # row: (manifest line, words of the error)
+        1: ('{"caption": "torn', "record 1: not a JSON line"),
+        2: ("[1, 2]", "record 2: expected a JSON object, got list"),
+        3: (good.replace('"caption": "fine", ', ""), "record 3: field 'caption': expected the prompt text"),
+        4: (good.replace('"latent_0.npy"', "7"), "record 4: field 'latent_0': expected a file path (a string), got 7"),
+        5: (good.replace('"latent_1.npy"', '"gone.npy"'), "record 5: field 'latent_1': cannot load"),
+    }
+    lines = [good] + [bad_rows[row][0] for row in sorted(bad_rows)] + [good]
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_bytes(("\n".join(lines) + "\n").encode() + b'{"caption": "\xff"}\n')
+    for row, (line, problem) in bad_rows.items():
+        single = tmp_path / f"row{row}.jsonl"
+        single.write_text("\n".join([good] * row + [line]) + "\n")
+        with pytest.raises(RecordError) as error:
+            import_pairs.import_manifest(str(single), str(tmp_path / f"out{row}"), 64, 64)
+        assert str(error.value).startswith(f"{single}: {problem}") and "\n" not in str(error.value)
+    report = import_pairs.import_manifest(str(manifest), str(tmp_path / "out"), 64, 64, on_bad_record="skip")
+    assert (report.written, report.skipped) == (2, len(bad_rows) + 1)  # the last line is invalid UTF-8
+    with pytest.raises(UserError, match=f"^{tmp_path}/none.jsonl: cannot read the manifest"):
+        import_pairs.import_manifest(str(tmp_path / "none.jsonl"), str(tmp_path / "x"), 64, 64)
