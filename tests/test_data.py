@@ -372,7 +372,8 @@ def test_every_record_bad_stops_instead_of_spinning(synthetic, tmp_path):
         next(loader)
 
 
-def test_skipped_count_survives_a_resume(synthetic, corrupt_dataset):
+def test_skipped_count_survives_a_resume(synthetic, corrupt_dataset, tmp_path):
+    ocp = pytest.importorskip("orbax.checkpoint")
     source = ArrayRecordSource(corrupt_dataset[0])
     cfg = dict(num_epochs=2, on_bad_record="skip", global_batch_size=2)
     loader = _loader(source, **cfg)
@@ -381,8 +382,18 @@ def test_skipped_count_survives_a_resume(synthetic, corrupt_dataset):
     resumed = _loader(source, **cfg)
     restore_iterator(resumed, iterator_state(loader))
     assert resumed.skipped == loader.skipped
-    assert head + _rows(resumed) == _rows(_loader(source, **cfg))
+    with ocp.CheckpointManager(tmp_path) as manager:  # as the train checkpoint stores it
+        manager.save(4, args=ocp.args.Composite(data=grain.checkpoint.CheckpointSave(loader.iterator)))
+        manager.wait_until_finished()
+        restored = _loader(source, **cfg)
+        manager.restore(4, args=ocp.args.Composite(data=grain.checkpoint.CheckpointRestore(restored.iterator)))
+    assert restored.skipped == loader.skipped
+    rest = _rows(resumed)
+    assert head + rest == _rows(_loader(source, **cfg))
     assert resumed.skipped == 2 * len(READ_BREAKAGES)
+    legacy = _loader(source, **cfg)  # a state saved before it carried the count still restores the position
+    restore_iterator(legacy, json.dumps(json.loads(iterator_state(loader))["batches"]).encode())
+    assert _rows(legacy) == rest and legacy.skipped == resumed.skipped - loader.skipped
 
 
 def test_dataset_spec_disagreeing_with_model_is_refused(dataset):
