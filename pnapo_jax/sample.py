@@ -18,6 +18,7 @@ gives the noise explicitly, [N, C, H/f, W/f] or packed [N, I, 4C], e.g. to match
 """
 
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -94,7 +95,20 @@ def load_pipeline(path: str | os.PathLike, workdir: str | None = None, step: int
     vae_cfg, vae_params = load_vae(path, dtype)
     _check_fits(cfg, encoders, vae_cfg)
     scheduler = json.loads((path / SCHEDULER_CONFIG).read_text())
-    return Pipeline(encoders, cfg, variables, vae_cfg, vae_params, scheduler, flux.FluxTransformer(cfg).apply)
+    return Pipeline(encoders, cfg, variables, vae_cfg, vae_params, scheduler,
+                    pipeline_apply(flux.FluxTransformer(cfg).apply, scheduler))
+
+
+def pipeline_apply(apply: Callable[..., jax.Array], scheduler: dict[str, Any]) -> Callable[..., jax.Array]:
+    """The transformer as FluxPipeline calls it: with timestep = sigma * num_train_timesteps / 1000 (the
+    scheduler's timesteps are sigma * N, the pipeline divides by 1000), which is sigma for FLUX's N = 1000."""
+    scale = scheduler.get("num_train_timesteps", 1000) / 1000
+    return apply if scale == 1 else functools.partial(_timestep_scaled, apply, scale)
+
+
+def _timestep_scaled(apply: Callable[..., jax.Array], scale: float, variables: Any, *, timestep: jax.Array,
+                     **inputs: Any) -> jax.Array:
+    return apply(variables, timestep=timestep * scale, **inputs)
 
 
 def schedule_mu(scheduler: dict[str, Any], image_seq_len: int) -> float:

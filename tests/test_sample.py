@@ -166,3 +166,13 @@ def test_lora_checkpoint_matches_diffusers_with_the_exported_lora(pipeline, tmp_
     ref = _diffusers(tuned, noise)
     _assert_same_image(images, ref)
     assert np.abs(_diffusers(pipe, noise) - ref).max() > 10 * ATOL, "training changed nothing"
+
+
+def test_scheduler_num_train_timesteps_is_fed_as_diffusers_does(tmp_path):
+    """FluxPipeline gives the transformer timestep = sigma * num_train_timesteps / 1000, not sigma."""
+    pipe = tiny_flux_pipeline(FLUX_SCHEDULER | {"num_train_timesteps": 500})
+    pipe.set_progress_bar_config(disable=True)
+    pipe.save_pretrained(tmp_path)
+    noise = _noise()
+    ours_images = sample.sample_images(sample.load_pipeline(tmp_path), PROMPTS, noise, **OPTIONS)
+    _assert_same_image(ours_images, _diffusers(pipe, noise))
