@@ -296,6 +296,7 @@ def _remove_shard(path):
     return shard
 
 
+FEATURES_DICT = "tensorflow_datasets.core.features.features_dict.FeaturesDict"
 FILE_BREAKAGES = {  # kind: (break the dataset at path -> the file to name, words of the error)
     "truncated": (_truncate(lambda size: size // 2), "unreadable array_record file, truncated or corrupt"),
     "truncated_small": (_truncate(lambda size: 10), "unreadable array_record file, truncated or corrupt"),
@@ -304,8 +305,13 @@ FILE_BREAKAGES = {  # kind: (break the dataset at path -> the file to name, word
     "info_not_json": (_replace("dataset_info.json", "{not json"), "unreadable"),
     "features_not_json": (_replace("features.json", "{not json"), "not JSON"),
     "foreign_feature": (
-        _replace("features.json", json.dumps({"pythonClassName": "email.mime.text.MIMEText"})),
+        _replace("features.json", json.dumps({"featuresDict": {"features": {"prompt": {
+            "pythonClassName": "email.mime.text.MIMEText"}}}, "pythonClassName": FEATURES_DICT})),
         "feature class 'email.mime.text.MIMEText' refused",
+    ),
+    "features_not_a_dict": (
+        _replace("features.json", json.dumps({"pythonClassName": FEATURES_DICT.replace("features_dict", "x")})),
+        "the top level is not a features dict",
     ),
 }
 

@@ -53,13 +53,18 @@ def check_features_file(path: str) -> None:
         raise UserError(f"{file}: missing; a dataset written by pnapo_jax has one") from None
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
         raise UserError(f"{file}: not JSON ({error})") from None
+    if not isinstance(nodes[0], dict) or "featuresDict" not in nodes[0]:
+        raise UserError(f"{file}: the top level is not a features dict")
     while nodes:
         node = nodes.pop()
         name = node.get("pythonClassName") if isinstance(node, dict) else None
         if name not in FEATURE_CLASSES:
             raise UserError(f"{file}: feature class {name!r} refused; only {sorted(FEATURE_CLASSES)} are read")
         if "featuresDict" in node:
-            nodes += list(node["featuresDict"].get("features", {}).values())
+            features = node["featuresDict"].get("features") if isinstance(node["featuresDict"], dict) else None
+            if not isinstance(features, dict):
+                raise UserError(f"{file}: a featuresDict without its features")
+            nodes += list(features.values())
 
 
 def spec_of(info: tfds.core.DatasetInfo, path: str) -> SextupleSpec:
