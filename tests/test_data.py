@@ -290,6 +290,13 @@ def _replace(name, text):
     return replace
 
 
+def _no_shards(path):
+    info = json.loads(open(os.path.join(path, "dataset_info.json")).read())
+    info["splits"][0]["shardLengths"] = []
+    _replace("dataset_info.json", json.dumps(info))(path)
+    return path
+
+
 def _remove_shard(path):
     (shard,) = glob.glob(os.path.join(path, "*.array_record-*"))
     os.remove(shard)
@@ -302,6 +309,7 @@ FILE_BREAKAGES = {  # kind: (break the dataset at path -> the file to name, word
     "truncated_small": (_truncate(lambda size: 10), "unreadable array_record file, truncated or corrupt"),
     "empty_file": (_truncate(lambda size: 0), "unreadable array_record file, truncated or corrupt"),
     "missing_shard": (_remove_shard, "missing (dataset_info.json declares it, with 12 records)"),
+    "zero_records": (_no_shards, "the dataset holds no records"),
     "info_not_json": (_replace("dataset_info.json", "{not json"), "unreadable"),
     "features_not_json": (_replace("features.json", "{not json"), "not JSON"),
     "foreign_feature": (
