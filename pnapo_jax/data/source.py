@@ -5,7 +5,6 @@ index there and the field) and `.spec`. Each pickles, so grain worker processes 
 """
 
 import dataclasses
-import glob
 import os
 from collections.abc import Sequence
 
@@ -62,12 +61,13 @@ class ArrayRecordSource:
 
 def check_version_dir(path: str) -> None:
     """Refuses a path that is not a dataset version directory, naming the version directories below it."""
-    if os.path.isfile(os.path.join(path, "dataset_info.json")):
+    folder = epath.Path(path)  # local or gs://
+    if (folder / "dataset_info.json").exists():
         return
-    if not os.path.isdir(path):
+    if not folder.is_dir():
         raise UserError(f"{path}: no such dataset directory")
-    below = sorted({os.path.dirname(p) for depth in ("*", "*/*", "*/*/*")
-                    for p in glob.glob(os.path.join(glob.escape(path), depth, "dataset_info.json"))})
+    below = sorted({os.fspath(p.parent) for depth in ("*", "*/*", "*/*/*")
+                    for p in folder.glob(f"{depth}/dataset_info.json")})
     if not below:
         raise UserError(f"{path}: not a dataset (no dataset_info.json in it or below it)")
     hint = f"use {below[0]}" if len(below) == 1 else f"use one of {below}"
@@ -76,7 +76,7 @@ def check_version_dir(path: str) -> None:
 
 def check_shard(file: str, declared: int) -> None:
     """Refuses a missing, truncated or corrupt array_record file, or one of another length than declared."""
-    if not os.path.isfile(file):
+    if not epath.Path(file).exists():
         raise UserError(f"{file}: missing (dataset_info.json declares it, with {declared} records)")
     found, problem = None, "no index at the file's end"
     try:  # riegeli reads the index at the file's end; a failure shows as not ok() and raises on close()

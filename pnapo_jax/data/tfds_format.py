@@ -8,10 +8,10 @@ protobuf. The dataset's `metadata.json` carries its declared `SextupleSpec`; `fe
 import dataclasses
 import json
 import math
-import os
 
 import numpy as np
 import tensorflow_datasets as tfds
+from etils import epath
 from google.protobuf.message import DecodeError
 from tensorflow_datasets.proto import tf_example_pb2
 
@@ -45,10 +45,9 @@ def spec_metadata(spec: SextupleSpec) -> tfds.core.MetadataDict:
 def check_features_file(path: str) -> None:
     """Refuses a features.json that names any feature class but ours, before TFDS reads it: TFDS imports the
     module of every `pythonClassName` it meets, so a crafted dataset could import any installed module."""
-    file = os.path.join(path, "features.json")
+    file = epath.Path(path) / "features.json"  # local or gs://
     try:
-        with open(file, encoding="utf-8") as f:
-            nodes = [json.load(f)]
+        nodes = [json.loads(file.read_bytes().decode("utf-8"))]
     except FileNotFoundError:
         raise UserError(f"{file}: missing; a dataset written by pnapo_jax has one") from None
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
