@@ -38,6 +38,7 @@ import numpy as np
 from PIL import Image
 
 from pnapo_jax import convert, flow, text
+from pnapo_jax.errors import UserError
 from pnapo_jax.models import flux, vae
 from pnapo_jax.models.vae_loading import load_vae
 
@@ -118,7 +119,7 @@ def load_demo_pipeline(path: str | os.PathLike | None = None, workdir: str | Non
     if workdir is None:
         folder = base.DEFAULT_BASE if path is None else pathlib.Path(path)
         if not (folder / "config.json").exists():
-            raise ValueError(f"--pipeline={folder}: neither a FLUX pipeline folder (no text_encoder/) nor a "
+            raise UserError(f"--pipeline={folder}: neither a FLUX pipeline folder (no text_encoder/) nor a "
                              "transformer folder (no config.json)")
         cfg, params = convert.load_diffusers_transformer(folder, dtype)
         variables, mu, where = {"params": params}, None, f"--pipeline={folder}"
@@ -132,7 +133,7 @@ def load_demo_pipeline(path: str | os.PathLike | None = None, workdir: str | Non
                 "pooled_projection_dim": world_text.POOLED_DIM}
     wrong = {k: getattr(cfg, k) for k, v in expected.items() if getattr(cfg, k) != v}
     if wrong:
-        raise ValueError(f"{where}: not the demo world's transformer ({wrong}, the world needs {expected}); "
+        raise UserError(f"{where}: not the demo world's transformer ({wrong}, the world needs {expected}); "
                          "a FLUX model samples from its pipeline folder (--pipeline=DIR with text_encoder/ and vae/)")
     cfg = dataclasses.replace(cfg, dtype=dtype, param_dtype=dtype)
     # FLUX's default scheduler (the resolution shift generate and the sampling eval use), or the run's fixed mu.
@@ -309,7 +310,7 @@ if __name__ == "__main__":
         cli.quiet_logs()
         try:
             _sample()
-        except (FileNotFoundError, ValueError) as e:
+        except (FileNotFoundError, ValueError, UserError) as e:
             sys.exit(f"error: {e}")
 
     app.run(_main, flags_parser=cli.parse_flags)

@@ -21,6 +21,7 @@ from PIL import Image
 from test_flow import FLUX_SCHEDULER
 
 from pnapo_jax import export, flow, sample, train
+from pnapo_jax.errors import UserError
 from pnapo_jax.models.flux import FluxConfig
 
 ROOT = epath.Path(__file__).parent.parent
@@ -217,5 +218,5 @@ def test_demo_run_workdir_samples_its_policy(tmp_path, pipeline):
     assert images.shape == base_images.shape == (2, 32, 32, 3)
     assert 0 < np.abs(images - base_images).max()  # the policy, not the base
     _train(pipeline[1], tmp_path / "flux_run", "")
-    with pytest.raises(ValueError, match=r"^--workdir=.*flux_run: not the demo world's transformer .*--pipeline=DIR"):
+    with pytest.raises(UserError, match=r"^--workdir=.*flux_run: not the demo world's transformer .*--pipeline=DIR"):
         sample.load_pipeline(None, str(tmp_path / "flux_run"))
