@@ -52,6 +52,8 @@ def export(workdir: str, out: str, fmt: str, step: int | None = None, devices: l
     """Write checkpoint `step` (default: the latest) of `workdir` to `out` as `fmt`; returns the step."""
     if fmt not in FORMATS:
         raise ValueError(f"format must be one of {FORMATS}, got {fmt!r}")
+    if fmt == "bfl" and not out.endswith(".safetensors"):  # one file, named for the tools that load it
+        out += ".safetensors"
     config = load_config(workdir)
     setup = train.make_setup(config, devices)
     if fmt == "lora" and not setup.lora:
@@ -88,7 +90,8 @@ def run() -> None:
     `pnapo_jax.main` (which also has --workdir) does not clash."""
     flags.DEFINE_string("workdir", None, "Training workdir (holds config.json and checkpoints/).")
     flags.DEFINE_integer("step", None, "Checkpoint step to export (default: the latest).")
-    flags.DEFINE_string("out", None, "Output folder (diffusers, lora) or .safetensors file (bfl).")
+    flags.DEFINE_string("out", None, "Output folder (diffusers, lora) or .safetensors file (bfl; the suffix is "
+                        "appended when missing).")
     flags.DEFINE_enum("format", "diffusers", FORMATS, "What to write.")
     flags.mark_flags_as_required(["workdir", "out"])
     app.run(_main, flags_parser=cli.parse_flags)

@@ -1,6 +1,6 @@
 """Pictures of a run: base vs policy samples from the same noises, and the eval curves.
 
-    WORKDIR/samples.png   one column pair per prompt: base (top) | policy (bottom), same noise, reward in titles
+    WORKDIR/samples.png   the first eval images: base (top) | policy (bottom), same noise, each titled with its reward
     WORKDIR/curves.png    eval reward and win rate vs the base, and fidelity (lower = closer to the data), per step
 """
 
@@ -16,8 +16,10 @@ from etils import epath  # noqa: E402
 from pnapo_jax import metrics  # noqa: E402
 
 
-def sample_grid(base_BxHxWx3: np.ndarray, policy_BxHxWx3: np.ndarray, prompts: list[str], base_rewards: np.ndarray,
-                policy_rewards: np.ndarray, path: epath.Path, title: str, max_images: int = 12) -> None:
+def grid_figure(base_BxHxWx3: np.ndarray, policy_BxHxWx3: np.ndarray, prompts: list[str], base_rewards: np.ndarray,
+                policy_rewards: np.ndarray, title: str, max_images: int = 12) -> plt.Figure:
+    """The first `max_images` eval images, base over policy, each titled with its reward; the title says how
+    many of the eval images are shown."""
     n = min(len(prompts), max_images)
     fig, axes = plt.subplots(2, n, figsize=(1.6 * n, 3.9), squeeze=False)
     for i in range(n):
@@ -27,10 +29,16 @@ def sample_grid(base_BxHxWx3: np.ndarray, policy_BxHxWx3: np.ndarray, prompts: l
             ax.imshow(np.clip(images[i], 0, 1), interpolation="nearest")
             ax.set_xticks([])
             ax.set_yticks([])
-            ax.set_title(f"{who} {rewards[i]:.2f}", fontsize=7)
+            ax.set_title(f"{who} reward {rewards[i]:.2f}", fontsize=6)
         axes[1, i].set_xlabel(prompts[i], fontsize=6, wrap=True)
-    fig.suptitle(title, fontsize=9)
+    fig.suptitle(f"{title}; the first {n} of {len(prompts)} eval images, titled with their reward", fontsize=9)
     fig.tight_layout()
+    return fig
+
+
+def sample_grid(base_BxHxWx3: np.ndarray, policy_BxHxWx3: np.ndarray, prompts: list[str], base_rewards: np.ndarray,
+                policy_rewards: np.ndarray, path: epath.Path, title: str, max_images: int = 12) -> None:
+    fig = grid_figure(base_BxHxWx3, policy_BxHxWx3, prompts, base_rewards, policy_rewards, title, max_images)
     fig.savefig(path, dpi=110)
     plt.close(fig)
 

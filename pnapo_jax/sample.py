@@ -2,10 +2,16 @@
 
     python -m pnapo_jax.sample --pipeline=DIR --prompt="a red fox" --out=fox.png
     python -m pnapo_jax.sample --pipeline=DIR --prompts=prompts.txt --out=OUT_DIR [--workdir=RUN [--step=N]]
+    python -m pnapo_jax.sample --prompt="a red circle" --out=circle.png [--workdir=DEMO_RUN]   # the demo world
 
 DIR holds transformer/, vae/, text_encoder/, text_encoder_2/, tokenizer/, tokenizer_2/ and scheduler/. With
 --workdir the policy of a training checkpoint (default: the latest) replaces the folder's transformer: its
 params, or for a LoRA run the base the run was trained from with its adapters.
+
+The embedded demo world (pnapo_jax.world) has no pipeline folder: its text encoder is a fixed table and its
+latents are the 32x32 pixels (x 2 - 1), so a bare transformer folder (default: the shipped base,
+pnapo_jax/assets/demo_base) or a demo run's workdir samples with those, on FLUX's default schedule (or the
+run's generate.shift_mu); images are 32x32 unless --height/--width say otherwise.
 
 Given the same initial noise (FluxPipeline's `latents=`), this computes what diffusers' FluxPipeline computes:
 the prompt encoding, the Euler schedule of the folder's scheduler config, VAE decoding and its postprocessing
@@ -18,6 +24,7 @@ gives the noise explicitly, [N, C, H/f, W/f] or packed [N, I, 4C], e.g. to match
 """
 
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -31,6 +38,7 @@ import numpy as np
 from PIL import Image
 
 from pnapo_jax import convert, flow, text
+from pnapo_jax.errors import UserError
 from pnapo_jax.models import flux, vae
 from pnapo_jax.models.vae_loading import load_vae
 
@@ -44,13 +52,14 @@ _UNSUPPORTED_SCHEDULER = ("shift_terminal", "use_karras_sigmas", "use_exponentia
 class Pipeline:
     """Everything sampling needs, loaded once: text encoders, transformer, VAE and the scheduler's config."""
 
-    encoders: text.TextEncoders
+    encoders: text.TextEncoders | None  # None: the demo world's fixed text table
     transformer: flux.FluxConfig
     variables: dict[str, Any]  # {"params": ...}, plus "lora" for a LoRA policy
-    vae: vae.VAEConfig
+    vae: vae.VAEConfig | None  # None: the latents are the pixels (the demo world)
     vae_params: Any
     scheduler: dict[str, Any]  # scheduler/scheduler_config.json
     apply_fn: Callable[..., jax.Array]  # one object for the pipeline's life: euler_sample recompiles for a new one
+    size: int = 1024  # default image height and width in pixels
 
 
 def checkpoint_policy(workdir: str, step: int | None = None) -> tuple[flux.FluxConfig, dict[str, Any]]:
@@ -82,6 +91,8 @@ def load_pipeline(path: str | os.PathLike, workdir: str | None = None, step: int
     """
     if step is not None and workdir is None:
         raise ValueError("a checkpoint step needs the training workdir it belongs to")
+    if path is None or not (pathlib.Path(path) / "text_encoder").is_dir():
+        return load_demo_pipeline(path, workdir, step, dtype)
     path = pathlib.Path(path)
     if workdir is None:
         cfg, params = convert.load_diffusers_transformer(path, dtype)
@@ -94,7 +105,62 @@ def load_pipeline(path: str | os.PathLike, workdir: str | None = None, step: int
     vae_cfg, vae_params = load_vae(path, dtype)
     _check_fits(cfg, encoders, vae_cfg)
     scheduler = json.loads((path / SCHEDULER_CONFIG).read_text())
-    return Pipeline(encoders, cfg, variables, vae_cfg, vae_params, scheduler, flux.FluxTransformer(cfg).apply)
+    return Pipeline(encoders, cfg, variables, vae_cfg, vae_params, scheduler,
+                    pipeline_apply(flux.FluxTransformer(cfg).apply, scheduler))
+
+
+def load_demo_pipeline(path: str | os.PathLike | None = None, workdir: str | None = None, step: int | None = None,
+                       dtype: str = "float32") -> Pipeline:
+    """The demo world's sampling: a bare transformer folder (default: the shipped base), or with `workdir` a
+    demo run's checkpoint policy, with the world's text table and pixel latents."""
+    from pnapo_jax.world import base, latents
+    from pnapo_jax.world import text as world_text
+
+    if workdir is None:
+        folder = base.DEFAULT_BASE if path is None else pathlib.Path(path)
+        if not (folder / "config.json").exists():
+            raise UserError(f"--pipeline={folder}: neither a FLUX pipeline folder (no text_encoder/) nor a "
+                             "transformer folder (no config.json)")
+        cfg, params = convert.load_diffusers_transformer(folder, dtype)
+        variables, mu, where = {"params": params}, None, f"--pipeline={folder}"
+    else:
+        from pnapo_jax import export
+
+        cfg, variables = checkpoint_policy(workdir, step)
+        variables = jax.tree.map(lambda x: x.astype(dtype), variables)
+        mu, where = export.load_config(workdir).generate.shift_mu, f"--workdir={workdir}"
+    expected = {"in_channels": latents.IN_CHANNELS, "joint_attention_dim": world_text.TEXT_DIM,
+                "pooled_projection_dim": world_text.POOLED_DIM}
+    wrong = {k: getattr(cfg, k) for k, v in expected.items() if getattr(cfg, k) != v}
+    if wrong:
+        raise UserError(f"{where}: not the demo world's transformer ({wrong}, the world needs {expected}); "
+                         "a FLUX model samples from its pipeline folder (--pipeline=DIR with text_encoder/ and vae/)")
+    cfg = dataclasses.replace(cfg, dtype=dtype, param_dtype=dtype)
+    # FLUX's default scheduler (the resolution shift generate and the sampling eval use), or the run's fixed mu.
+    scheduler = {"use_dynamic_shifting": True} if mu is None else {"shift": math.exp(mu)}
+    return Pipeline(None, cfg, variables, None, None, scheduler, flux.apply_fn(cfg),
+                    size=latents.LATENT_H_TOKENS * latents.PATCH_PIXELS)
+
+
+def _encode(pipeline: Pipeline, prompts: Sequence[str], max_sequence_length: int) -> tuple[jax.Array, jax.Array]:
+    """(prompt embeds [B, T, D], pooled [B, P]); the demo world's table has its own fixed T."""
+    if pipeline.encoders is None:
+        from pnapo_jax.world import text as world_text
+
+        return world_text.encode_prompts(prompts)
+    return text.encode_prompts(prompts, pipeline.encoders, max_sequence_length=max_sequence_length)
+
+
+def pipeline_apply(apply: Callable[..., jax.Array], scheduler: dict[str, Any]) -> Callable[..., jax.Array]:
+    """The transformer as FluxPipeline calls it: with timestep = sigma * num_train_timesteps / 1000 (the
+    scheduler's timesteps are sigma * N, the pipeline divides by 1000), which is sigma for FLUX's N = 1000."""
+    scale = scheduler.get("num_train_timesteps", 1000) / 1000
+    return apply if scale == 1 else functools.partial(_timestep_scaled, apply, scale)
+
+
+def _timestep_scaled(apply: Callable[..., jax.Array], scale: float, variables: Any, *, timestep: jax.Array,
+                     **inputs: Any) -> jax.Array:
+    return apply(variables, timestep=timestep * scale, **inputs)
 
 
 def schedule_mu(scheduler: dict[str, Any], image_seq_len: int) -> float:
@@ -140,19 +206,21 @@ def _negatives(negative_prompt: str | Sequence[str] | None, n: int) -> list[str]
 
 
 def iter_images(pipeline: Pipeline, prompts: str | Sequence[str], noise: np.ndarray | None = None, *,
-                height: int = 1024, width: int = 1024, num_steps: int = 28, guidance_scale: float = 3.5,
+                height: int | None = None, width: int | None = None, num_steps: int = 28, guidance_scale: float = 3.5,
                 true_cfg_scale: float = 1.0, negative_prompt: str | Sequence[str] | None = None, seed: int = 0,
                 max_sequence_length: int = 512, batch_size: int | None = None) -> Iterator[np.ndarray]:
     """Images [b, H, W, 3] in [0, 1] for `prompts`, `batch_size` at a time (default: all at once).
 
     `noise`: the initial noises of all prompts (see the module docstring), default `initial_noise(seed, ...)`.
     `true_cfg_scale` > 1 needs `negative_prompt` (one for all, or one per prompt; "" is the empty prompt).
+    `height` and `width` default to the pipeline's size (1024 for FLUX, 32 for the demo world).
     """
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     negatives = _negatives(negative_prompt, len(prompts))
     if true_cfg_scale > 1 and negatives is None:
         raise ValueError("true_cfg_scale > 1 needs a negative prompt (\"\" for the empty one)")
-    f = pipeline.vae.downsample_factor
+    height, width = height or pipeline.size, width or pipeline.size
+    f = 1 if pipeline.vae is None else pipeline.vae.downsample_factor
     if height % (2 * f) or width % (2 * f):
         raise ValueError(f"height and width must be multiples of {2 * f}, got {height} x {width}")
     shape_CxHxW = (pipeline.transformer.in_channels // 4, height // f, width // f)
@@ -164,13 +232,14 @@ def iter_images(pipeline: Pipeline, prompts: str | Sequence[str], noise: np.ndar
         stop = min(start + step, len(prompts))
         x1 = tokens[start:stop] if tokens is not None else flow.pack_latents(
             initial_noise(seed, range(start, stop), shape_CxHxW))
-        embeds, pooled = text.encode_prompts(prompts[start:stop], pipeline.encoders,
-                                             max_sequence_length=max_sequence_length)
-        negative = (None, None) if true_cfg_scale <= 1 else text.encode_prompts(
-            negatives[start:stop], pipeline.encoders, max_sequence_length=max_sequence_length)
+        embeds, pooled = _encode(pipeline, prompts[start:stop], max_sequence_length)
+        negative = (None, None) if true_cfg_scale <= 1 else _encode(pipeline, negatives[start:stop],
+                                                                     max_sequence_length)
         x0 = flow.euler_sample(pipeline.apply_fn, pipeline.variables, x1, embeds, pooled, num_steps, guidance_scale,
-                               img_ids, flow.txt_ids(max_sequence_length), true_cfg_scale, *negative, mu=mu)
-        images = vae.decode(pipeline.vae_params, pipeline.vae, flow.unpack_latents(x0, *shape_CxHxW[1:]))
+                               img_ids, flow.txt_ids(embeds.shape[1]), true_cfg_scale, *negative, mu=mu)
+        images = flow.unpack_latents(x0, *shape_CxHxW[1:])  # the demo world's latents are its pixels
+        if pipeline.vae is not None:
+            images = vae.decode(pipeline.vae_params, pipeline.vae, images)
         yield np.asarray(jnp.clip(images / 2 + 0.5, 0, 1).transpose(0, 2, 3, 1))
 
 
@@ -193,15 +262,17 @@ if __name__ == "__main__":
 
     from pnapo_jax import cli, generate
 
-    _PIPELINE = flags.DEFINE_string("pipeline", None, "Local diffusers FLUX pipeline folder.")
+    _PIPELINE = flags.DEFINE_string("pipeline", None, "Local diffusers FLUX pipeline folder; or a bare transformer "
+                                    "folder of the demo world (default: the shipped demo base).")
     _PROMPT = flags.DEFINE_string("prompt", None, "One prompt; --out is then the PNG file.")
     _PROMPTS = flags.DEFINE_string("prompts", None, "Text file, one prompt a line; --out is then a folder "
                                    "receiving 00000.png, 00001.png, ... (the 0-based line number).")
     _OUT = flags.DEFINE_string("out", None, "PNG file (--prompt) or folder (--prompts).")
     _WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir whose policy replaces the transformer.")
     _STEP = flags.DEFINE_integer("step", None, "Checkpoint step of --workdir (default: the latest).")
-    _HEIGHT = flags.DEFINE_integer("height", 1024, "Image height in pixels (a multiple of 16 for FLUX).")
-    _WIDTH = flags.DEFINE_integer("width", 1024, "Image width in pixels (a multiple of 16 for FLUX).")
+    _HEIGHT = flags.DEFINE_integer("height", None, "Image height in pixels (a multiple of 16 for FLUX); default "
+                                   "1024 for FLUX, 32 for the demo world.")
+    _WIDTH = flags.DEFINE_integer("width", None, "Image width in pixels; default as --height.")
     _NUM_STEPS = flags.DEFINE_integer("num_steps", 28, "Euler steps.")
     _GUIDANCE = flags.DEFINE_float("guidance_scale", 3.5, "Guidance input of guidance-distilled models.")
     _TRUE_CFG = flags.DEFINE_float("true_cfg_scale", 1.0, "Classifier-free guidance scale (> 1 needs "
@@ -212,7 +283,7 @@ if __name__ == "__main__":
     _MAX_SEQ = flags.DEFINE_integer("max_sequence_length", 512, "T5 tokens.")
     _BATCH = flags.DEFINE_integer("batch_size", 1, "Images sampled together.")
     _DTYPE = flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float32"], "Params and compute dtype.")
-    flags.mark_flags_as_required(["pipeline", "out"])
+    flags.mark_flags_as_required(["out"])
     flags.mark_flags_as_mutual_exclusive(["prompt", "prompts"], required=True)
 
     def _sample() -> None:
@@ -239,7 +310,7 @@ if __name__ == "__main__":
         cli.quiet_logs()
         try:
             _sample()
-        except (FileNotFoundError, ValueError) as e:
+        except (FileNotFoundError, ValueError, UserError) as e:
             sys.exit(f"error: {e}")
 
     app.run(_main, flags_parser=cli.parse_flags)

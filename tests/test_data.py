@@ -21,6 +21,7 @@ from pnapo_jax.data.pipeline import LoaderConfig, global_batch, iterator_state, 
 from pnapo_jax.data.schema import RecordError, SextupleSpec, check_noise_mode, validate_record
 from pnapo_jax.data.source import ArrayRecordSource, open_source
 from pnapo_jax.data.synthetic import synthetic_pairs
+from pnapo_jax.errors import UserError
 
 DIMS = dict(image_tokens=16, channels=8, text_len=4, text_dim=6, pooled_dim=5)
 NUM = 12
@@ -154,20 +155,31 @@ def test_spec_checks_height_width_and_unexpected_noise(synthetic):
 # --- validation on read ---
 
 
-def _rewrite_shard(path, edits):
-    """Rewrites the dataset's one shard with tf.Example edits {index: fn(feature_map)} (a corrupt writer)."""
+def _rewrite_raw(path, edits):
+    """Rewrites the dataset's one shard with raw record edits {index: fn(bytes) -> bytes} (a corrupt writer)."""
     (shard,) = glob.glob(os.path.join(path, "*.array_record-*"))
     reader = array_record_module.ArrayRecordReader(shard)
     raws = reader.read_all()
     reader.close()
-    writer = array_record_module.ArrayRecordWriter(shard, "group_size:1")
+    writer = array_record_module.ArrayRecordWriter(shard, "group_size:1,uncompressed")  # bytes findable
     for index, raw in enumerate(raws):
-        example = tf_example_pb2.Example.FromString(raw)
-        if index in edits:
-            edits[index](example.features.feature)
-        writer.write(example.SerializeToString())
+        writer.write(edits[index](raw) if index in edits else raw)
     writer.close()
     return shard
+
+
+def _rewrite_shard(path, edits):
+    """Rewrites the dataset's one shard with tf.Example edits {index: fn(feature_map)}."""
+
+    def edit_example(edit):
+        def edit_raw(raw):
+            example = tf_example_pb2.Example.FromString(raw)
+            edit(example.features.feature)
+            return example.SerializeToString()
+
+        return edit_raw
+
+    return _rewrite_raw(path, {index: edit_example(edit) for index, edit in edits.items()})
 
 
 def _nan_into(name):
@@ -228,6 +240,176 @@ def test_workers_match_in_process_reads_and_skip_counts(synthetic, corrupt_datas
         workers.close()
 
 
+def _bad_utf8_prompt(raw):
+    example = tf_example_pb2.Example.FromString(raw)
+    example.features.feature["prompt"].bytes_list.value[0] = b"a \xff\xfe prompt"
+    return example.SerializeToString()
+
+
+BYTE_BREAKAGES = {  # record index: (edit of its stored bytes, words of the error)
+    2: (lambda raw: b"\xff\xfenot a protobuf" * 3, "record 2: 48 bytes that are not a tf.Example protobuf"),
+    5: (_bad_utf8_prompt, "record 5: field 'prompt': invalid UTF-8 at byte 2"),
+}
+
+
+def test_bad_bytes_name_file_and_record_and_are_skippable(synthetic, tmp_path):
+    path = write_dataset(synthetic.records, synthetic.spec, str(tmp_path)).path
+    shard = _rewrite_raw(path, {index: edit for index, (edit, _) in BYTE_BREAKAGES.items()})
+    data = bytearray(open(shard, "rb").read())  # and a corrupt chunk: record 8's bytes flipped in place
+    at = data.index(synthetic.records[8]["x0_w"].tobytes())
+    data[at : at + 16] = bytes(b ^ 0x55 for b in data[at : at + 16])
+    open(shard, "wb").write(bytes(data))
+    source = ArrayRecordSource(path)
+    problems = {index: problem for index, (_, problem) in BYTE_BREAKAGES.items()} | {8: "record 8: unreadable"}
+    for index, problem in problems.items():
+        with pytest.raises(RecordError) as error:
+            source[index]
+        assert str(error.value).startswith(f"{shard}: {problem}"), (str(error.value), shard)
+        assert "\n" not in str(error.value)
+    loader = _loader(source, num_epochs=1, on_bad_record="skip", global_batch_size=1)
+    rows = _rows(loader)
+    assert loader.skipped == len(problems)
+    assert sorted(_index_of(synthetic)[row] for row in rows) == sorted(set(range(NUM)) - set(problems))
+
+
+def _truncate(size):
+    def cut(path):
+        (shard,) = glob.glob(os.path.join(path, "*.array_record-*"))
+        os.truncate(shard, size(os.path.getsize(shard)))
+        return shard
+
+    return cut
+
+
+def _replace(name, text):
+    def replace(path):
+        with open(os.path.join(path, name), "w") as f:
+            f.write(text)
+        return os.path.join(path, name)
+
+    return replace
+
+
+def _no_shards(path):
+    info = json.loads(open(os.path.join(path, "dataset_info.json")).read())
+    info["splits"][0]["shardLengths"] = []
+    _replace("dataset_info.json", json.dumps(info))(path)
+    return path
+
+
+def _remove_shard(path):
+    (shard,) = glob.glob(os.path.join(path, "*.array_record-*"))
+    os.remove(shard)
+    return shard
+
+
+FEATURES_DICT = "tensorflow_datasets.core.features.features_dict.FeaturesDict"
+FILE_BREAKAGES = {  # kind: (break the dataset at path -> the file to name, words of the error)
+    "truncated": (_truncate(lambda size: size // 2), "unreadable array_record file, truncated or corrupt"),
+    "truncated_small": (_truncate(lambda size: 10), "unreadable array_record file, truncated or corrupt"),
+    "empty_file": (_truncate(lambda size: 0), "unreadable array_record file, truncated or corrupt"),
+    "missing_shard": (_remove_shard, "missing (dataset_info.json declares it, with 12 records)"),
+    "zero_records": (_no_shards, "the dataset holds no records"),
+    "info_not_json": (_replace("dataset_info.json", "{not json"), "unreadable"),
+    "features_not_json": (_replace("features.json", "{not json"), "not JSON"),
+    "foreign_feature": (
+        _replace("features.json", json.dumps({"featuresDict": {"features": {"prompt": {
+            "pythonClassName": "email.mime.text.MIMEText"}}}, "pythonClassName": FEATURES_DICT})),
+        "feature class 'email.mime.text.MIMEText' refused",
+    ),
+    "features_not_a_dict": (
+        _replace("features.json", json.dumps({"pythonClassName": FEATURES_DICT.replace("features_dict", "x")})),
+        "the top level is not a features dict",
+    ),
+}
+
+
+@pytest.mark.parametrize("kind", list(FILE_BREAKAGES))
+def test_unreadable_dataset_files_are_one_line_naming_the_file(synthetic, tmp_path, kind):
+    path = write_dataset(synthetic.records, synthetic.spec, str(tmp_path)).path
+    breaks, problem = FILE_BREAKAGES[kind]
+    file = breaks(path)
+    with pytest.raises(UserError) as error:
+        ArrayRecordSource(path)
+    assert str(error.value).startswith(f"{file}: ") and problem in str(error.value)
+    assert "\n" not in str(error.value)
+
+
+def test_features_file_cannot_import_a_module(synthetic, tmp_path, monkeypatch):
+    """TFDS imports the module a features.json class names: a crafted dataset must not run any code."""
+    path = write_dataset(synthetic.records, synthetic.spec, str(tmp_path / "data")).path
+    (tmp_path / "planted_by_dataset.py").write_text("import os\nos.environ['PLANTED_MODULE_RAN'] = '1'\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delenv("PLANTED_MODULE_RAN", raising=False)
+    features = json.loads(open(os.path.join(path, "features.json")).read())
+    features["featuresDict"]["features"]["prompt"]["pythonClassName"] = "planted_by_dataset.Text"
+    _replace("features.json", json.dumps(features))(path)
+    with pytest.raises(UserError, match="feature class 'planted_by_dataset.Text' refused"):
+        ArrayRecordSource(path)
+    assert "planted_by_dataset" not in sys.modules and "PLANTED_MODULE_RAN" not in os.environ
+
+
+def test_data_dir_instead_of_version_dir_names_the_version_dir(dataset, tmp_path):
+    version_dir = dataset.path
+    data_dir = os.path.dirname(os.path.dirname(version_dir))
+    for wrong in (data_dir, os.path.dirname(version_dir)):
+        with pytest.raises(UserError, match=f"^{wrong}: not a dataset version directory .*; use {version_dir}$"):
+            open_source("array_record", wrong, SextupleSpec(**DIMS))
+    with pytest.raises(UserError, match=f"^{tmp_path}/nowhere: no such dataset directory$"):
+        ArrayRecordSource(str(tmp_path / "nowhere"))
+    with pytest.raises(UserError, match=f"^{tmp_path}: not a dataset"):
+        ArrayRecordSource(str(tmp_path))
+
+
+def test_zero_records_is_refused_before_anything_is_written(synthetic, tmp_path):
+    with pytest.raises(UserError, match=r"pnapo_pairs/1.0.0: no records to write$"):
+        write_dataset([], synthetic.spec, str(tmp_path / "none"))
+    bad = [_broken(record, "nan") for record in synthetic.records[:3]]
+    with pytest.raises(UserError, match=r"no records to write \(3 bad records skipped\)"):
+        write_dataset(bad, synthetic.spec, str(tmp_path / "all_bad"), on_bad_record="skip")
+    assert not glob.glob(str(tmp_path / "*" / "pnapo_pairs" / "1.0.0"))
+
+
+def test_write_leaves_no_temporary_directories(synthetic, tmp_path, monkeypatch):
+    monkeypatch.setattr("tempfile.tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    write_dataset(synthetic.records, synthetic.spec, str(tmp_path / "data"))
+    assert os.listdir(tmp_path / "tmp") == []
+
+
+def test_every_record_bad_stops_instead_of_spinning(synthetic, tmp_path):
+    records = list(synthetic.records)
+    path = write_dataset(records, synthetic.spec, str(tmp_path)).path
+    _rewrite_shard(path, {index: _nan_into("x0_w") for index in range(NUM)})
+    loader = _loader(ArrayRecordSource(path), num_epochs=3, on_bad_record="skip", global_batch_size=2)
+    with pytest.raises(UserError, match=rf"all {NUM} records in a row were bad, the last: .*record \d+: field 'x0_w'"):
+        next(loader)
+
+
+def test_skipped_count_survives_a_resume(synthetic, corrupt_dataset, tmp_path):
+    ocp = pytest.importorskip("orbax.checkpoint")
+    source = ArrayRecordSource(corrupt_dataset[0])
+    cfg = dict(num_epochs=2, on_bad_record="skip", global_batch_size=2)
+    loader = _loader(source, **cfg)
+    head = _rows(next(loader) for _ in range(4))
+    assert loader.skipped > 0
+    resumed = _loader(source, **cfg)
+    restore_iterator(resumed, iterator_state(loader))
+    assert resumed.skipped == loader.skipped
+    with ocp.CheckpointManager(tmp_path) as manager:  # as the train checkpoint stores it
+        manager.save(4, args=ocp.args.Composite(data=grain.checkpoint.CheckpointSave(loader.iterator)))
+        manager.wait_until_finished()
+        restored = _loader(source, **cfg)
+        manager.restore(4, args=ocp.args.Composite(data=grain.checkpoint.CheckpointRestore(restored.iterator)))
+    assert restored.skipped == loader.skipped
+    rest = _rows(resumed)
+    assert head + rest == _rows(_loader(source, **cfg))
+    assert resumed.skipped == 2 * len(READ_BREAKAGES)
+    legacy = _loader(source, **cfg)  # a state saved before it carried the count still restores the position
+    restore_iterator(legacy, json.dumps(json.loads(iterator_state(loader))["batches"]).encode())
+    assert _rows(legacy) == rest and legacy.skipped == resumed.skipped - loader.skipped
+
+
 def test_dataset_spec_disagreeing_with_model_is_refused(dataset):
     wrong = SextupleSpec(**(DIMS | {"channels": 64}))
     with pytest.raises(RecordError, match="all records: field 'channels': the dataset declares 8"):
@@ -242,7 +424,7 @@ def test_recorded_mode_refused_without_noises_points_to_independent(tmp_path):
     noiseless = synthetic_pairs(4, **DIMS, seed=1, with_noise=False)
     source = ArrayRecordSource(write_dataset(noiseless.records, noiseless.spec, str(tmp_path)).path)
     assert not source.spec.has_noise
-    with pytest.raises(ValueError, match="noise_mode='independent'"):
+    with pytest.raises(UserError, match="noise_mode='independent'"):
         _loader(source, noise_mode="recorded")
     batch = next(_loader(source, noise_mode="independent"))
     assert set(batch) == set(BATCH_KEYS) - set(NOISE_KEYS)
@@ -364,7 +546,7 @@ def test_import_pairs_manifest(tmp_path, capsys):
         winner = 0 if rows[stored]["label_0"] == 1 else 1
         np.testing.assert_array_equal(record["x0_w"], np.load(tmp_path / rows[stored][f"latent_{winner}"]))
         np.testing.assert_array_equal(record["x0_l"], np.load(tmp_path / rows[stored][f"latent_{1 - winner}"]))
-    with pytest.raises(ValueError, match="noise_mode='independent'"):
+    with pytest.raises(UserError, match="noise_mode='independent'"):
         _loader(source, noise_mode="recorded")
 
 
@@ -372,3 +554,31 @@ def test_import_cli_help_mentions_vae(capsys):
     with pytest.raises(SystemExit):
         import_pairs.main(["--help"])
     assert "VAE" in capsys.readouterr().out
+
+
+def test_import_bad_rows_name_manifest_row_and_field_and_are_skippable(tmp_path):
+    rng = np.random.default_rng(1)
+    arrays = {"latent_0": (16, 8), "latent_1": (16, 8), "prompt_embeds": (4, 6), "pooled_prompt_embeds": (5,)}
+    for name, shape in arrays.items():
+        np.save(tmp_path / f"{name}.npy", rng.standard_normal(shape).astype(np.float32))
+    good = json.dumps({"caption": "fine", "label_0": 1, **{name: f"{name}.npy" for name in arrays}})
+    bad_rows = {  # row: (manifest line, words of the error)
+        1: ('{"caption": "torn', "record 1: not a JSON line"),
+        2: ("[1, 2]", "record 2: expected a JSON object, got list"),
+        3: (good.replace('"caption": "fine", ', ""), "record 3: field 'caption': expected the prompt text"),
+        4: (good.replace('"latent_0.npy"', "7"), "record 4: field 'latent_0': expected a file path (a string), got 7"),
+        5: (good.replace('"latent_1.npy"', '"gone.npy"'), "record 5: field 'latent_1': cannot load"),
+    }
+    lines = [good] + [bad_rows[row][0] for row in sorted(bad_rows)] + [good]
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_bytes(("\n".join(lines) + "\n").encode() + b'{"caption": "\xff"}\n')
+    for row, (line, problem) in bad_rows.items():
+        single = tmp_path / f"row{row}.jsonl"
+        single.write_text("\n".join([good] * row + [line]) + "\n")
+        with pytest.raises(RecordError) as error:
+            import_pairs.import_manifest(str(single), str(tmp_path / f"out{row}"), 64, 64)
+        assert str(error.value).startswith(f"{single}: {problem}") and "\n" not in str(error.value)
+    report = import_pairs.import_manifest(str(manifest), str(tmp_path / "out"), 64, 64, on_bad_record="skip")
+    assert (report.written, report.skipped) == (2, len(bad_rows) + 1)  # the last line is invalid UTF-8
+    with pytest.raises(UserError, match=f"^{tmp_path}/none.jsonl: cannot read the manifest"):
+        import_pairs.import_manifest(str(tmp_path / "none.jsonl"), str(tmp_path / "x"), 64, 64)

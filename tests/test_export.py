@@ -5,6 +5,7 @@ One test per training run, so that pytest-xdist never trains the same run on two
 
 import dataclasses
 import os
+import stat
 import subprocess
 import sys
 
@@ -60,12 +61,19 @@ def test_full_finetune_to_diffusers_and_bfl(tmp_path):
     inputs, ours = _forward(setup, {"params": _checkpoint_params(setup, run)})
     _assert_close(torch_forward(FluxTransformer2DModel.from_pretrained(tmp_path / "diffusers"), inputs), ours)
 
-    # The CLI, on 2 devices: BFL at an earlier step, bit-exact; a missing step fails naming the available ones.
+    # The CLI, on 2 devices: BFL at an earlier step, bit-exact, named .safetensors though --out lacks it;
+    # a missing step fails naming the available ones.
     cmd = [sys.executable, "-m", "pnapo_jax.export", f"--workdir={run}"]
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
     bfl = tmp_path / "flux.safetensors"
-    ok = subprocess.run([*cmd, f"--out={bfl}", "--format=bfl", "--step=1"], capture_output=True, text=True, env=env)
+    ok = subprocess.run([*cmd, f"--out={tmp_path / 'flux'}", "--format=bfl", "--step=1"], capture_output=True,
+                        text=True, env=env)
     assert ok.returncode == 0, ok.stderr[-2000:]
+    assert bfl.exists() and not (tmp_path / "flux").exists() and str(bfl) in ok.stdout
+    umask = os.umask(0o022)
+    os.umask(umask)
+    for file in [bfl, *(tmp_path / "diffusers").iterdir()]:  # as any file the user writes, not 0600
+        assert stat.S_IMODE(file.stat().st_mode) == 0o666 & ~umask, file
     loaded = convert.load_bfl_transformer(bfl, setup.model_cfg)
     jax.tree.map(np.testing.assert_array_equal, jax.device_get(loaded), _checkpoint_params(setup, run, step=1))
     bad = subprocess.run([*cmd, f"--out={tmp_path / 'bad'}", "--step=7"], capture_output=True, text=True, env=env)

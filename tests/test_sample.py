@@ -20,7 +20,8 @@ from flux_testing import tiny_flux_pipeline
 from PIL import Image
 from test_flow import FLUX_SCHEDULER
 
-from pnapo_jax import export, sample, train
+from pnapo_jax import export, flow, sample, train
+from pnapo_jax.errors import UserError
 from pnapo_jax.models.flux import FluxConfig
 
 ROOT = epath.Path(__file__).parent.parent
@@ -166,3 +167,56 @@ def test_lora_checkpoint_matches_diffusers_with_the_exported_lora(pipeline, tmp_
     ref = _diffusers(tuned, noise)
     _assert_same_image(images, ref)
     assert np.abs(_diffusers(pipe, noise) - ref).max() > 10 * ATOL, "training changed nothing"
+
+
+def test_scheduler_num_train_timesteps_is_fed_as_diffusers_does(tmp_path):
+    """FluxPipeline gives the transformer timestep = sigma * num_train_timesteps / 1000, not sigma."""
+    pipe = tiny_flux_pipeline(FLUX_SCHEDULER | {"num_train_timesteps": 500})
+    pipe.set_progress_bar_config(disable=True)
+    pipe.save_pretrained(tmp_path)
+    noise = _noise()
+    ours_images = sample.sample_images(sample.load_pipeline(tmp_path), PROMPTS, noise, **OPTIONS)
+    _assert_same_image(ours_images, _diffusers(pipe, noise))
+
+
+DEMO_PROMPTS = ["a red triangle on the left", "a blue circle at the top"]
+
+
+def test_demo_base_samples_as_the_world_samples_it():
+    """The shipped demo base has no pipeline folder: the world's text table and pixel latents stand in, on the
+    schedule the world's own sampler (generate, the sampling eval) uses."""
+    from pnapo_jax.world import base, latents, reward
+
+    demo = sample.load_pipeline(None)
+    assert demo.size == 32
+    noise_NxIxC = np.asarray(flow.pack_latents(sample.initial_noise(3, range(2), (3, 32, 32))))
+    images = sample.sample_images(demo, DEMO_PROMPTS, seed=3, num_steps=6)
+    assert images.shape == (2, 32, 32, 3)
+    cfg, params = base.load_base()
+    world = latents.decode(np.asarray(base.sample_latents(cfg, params, DEMO_PROMPTS, noise_NxIxC, 6)))
+    np.testing.assert_allclose(images, world, atol=1e-5)
+    scores, noise_scores = (reward.reward(x, DEMO_PROMPTS) for x in (images, latents.decode(noise_NxIxC)))
+    assert (scores > noise_scores + 0.1).all(), (scores, noise_scores)  # the prompts' pictures, not noise
+
+
+@pytest.mark.slow
+def test_demo_run_workdir_samples_its_policy(tmp_path, pipeline):
+    """A demo run (here on synthetic pairs, one step) samples its checkpoint's policy with the world's parts;
+    a FLUX run without its pipeline folder is refused in one line."""
+    sys.path.insert(0, str(ROOT / "configs"))
+    import demo_cpu  # noqa: PLC0415
+
+    config = demo_cpu.get_config("fast")
+    config.data.source, config.train.num_steps, config.eval.sample_every = "synthetic", 1, 0
+    config.generate.shift_mu, config.optim.warmup_steps, config.optim.lr = 0.3, 0, 1e-3
+    train.train_and_evaluate(config, str(tmp_path / "run"), devices=jax.devices()[:1], show_progress=False)
+    policy = sample.load_pipeline(None, str(tmp_path / "run"))
+    assert policy.scheduler == {"shift": pytest.approx(np.exp(0.3))}  # the run's fixed shift
+    images = sample.sample_images(policy, DEMO_PROMPTS, seed=3, num_steps=6)
+    base_images = sample.sample_images(sample.load_pipeline(None), DEMO_PROMPTS, seed=3, num_steps=6,
+                                       height=32, width=32)
+    assert images.shape == base_images.shape == (2, 32, 32, 3)
+    assert 0 < np.abs(images - base_images).max()  # the policy, not the base
+    _train(pipeline[1], tmp_path / "flux_run", "")
+    with pytest.raises(UserError, match=r"^--workdir=.*flux_run: not the demo world's transformer .*--pipeline=DIR"):
+        sample.load_pipeline(None, str(tmp_path / "flux_run"))

@@ -97,3 +97,6 @@ def write_safetensors(tensors: dict[str, np.ndarray], file: str | os.PathLike) -
     pathlib.Path(file).parent.mkdir(parents=True, exist_ok=True)
     # "format": "pt" is what torch-side loaders (diffusers, transformers) expect in the header.
     safetensors.numpy.save_file(tensors, str(file), metadata={"format": "pt"})
+    umask = os.umask(0o022)  # read it back: safetensors writes 0600 (a temporary file renamed into place)
+    os.umask(umask)
+    os.chmod(file, 0o666 & ~umask)  # what open() would give: 0644 under the usual umask, readable by the team

@@ -10,14 +10,16 @@ error messages. Every record is validated before it is written.
 
 import contextlib
 import io
+import itertools
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any, NamedTuple
 
 import tensorflow_datasets as tfds
 
 from pnapo_jax.data.schema import BadRecords, RecordError, SextupleSpec, validate_record
 from pnapo_jax.data.tfds_format import features_of, spec_metadata
+from pnapo_jax.errors import UserError
 
 SPLIT = "train"
 
@@ -36,12 +38,13 @@ class SextupleBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     code_path = None
 
     def __init__(self, *, spec: SextupleSpec, records: Iterable[Mapping[str, Any]], on_bad_record: str, **kwargs):
-        self._spec, self._records, self.bad_records = spec, records, BadRecords(on_bad_record)
+        self._spec, self.bad_records = spec, BadRecords(on_bad_record)
         super().__init__(file_format="array_record", **kwargs)
         self.final_dir = os.fspath(self.data_dir)  # data_dir points at a temporary directory while writing
+        self.examples = self._valid(records)  # (index, record) of the valid records, read once by the write
 
     def _info(self) -> tfds.core.DatasetInfo:
-        return tfds.core.DatasetInfo(
+        return _LocalDatasetInfo(
             builder=self,
             description=__doc__,
             features=features_of(self._spec),
@@ -53,15 +56,32 @@ class SextupleBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         del dl_manager  # nothing to download: the records are given
         return {SPLIT: self._generate_examples()}
 
-    def _generate_examples(self):
-        names = features_of(self._spec).keys()
-        for index, record in enumerate(self._records):
+    def _valid(self, records: Iterable[Mapping[str, Any]]) -> Iterator[tuple[int, Mapping[str, Any]]]:
+        """(index, record) of the records that pass validation; the others raise or are skipped and counted."""
+        for index, record in enumerate(records):
             try:
                 validate_record(record, self._spec, self.final_dir, index)
             except RecordError as error:
                 self.bad_records.handle(error)
                 continue
+            yield index, record
+
+    def _generate_examples(self):
+        names = features_of(self._spec).keys()
+        for index, record in self.examples:
             yield index, {name: record[name] for name in names}
+
+
+class _LocalDatasetInfo(tfds.core.DatasetInfo):
+    """DatasetInfo that never looks for pre-computed info on GCS: TFDS's lookup makes an empty temporary
+    directory in /tmp on every write (and returns, GCS being disabled) that nothing removes."""
+
+    def initialize_from_bucket(self) -> None:
+        pass
+
+
+class DatasetExistsError(UserError, FileExistsError):
+    """The dataset directory a write would create exists: nothing written is ever overwritten."""
 
 
 class WriteReport(NamedTuple):
@@ -78,7 +98,12 @@ def write_dataset(
     """Validates and writes `records` (streamed, any number) under `data_dir`; refuses to touch an existing one."""
     builder = SextupleBuilder(spec=spec, records=records, on_bad_record=on_bad_record, data_dir=data_dir)
     if os.path.exists(builder.final_dir):
-        raise FileExistsError(f"{builder.final_dir} already holds a dataset; write to a new data_dir")
+        raise DatasetExistsError(f"{builder.final_dir} already holds a dataset; write to a new data_dir")
+    first = next(builder.examples, None)  # TFDS fails on an empty split with an assertion, after making dirs
+    if first is None:
+        skipped = f" ({builder.bad_records.skipped} bad records skipped)" if builder.bad_records.skipped else ""
+        raise UserError(f"{builder.final_dir}: no records to write{skipped}")
+    builder.examples = itertools.chain([first], builder.examples)
     tfds.disable_progress_bar()  # callers show their own progress; TFDS's bars would interleave with it
     with contextlib.redirect_stdout(io.StringIO()):  # TFDS prints "Downloading and preparing ..." per write
         builder.download_and_prepare()

@@ -18,7 +18,8 @@ Manifest: JSON lines, one pair per row; file paths are relative to the manifest'
   model_id               optional
 
 Preference labels carry no reward scale: winner 1, loser 0, gap 1. The dataset's array shapes come from the
-first non-tie row, which must load. Errors name the manifest and the row (0-based, blank lines not counted).
+first non-tie row that loads. Errors name the manifest and the row (0-based, blank lines not counted); a row
+that is not a JSON object, misses a field or names a file that does not load is a bad row (--on_bad_record).
 .npy files load with allow_pickle=False: nothing is unpickled.
 """
 
@@ -43,6 +44,7 @@ from pnapo_jax.data.schema import (
     SextupleSpec,
     validate_record,
 )
+from pnapo_jax.errors import UserError
 from pnapo_jax.models import vae as vae_model
 from pnapo_jax.models.vae_loading import load_vae
 
@@ -59,11 +61,18 @@ class ImportReport(NamedTuple):
     skipped: int  # bad rows dropped with on_bad_record="skip"
 
 
-def _load_array(row: dict[str, Any], field: str, base: str, manifest: str, index: int) -> np.ndarray:
-    """One .npy of a row, float32 where that is lossless; a missing or unreadable file is a RecordError."""
+def _file(row: dict[str, Any], field: str, base: str, manifest: str, index: int) -> str:
+    """The path a row's field names, relative to the manifest's directory."""
     if field not in row:
         raise RecordError(manifest, index, field, "missing")
-    path = os.path.join(base, row[field])
+    if not isinstance(row[field], str):
+        raise RecordError(manifest, index, field, f"expected a file path (a string), got {row[field]!r}")
+    return os.path.join(base, row[field])
+
+
+def _load_array(row: dict[str, Any], field: str, base: str, manifest: str, index: int) -> np.ndarray:
+    """One .npy of a row, float32 where that is lossless; a missing or unreadable file is a RecordError."""
+    path = _file(row, field, base, manifest, index)
     try:
         array = np.load(path, allow_pickle=False)
     except (OSError, ValueError) as error:
@@ -73,6 +82,32 @@ def _load_array(row: dict[str, Any], field: str, base: str, manifest: str, index
     return array.astype(np.float32) if np.can_cast(array.dtype, np.float32, "safe") else array
 
 
+def read_manifest(manifest: str) -> list[dict[str, Any] | RecordError]:
+    """The rows of a JSON-lines manifest, blank lines left out; a line that is not a JSON object is kept as
+    its RecordError, for the bad-row policy to raise or skip."""
+    try:
+        with open(manifest, "rb") as f:
+            lines = [line for line in f if line.strip()]
+    except OSError as error:
+        raise UserError(f"{manifest}: cannot read the manifest ({error.strerror})") from None
+    rows = []
+    for index, line in enumerate(lines):
+        try:
+            row = json.loads(line.decode("utf-8"))
+        except UnicodeDecodeError as error:
+            row = RecordError(manifest, index, None, f"invalid UTF-8 at byte {error.start} of the line")
+        except json.JSONDecodeError as error:
+            row = RecordError(manifest, index, None, f"not a JSON line ({error})")
+        if not isinstance(row, dict | RecordError):
+            row = RecordError(manifest, index, None, f"expected a JSON object, got {type(row).__name__}")
+        rows.append(row)
+    return rows
+
+
+def _label(row: dict[str, Any] | RecordError) -> Any:
+    return None if isinstance(row, RecordError) else row.get("label_0")
+
+
 class ImageEncoder:
     """Image files -> packed latents [I, C] with a diffusers VAE folder, compiled once for the dataset's size."""
 
@@ -80,7 +115,7 @@ class ImageEncoder:
         self.cfg, self.params = load_vae(vae_dir)
         self.patch_pixels = 2 * self.cfg.downsample_factor  # one packed token covers this many pixels a side
         if height % self.patch_pixels or width % self.patch_pixels:
-            raise ValueError(f"height and width must be multiples of {self.patch_pixels}, got {height}x{width}")
+            raise UserError(f"--height/--width must be multiples of {self.patch_pixels}, got {height}x{width}")
         self.size = (width, height)
 
     def __call__(self, path: str) -> np.ndarray:
@@ -103,7 +138,7 @@ def _load_latent(
         raise RecordError(
             manifest, index, field, f"missing; images need VAE encoding: pass --vae to encode {image_field}"
         )
-    path = os.path.join(base, row[image_field])
+    path = _file(row, image_field, base, manifest, index)
     try:
         return encode(path)
     except OSError as error:  # missing, unreadable or not an image
@@ -114,6 +149,9 @@ def _pair_record(
     row: dict[str, Any], base: str, manifest: str, index: int, height: int, width: int, encode: ImageEncoder | None
 ) -> dict:
     """A non-tie manifest row -> an unvalidated record without noises."""
+    caption = row.get("caption")
+    if not isinstance(caption, str):
+        raise RecordError(manifest, index, "caption", f"expected the prompt text (a string), got {caption!r}")
     label = row.get("label_0")
     if label not in (0, 1):
         raise RecordError(manifest, index, "label_0", f"{label!r} is not 0, 0.5 or 1")
@@ -150,15 +188,23 @@ def import_manifest(
     """Writes the pairs of a JSON-lines manifest under `data_dir` as a noise-free sextuple dataset; `vae` (a
     diffusers VAE folder, or a pipeline folder holding vae/) encodes the rows' image files."""
     base, bad_records = os.path.dirname(os.path.abspath(manifest)), BadRecords(on_bad_record)
+    rows = read_manifest(manifest)
     encode = None if vae is None else ImageEncoder(vae, height, width)
-    with open(manifest, encoding="utf-8") as f:
-        rows = [json.loads(line) for line in f if line.strip()]
-    pairs = ((index, row) for index, row in enumerate(rows) if row.get("label_0") != TIE)
-    first_index, first_row = next(pairs, (None, None))
-    if first_row is None:
-        raise ValueError(f"{manifest}: no non-tie pairs to import")
-    pair_record = lambda index, row: _pair_record(row, base, manifest, index, height, width, encode)
-    first = pair_record(first_index, first_row)
+    pairs = ((index, row) for index, row in enumerate(rows) if _label(row) != TIE)
+
+    def pair_record(index: int, row: dict[str, Any] | RecordError) -> dict:
+        if isinstance(row, RecordError):
+            raise row
+        return _pair_record(row, base, manifest, index, height, width, encode)
+
+    for first_index, first_row in pairs:  # the first pair that loads declares the shapes
+        try:
+            first = pair_record(first_index, first_row)
+            break
+        except RecordError as error:
+            bad_records.handle(error)
+    else:
+        raise UserError(f"{manifest}: no non-tie pairs to import ({bad_records.skipped} bad rows skipped)")
     spec = SextupleSpec(
         *first["x0_w"].shape,
         *first["prompt_embeds"].shape,
@@ -178,7 +224,7 @@ def import_manifest(
             yield record
 
     report = write_dataset(records(), spec, data_dir)
-    ties = sum(row.get("label_0") == TIE for row in rows)
+    ties = sum(_label(row) == TIE for row in rows)
     return ImportReport(report.path, report.written, ties, bad_records.skipped)
 
 

@@ -25,6 +25,7 @@ from absl import flags
 from pnapo_jax.data.batch import BATCH_KEYS, NOISE_KEYS
 from pnapo_jax.data.schema import BadRecords, RecordError, check_noise_mode
 from pnapo_jax.data.source import PairSource
+from pnapo_jax.errors import UserError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,21 +62,48 @@ class _ReadPair:
 
 
 class _BadRecordGate:
-    """Applies the bad-record policy to the RecordErrors the readers pass on, here so `skipped` is exact."""
+    """Applies the bad-record policy to the RecordErrors the readers pass on, here so `skipped` is exact; stops
+    when `num_records` bad records come in a row (every record is bad: skipping would never yield a batch)."""
 
-    def __init__(self, bad_records: BadRecords):
-        self.bad_records = bad_records
+    def __init__(self, bad_records: BadRecords, num_records: int):
+        self.bad_records, self.num_records, self.in_a_row = bad_records, num_records, 0
 
     def __call__(self, element: dict[str, np.ndarray] | RecordError) -> bool:
-        if isinstance(element, RecordError):
-            self.bad_records.handle(element)
-            return False
-        return True
+        if not isinstance(element, RecordError):
+            self.in_a_row = 0
+            return True
+        self.bad_records.handle(element)
+        self.in_a_row += 1
+        if self.in_a_row >= self.num_records:
+            raise UserError(f"all {self.num_records} records in a row were bad, the last: {element}")
+        return False
+
+
+class _CountedBatches(grain.DatasetIterator):
+    """The batch iterator with the bad-record count in its state, so a resumed run's `skipped` goes on counting."""
+
+    def __init__(self, parent: grain.DatasetIterator, bad_records: BadRecords):
+        super().__init__(parent)
+        self._bad_records = bad_records
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        return next(self._parent)
+
+    def get_state(self) -> dict:
+        return {"batches": self._parent.get_state(), "skipped_records": self._bad_records.skipped}
+
+    def set_state(self, state: dict) -> None:
+        if "batches" not in state:  # saved before the count was part of the state
+            self._parent.set_state(state)
+            return
+        self._parent.set_state(state["batches"])
+        self._bad_records.skipped = int(state["skipped_records"])
 
 
 @dataclasses.dataclass
 class Loader:
-    """Iterates host-local numpy batches {key: [B_host, ...]}; `skipped` counts dropped records since creation."""
+    """Iterates host-local numpy batches {key: [B_host, ...]}; `skipped` counts dropped records since the run's
+    first step (a restored iterator state carries the count)."""
 
     iterator: grain.DatasetIterator
     bad_records: BadRecords
@@ -123,9 +151,9 @@ def make_loader(
     bad_records = BadRecords(cfg.on_bad_record)
     shard = shard or grain.sharding.ShardByJaxProcess()
     if cfg.global_batch_size % shard.shard_count:
-        raise ValueError(f"global_batch_size={cfg.global_batch_size} does not split over {shard.shard_count} hosts")
+        raise UserError(f"global_batch_size={cfg.global_batch_size} does not split over {shard.shard_count} hosts")
     if not len(source):
-        raise ValueError("the record source is empty")
+        raise UserError("the record source is empty")
     order = grain.MapDataset.range(len(source)).shuffle(seed=cfg.seed).repeat(cfg.num_epochs)
     host_batch_size = cfg.global_batch_size // shard.shard_count
     host_records = max(len(order) // cfg.global_batch_size - first_step, 0) * host_batch_size
@@ -141,8 +169,8 @@ def make_loader(
         records = records.mp_prefetch(
             grain.MultiprocessingOptions(num_workers=cfg.worker_count, per_worker_buffer_size=cfg.worker_buffer_size)
         )
-    batches = records.filter(_BadRecordGate(bad_records)).batch(host_batch_size, drop_remainder=True)
-    return Loader(iter(batches), bad_records)
+    batches = records.filter(_BadRecordGate(bad_records, len(source))).batch(host_batch_size, drop_remainder=True)
+    return Loader(_CountedBatches(iter(batches), bad_records), bad_records)
 
 
 def global_batch(batch: Mapping[str, np.ndarray], sharding: jax.sharding.Sharding) -> dict[str, jax.Array]:

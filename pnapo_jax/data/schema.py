@@ -42,10 +42,11 @@ FLUX_PATCH_PIXELS = 16  # VAE downsample 8 x 2x2 packing: one FLUX image token c
 class RecordError(UserError, ValueError):
     """A record that breaks the dataset's spec; the message is one line: where, which record, which field, what."""
 
-    def __init__(self, path: str, index: int | None, field: str, problem: str):
+    def __init__(self, path: str, index: int | None, field: str | None, problem: str):
         self.path, self.index, self.field, self.problem = path, index, field, problem
         where = "all records" if index is None else f"record {index}"
-        super().__init__(f"{path}: {where}: field {field!r}: {problem}")
+        what = "" if field is None else f" field {field!r}:"  # None: the record as a whole (unreadable bytes)
+        super().__init__(f"{path}: {where}:{what} {problem}")
 
     def __reduce__(self):  # rebuilt from its parts when it crosses a grain worker boundary
         return RecordError, (self.path, self.index, self.field, self.problem)
@@ -80,9 +81,9 @@ class SextupleSpec:
 def check_noise_mode(spec: SextupleSpec, noise_mode: str) -> None:
     """Refuses a training noise mode the dataset cannot serve (recorded noise needs stored noises)."""
     if noise_mode not in NOISE_MODES:
-        raise ValueError(f"noise_mode={noise_mode!r}; expected one of {NOISE_MODES}")
+        raise UserError(f"noise_mode={noise_mode!r}; expected one of {NOISE_MODES}")
     if noise_mode == "recorded" and not spec.has_noise:
-        raise ValueError(
+        raise UserError(
             "noise_mode='recorded' needs the prior noises x1_w/x1_l, but this dataset was written without them "
             "(e.g. imported preference pairs); train it with noise_mode='independent' (the Diffusion-DPO baseline)."
         )
@@ -93,7 +94,7 @@ class BadRecords:
 
     def __init__(self, on_bad_record: str):
         if on_bad_record not in ON_BAD_RECORD:
-            raise ValueError(f"on_bad_record={on_bad_record!r}; expected one of {ON_BAD_RECORD}")
+            raise UserError(f"on_bad_record={on_bad_record!r}; expected one of {ON_BAD_RECORD}")
         self.on_bad_record, self.skipped = on_bad_record, 0
 
     def handle(self, error: RecordError) -> None:
