@@ -45,7 +45,7 @@ class Prompt:
         return (self.colour, self.shape) in HELD_OUT_PAIRS
 
     def split(self) -> str:
-        """"heldout", "train_val" or "train_fit": the finest split this prompt is in."""
+        """The finest split this prompt is in: heldout, train_val or train_fit."""
         if self.heldout:
             return "heldout"
         return "train_val" if (self.colour, self.shape) in VAL_PAIRS else "train_fit"
