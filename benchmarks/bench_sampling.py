@@ -21,6 +21,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from flux_testing import params_from_torch, random_inputs, torch_flux  # noqa: E402
+from machine import describe  # noqa: E402
 from test_flow import diffusers_euler  # noqa: E402
 
 from pnapo_jax import flow  # noqa: E402
@@ -62,6 +63,7 @@ def main(runs: int) -> None:
     print(f"FLUX-shaped transformer {n_params / 1e6:.1f}M params, {np.prod(LATENT_TOKENS_HW)} image + {TXT_LEN} "
           f"text tokens, batch 1, {STEPS} Euler steps, CPU fp32 ({jax.devices()[0].device_kind}, "
           f"torch threads {torch.get_num_threads()}, {os.cpu_count()} cores), {runs} interleaved runs")
+    print(f"machine: {describe()}")
     print("load average before / after (other processes skew CPU timings): "
           f"{load_before:.1f} / {os.getloadavg()[0]:.1f}")
     print(f"{'sampler':<24}{'median s':>10}{'ms/step':>10}{'min s':>10}{'max s':>10}")

@@ -41,6 +41,7 @@ import optax  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from diffusers import FluxTransformer2DModel  # noqa: E402
+from machine import describe  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
 from pnapo_jax import flow, train  # noqa: E402
@@ -414,10 +415,8 @@ def main(args: argparse.Namespace) -> None:
 
     print(f"PNAPO train step vs diffusers Diffusion-DPO step | FLUX-shaped {n_params / 1e6:.1f}M params "
           f"(2 double + 4 single blocks, 8 heads x 64) | {PAIRS} pairs = [{2 * PAIRS}] batch, "
-          f"{IMG_HW[0] * IMG_HW[1]} image + {TXT_LEN} text tokens | CPU fp32, {os.cpu_count()} cores | "
-          f"jax {jax.__version__}, torch {torch.__version__} | attention_impl={args.attention_impl}, "
-          f"dense_input_barrier={args.dense_input_barrier}, scan_layers={args.scan_layers}, "
-          f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}")
+          f"{IMG_HW[0] * IMG_HW[1]} image + {TXT_LEN} text tokens | CPU fp32 | attention_impl={args.attention_impl}, "
+          f"dense_input_barrier={args.dense_input_barrier}, scan_layers={args.scan_layers}\nmachine: {describe()}")
     err = check_same_errors(ours, theirs)
     print(f"per-example velocity errors of the two policies on the same inputs: max rel. diff {err:.1e}")
     if err > 1e-4:

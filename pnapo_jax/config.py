@@ -116,7 +116,8 @@ def defaults() -> ml_collections.ConfigDict:
     c.generate.min_gap = 0.0  # pairs with a smaller reward gap are not kept (ties never are)
     c.generate.prompts_per_batch = 8  # prompts sampled together (x K images)
     c.generate.prompts_per_chunk = 256  # prompts per resumable output chunk
-    c.generate.max_prompts = 0  # data.source=generate: use the world's first N train prompts (0: all)
+    c.generate.split = "train"  # data.source=generate: the world's prompt split to make pairs for
+    c.generate.max_prompts = 0  # data.source=generate: use the split's first N prompts (0: all)
     c.generate.seed = 0  # noise of image k of prompt p: normal(fold_in(PRNGKey(seed), p * K + k))
 
     # Evaluation by sampling (a world's prompts and reward; fidelity where it has one): policy vs base, fixed noises.

@@ -338,8 +338,8 @@ def _eval_batches(config: ml_collections.ConfigDict, setup: Setup) -> list[dict[
 
 
 def pairs_path(config: ml_collections.ConfigDict, workdir: str | epath.Path, show_progress: bool) -> str:
-    """config.data.path; for source "generate", the base model's pairs for the world's train prompts, made
-    (resumably) into WORKDIR/pairs first."""
+    """config.data.path; for source "generate", the base model's pairs for the world's train prompts (split
+    config.generate.split), made (resumably) into WORKDIR/pairs first."""
     if config.data.source != "generate":
         return config.data.path
     from pnapo_jax import generate
@@ -347,7 +347,7 @@ def pairs_path(config: ml_collections.ConfigDict, workdir: str | epath.Path, sho
     workdir = epath.Path(workdir)
     prompts = workdir / "prompts_train.txt"
     if jax.process_index() == 0:
-        train_prompts = generate.make_world(config).prompts("train")
+        train_prompts = generate.make_world(config).prompts(config.generate.split)
         prompts.write_text("\n".join(train_prompts[: config.generate.max_prompts or None]))
     generate.run(config, str(prompts), str(workdir / "pairs"), show_progress)
     return str(workdir / "pairs")

@@ -29,6 +29,31 @@ def test_grammar_split_is_deterministic_disjoint_and_compositional():
         grammar.parse("a purple circle on the left")
 
 
+def test_train_prompts_split_into_fit_and_validation_by_binding():
+    """Tuning never sees the held-out prompts: train_fit and train_val partition the train prompts, in grammar
+    order, and the validation prompts are whole train bindings (unseen by a run trained on train_fit)."""
+    fit, val = grammar.prompts("train_fit"), grammar.prompts("train_val")
+    assert (len(fit), len(val)) == (105, 30) and not set(fit) & set(val)
+    assert [p for p in TRAIN if p in set(fit) | set(val)] == TRAIN and sorted(fit + val) == sorted(TRAIN)
+    bindings = {(grammar.parse(p).colour, grammar.parse(p).shape) for p in val}
+    assert bindings == set(grammar.VAL_PAIRS) and not bindings & set(grammar.HELD_OUT_PAIRS)
+    assert not bindings & {(grammar.parse(p).colour, grammar.parse(p).shape) for p in fit}
+
+
+def test_generate_split_names_the_prompts_pairs_are_made_for(tmp_path, monkeypatch):
+    """data.source=generate makes pairs for config.generate.split's prompts (train by default)."""
+    from pnapo_jax import generate, train
+    from pnapo_jax.config import defaults
+
+    monkeypatch.setattr(generate, "run", lambda *args, **kw: None)
+    config = defaults()
+    config.data.source, config.generate.world = "generate", "demo"
+    for split in ("train", "train_fit"):
+        config.generate.split = split
+        train.pairs_path(config, tmp_path, show_progress=False)
+        assert (tmp_path / "prompts_train.txt").read_text().splitlines() == grammar.prompts(split)
+
+
 def test_render_is_deterministic_and_seeds_vary_layout():
     texts, seeds = TRAIN[:6], list(range(6))
     a, b = render.render(texts, seeds), render.render(texts, seeds)

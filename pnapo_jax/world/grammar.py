@@ -4,6 +4,10 @@
 a prompt is held out when its (colour, shape) pair is one of HELD_OUT_PAIRS (red triangle, green square,
 blue circle), so every word is seen in training but these three bindings never are (135 train prompts,
 45 held-out). Both lists are in grammar order, so the split is the same on every machine.
+
+For choosing training settings without looking at the held-out prompts, the train prompts split again the same
+way: "train_val" is the train prompts of VAL_PAIRS (yellow circle, red square: 30 prompts), "train_fit" the
+other 105. A run tuned there generates its pairs on train_fit and evaluates on train_val.
 """
 
 import dataclasses
@@ -15,7 +19,8 @@ COUNTS = {"a": 1, "two": 2, "three": 3}
 POSITIONS = {"left": "on the left", "right": "on the right", "top": "at the top", "bottom": "at the bottom",
              "center": "in the center"}
 HELD_OUT_PAIRS = (("red", "triangle"), ("green", "square"), ("blue", "circle"))
-SPLITS = ("train", "heldout", "all")
+VAL_PAIRS = (("yellow", "circle"), ("red", "square"))  # train bindings set aside for tuning
+SPLITS = ("train", "heldout", "all", "train_fit", "train_val")
 PAD = "<pad>"
 VOCAB = (PAD, *COUNTS, *COLOURS, *(w for s in SHAPES for w in (s, s + "s")),
          *dict.fromkeys(w for p in POSITIONS.values() for w in p.split()))  # id = index; PAD is 0
@@ -39,6 +44,12 @@ class Prompt:
     def heldout(self) -> bool:
         return (self.colour, self.shape) in HELD_OUT_PAIRS
 
+    def split(self) -> str:
+        """The finest split this prompt is in: heldout, train_val or train_fit."""
+        if self.heldout:
+            return "heldout"
+        return "train_val" if (self.colour, self.shape) in VAL_PAIRS else "train_fit"
+
 
 def all_prompts() -> list[Prompt]:
     """Every prompt of the grammar, in grammar order."""
@@ -49,10 +60,12 @@ _BY_TEXT = {p.text: p for p in all_prompts()}
 
 
 def prompts(split: str = "train") -> list[str]:
-    """Prompt texts of a split: "train", "heldout" (unseen colour-shape bindings) or "all"."""
+    """Prompt texts of a split: "train", "heldout" (unseen colour-shape bindings), "all", or the train prompts'
+    "train_fit" / "train_val" (for tuning)."""
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
-    return [p.text for p in all_prompts() if split == "all" or p.heldout == (split == "heldout")]
+    within = {"all": ("heldout", "train_fit", "train_val"), "train": ("train_fit", "train_val")}.get(split, (split,))
+    return [p.text for p in all_prompts() if p.split() in within]
 
 
 def parse(text: str) -> Prompt:
