@@ -39,7 +39,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.model.reference_dtype = "bfloat16"
     c.model.scan_layers = True  # one compiled block per stack: minutes less compile time at 57 blocks
     c.model.remat_policy = "full"  # recompute each block's activations in the backward pass (HBM-bound)
-    c.model.attention_impl = "xla"
+    c.model.attention_impl = "splash"  # Pallas splash attention: no [L, L] scores in HBM (pnapo_jax/models/splash.py)
 
     # The paper: beta 2000 for FLUX, recorded noise, dynamic beta (tau, n1, n2 unpublished: our guesses).
     c.pnapo.beta = 2000.0
