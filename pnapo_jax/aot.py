@@ -95,7 +95,8 @@ def abstract_batch(setup: train.Setup) -> dict[str, jax.ShapeDtypeStruct]:
 def matmul_flops(jaxpr: jcore.Jaxpr) -> int:
     """Matmul FLOPs of a jaxpr with every scan body times its trip count (XLA's cost_analysis counts it once).
     The backward pass's remat recompute is part of the jaxpr, so it is counted too; elementwise ops are not.
-    A Pallas kernel (splash attention) counts its body's matmuls once per point of its grid."""
+    A Pallas kernel (splash attention) counts its body's matmuls once per point of its grid, a shard_map body
+    once per device it runs on."""
     total = 0
     for eqn in jaxpr.eqns:
         if eqn.primitive.name == "dot_general":
@@ -107,6 +108,9 @@ def matmul_flops(jaxpr: jcore.Jaxpr) -> int:
             total += max(subs)
         elif subs and eqn.primitive.name == "pallas_call":  # a kernel body runs once per grid point
             total += sum(subs) * math.prod(eqn.params["grid_mapping"].grid)
+        elif subs and eqn.primitive.name == "shard_map":  # the body runs on every device of its manual axes
+            mesh = eqn.params["mesh"]
+            total += sum(subs) * math.prod(mesh.shape[a] for a in eqn.params["newly_manual_axes"])
         elif subs:
             total += sum(subs) * (eqn.params["length"] if eqn.primitive.name == "scan" else 1)
     return total

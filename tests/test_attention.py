@@ -63,6 +63,9 @@ def test_splash_under_a_mesh_equals_one_device():
         jaxpr = jax.make_jaxpr(lambda *a: layers.attention(*a, "splash_interpret", 128))(q, k, v)
         out = jax.jit(lambda *a: layers.attention(*a, "splash_interpret", 128))(q, k, v)
     assert "shard_map" in str(jaxpr)
+    # the FLOP count is the whole mesh's, not one device's shard
+    assert aot.matmul_flops(jaxpr.jaxpr) == aot.matmul_flops(
+        jax.make_jaxpr(lambda *a: layers.attention(*a, "splash_interpret", 128))(q, k, v).jaxpr)
     np.testing.assert_allclose(np.asarray(out), np.asarray(ref), atol=1e-6)
 
 

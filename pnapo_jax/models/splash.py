@@ -28,15 +28,14 @@ def padded_length(length: int, block: int) -> tuple[int, int]:
     return block, -(-length // block) * block
 
 
-@functools.cache
 def _kernel(heads: int, length: int, block: int, interpret: bool) -> Callable[..., jax.Array]:
-    """One splash kernel per (heads, padded length, block): building it processes the mask on the host."""
+    """A splash kernel for (heads, padded length, block). Built per trace, not cached: it holds its mask tables
+    as arrays of the trace that built it (under shard_map, tracers)."""
     b = block
     sizes = sa.BlockSizes(block_q=b, block_kv=b, block_kv_compute=b, block_q_dkv=b, block_kv_dkv=b,
                           block_kv_dkv_compute=b, block_q_dq=b, block_kv_dq=b)
     mask = sa.MultiHeadMask([sa.FullMask((length, length))] * heads)
-    with jax.ensure_compile_time_eval():  # the mask tables are constants, not tracers of the first caller's trace
-        return sa.make_splash_mha(mask, block_sizes=sizes, head_shards=1, q_seq_shards=1, interpret=interpret)
+    return sa.make_splash_mha(mask, block_sizes=sizes, head_shards=1, q_seq_shards=1, interpret=interpret)
 
 
 def _local(q_BxLxNxH: jax.Array, k_BxLxNxH: jax.Array, v_BxLxNxH: jax.Array, block: int, interpret: bool
