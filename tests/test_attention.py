@@ -63,9 +63,13 @@ def test_splash_under_a_mesh_equals_one_device():
         jaxpr = jax.make_jaxpr(lambda *a: layers.attention(*a, "splash_interpret", 128))(q, k, v)
         out = jax.jit(lambda *a: layers.attention(*a, "splash_interpret", 128))(q, k, v)
     assert "shard_map" in str(jaxpr)
-    # the FLOP count is the whole mesh's, not one device's shard
-    assert aot.matmul_flops(jaxpr.jaxpr) == aot.matmul_flops(
-        jax.make_jaxpr(lambda *a: layers.attention(*a, "splash_interpret", 128))(q, k, v).jaxpr)
+    # the FLOP count is the whole mesh's, not one device's shard; work replicated over devices counts once
+    attend = lambda *a: layers.attention(*a, "splash_interpret", 128)
+    assert aot.matmul_flops(jaxpr.jaxpr) == aot.matmul_flops(jax.make_jaxpr(attend)(q, k, v).jaxpr)
+    one = [x[:1] for x in (q, k, v)]  # batch 1 does not split over data x fsdp = 4: heads only
+    with jax.set_mesh(mesh), layers.nn.logical_axis_rules(DEFAULT_RULES):
+        sharded_one = aot.matmul_flops(jax.make_jaxpr(attend)(*one).jaxpr)
+    assert sharded_one == aot.matmul_flops(jax.make_jaxpr(attend)(*one).jaxpr)
     np.testing.assert_allclose(np.asarray(out), np.asarray(ref), atol=1e-6)
 
 
