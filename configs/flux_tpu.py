@@ -57,7 +57,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
 
     c.train.num_steps = 2000
     c.train.global_batch_size = 16  # pairs per update; run `python -m pnapo_jax.aot` for what a pod fits
-    c.train.grad_accum_steps = 1  # with splash attention 16 pairs fit a v5p-8 at once (81 of 95 GiB/chip, docs/tpu_fit.md)
+    c.train.grad_accum_steps = 1  # with splash attention 16 pairs fit a v5p-8 at once (81 of 95 GiB, docs/tpu_fit.md)
     c.train.log_every = 10
     c.train.eval_every = 200
     c.train.eval_batches = 8
