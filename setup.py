@@ -48,5 +48,7 @@ setup(
         # JAX process on a machine without TPU chips probes for one and prints libtpu's errors.
         "aot": ["libtpu==0.0.42.*"],
         "tpu": ["jax[tpu]==0.10.2", "etils[epath-gcs]"],  # gcsfs for gs:// workdirs
+        # NVIDIA GPUs (CUDA 12 wheels, cuDNN included): configs/flux_gpu.py's cuDNN flash attention.
+        "gpu": ["jax[cuda12]==0.10.2"],
     },
 )

@@ -94,7 +94,9 @@ def abstract_batch(setup: train.Setup) -> dict[str, jax.ShapeDtypeStruct]:
 
 def matmul_flops(jaxpr: jcore.Jaxpr) -> int:
     """Matmul FLOPs of a jaxpr with every scan body times its trip count (XLA's cost_analysis counts it once).
-    The backward pass's remat recompute is part of the jaxpr, so it is counted too; elementwise ops are not."""
+    The backward pass's remat recompute is part of the jaxpr, so it is counted too; elementwise ops are not.
+    A Pallas kernel (splash attention) counts its body's matmuls once per point of its grid, a shard_map body
+    once per shard of the mesh axes its inputs are split over (replicated work is counted once)."""
     total = 0
     for eqn in jaxpr.eqns:
         if eqn.primitive.name == "dot_general":
@@ -104,6 +106,12 @@ def matmul_flops(jaxpr: jcore.Jaxpr) -> int:
         subs = [matmul_flops(j) for j in jcore.jaxprs_in_params(eqn.params)]
         if subs and eqn.primitive.name == "cond":
             total += max(subs)
+        elif subs and eqn.primitive.name == "pallas_call":  # a kernel body runs once per grid point
+            total += sum(subs) * math.prod(eqn.params["grid_mapping"].grid)
+        elif subs and eqn.primitive.name == "shard_map":  # once per shard of the axes its inputs are split over
+            split = {a for spec in eqn.params["in_specs"] for axes in spec for a in
+                     ((axes,) if isinstance(axes, str) else axes or ())}
+            total += sum(subs) * math.prod(eqn.params["mesh"].shape[a] for a in split)
         elif subs:
             total += sum(subs) * (eqn.params["length"] if eqn.primitive.name == "scan" else 1)
     return total

@@ -121,9 +121,10 @@ class Sampler:
             x = jnp.asarray(x, jnp.float32)
             return jax.device_put(jnp.pad(x, [(0, pad)] + [(0, 0)] * (x.ndim - 1)), self.batch_sharding)
 
-        x0 = flow.euler_sample(self.apply, self.variables, put(noise_NxIxC), put(embeds_NxTxD), put(pooled_NxP),
-                               self.gen.num_steps, self.gen.guidance_scale, self.img_ids, self.txt_ids,
-                               mu=self.gen.shift_mu)
+        with self.setup.scope():  # the mesh: the splash kernel runs per device on its batch shard (shard_map)
+            x0 = flow.euler_sample(self.apply, self.variables, put(noise_NxIxC), put(embeds_NxTxD),
+                                   put(pooled_NxP), self.gen.num_steps, self.gen.guidance_scale, self.img_ids,
+                                   self.txt_ids, mu=self.gen.shift_mu)
         return x0[:N]
 
 

@@ -24,6 +24,7 @@ from pnapo_jax import flow, pnapo, sharding
 from pnapo_jax import workdir as run_dir
 from pnapo_jax.errors import UserError
 from pnapo_jax.models.flux import FluxConfig, FluxTransformer, dummy_inputs
+from pnapo_jax.models.layers import check_attention_impl
 
 State = dict[str, Any]
 Metrics = dict[str, jax.Array]
@@ -88,7 +89,10 @@ def make_setup(config: ml_collections.ConfigDict, devices: list | None = None) -
     if config.train.global_batch_size % config.train.grad_accum_steps:
         raise ValueError(f"train.global_batch_size={config.train.global_batch_size} must divide by "
                          f"train.grad_accum_steps={config.train.grad_accum_steps}")
-    return Setup(config, flux_config(config), sharding.make_mesh(config.mesh, devices),
+    model_cfg = flux_config(config)
+    devices = list(jax.devices() if devices is None else devices)
+    check_attention_impl(model_cfg.attention_impl, devices[0].platform)  # before any weight is loaded
+    return Setup(config, model_cfg, sharding.make_mesh(config.mesh, devices),
                  sharding.rules_from_config(config.logical_axis_rules),
                  make_optimizer(config.optim, config.train.num_steps))
 

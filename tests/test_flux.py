@@ -19,6 +19,8 @@ CASES = {
 }
 # How to compute it: the default, and the CPU configs' options (configs/tiny.py, configs/demo_cpu.py).
 CPU_FAST = dict(attention_impl="head_major", dense_input_barrier=True)
+# The TPU kernel (configs/flux_tpu.py), interpreted: sequence lengths far below one 128-token block get padded.
+SPLASH = dict(attention_impl="splash_interpret", attention_block=128)
 
 
 def _rel_err(a: np.ndarray, b: np.ndarray) -> float:
@@ -26,7 +28,8 @@ def _rel_err(a: np.ndarray, b: np.ndarray) -> float:
 
 
 @pytest.mark.parametrize("name,compute", [*((n, {}) for n in CASES), ("guidance", CPU_FAST),
-                                          ("deeper_wider_heads", CPU_FAST)])
+                                          ("deeper_wider_heads", CPU_FAST), ("guidance", SPLASH),
+                                          ("single_only", SPLASH)])
 @pytest.mark.parametrize("shape", [(2, 4, 4, 8), (3, 3, 5, 7)])
 def test_matches_diffusers(name, compute, shape):
     batch, h, w, txt = shape
@@ -68,7 +71,9 @@ def test_guidance_required_when_embedded():
 
 @pytest.mark.parametrize("variant", [dict(scan_layers=True), dict(remat_policy="full"),
                                      dict(remat_policy="save_named", scan_layers=True), CPU_FAST,
-                                     dict(CPU_FAST, remat_policy="save_named", scan_layers=True)])
+                                     dict(CPU_FAST, remat_policy="save_named", scan_layers=True),
+                                     pytest.param(dict(SPLASH, remat_policy="save_named", scan_layers=True),
+                                                  marks=pytest.mark.slow)])  # ~2 min interpreted, idle box
 def test_scan_and_remat_equal_plain(variant):
     cfg = flux.FluxConfig.from_diffusers(TINY)
     params = params_from_torch(torch_flux(), cfg)

@@ -58,7 +58,8 @@ class FluxConfig:
     lora_rank: int = 0  # > 0: LoRA adapters (collection "lora") on the Dense layers named in lora_targets
     lora_alpha: float = 0.0  # LoRA scale is alpha / rank; 0 means alpha = rank
     lora_targets: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out_0")  # diffusers' default FLUX targets
-    attention_impl: str = "xla"  # jax.nn.dot_product_attention implementation, "dot", or "head_major" (CPU)
+    attention_impl: str = "xla"  # layers.ATTENTION_IMPLS: "xla", "head_major" (CPU), "splash" (TPU), "cudnn" (GPU)
+    attention_block: int = 512  # splash attention's tile, in tokens (a multiple of 128)
     # optimization_barrier on every Dense input. On XLA:CPU this stops norm / modulation chains being fused into
     # the weight-gradient transposes (-10% step time, docs/benchmarks.md); unmeasured on TPU, where it may
     # block fusing the producer into the matmul and changes what remat saves.
@@ -172,7 +173,7 @@ def _project_qkv(cfg: FluxConfig, x_BxLxD: jax.Array, names: tuple[str, str, str
 def _rope_attend(cfg: FluxConfig, q, k, v, cos, sin) -> jax.Array:
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
     q, k, v = (checkpoint_name(a, "qkv") for a in (q, k, v))
-    out_BxLxNxH = attention(q, k, v, cfg.attention_impl)
+    out_BxLxNxH = attention(q, k, v, cfg.attention_impl, cfg.attention_block)
     B, L = out_BxLxNxH.shape[:2]
     return checkpoint_name(out_BxLxNxH.reshape(B, L, cfg.inner_dim), "attn_out")
 

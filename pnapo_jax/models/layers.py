@@ -12,6 +12,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from pnapo_jax.errors import UserError
+from pnapo_jax.models.splash import splash_attention
+
 Dtype = jnp.dtype
 
 
@@ -145,12 +148,32 @@ def apply_rope(x_BxSxNxH: jax.Array, cos_BxSxH: jax.Array, sin_BxSxH: jax.Array)
     return out.astype(x_BxSxNxH.dtype)
 
 
-def attention(q_BxSxNxH: jax.Array, k_BxSxNxH: jax.Array, v_BxSxNxH: jax.Array, impl: str) -> jax.Array:
-    """Full (unmasked) multi-head attention; softmax in fp32. impl: 'xla' | 'cudnn' | 'dot' | 'head_major'.
+ATTENTION_IMPLS = {  # attention_impl -> the backends it runs on ("splash_interpret": any, slowly; for tests)
+    "xla": ("cpu", "gpu", "tpu"), "dot": ("cpu", "gpu", "tpu"), "head_major": ("cpu", "gpu", "tpu"),
+    "cudnn": ("gpu",), "splash": ("tpu",), "splash_interpret": ("cpu", "gpu", "tpu"),
+}
+
+
+def check_attention_impl(impl: str, backend: str, field: str = "config.model.attention_impl") -> None:
+    """Refuse, in one line, an attention implementation the backend ('cpu' | 'gpu' | 'tpu') cannot run."""
+    if backend in ATTENTION_IMPLS.get(impl, ()):
+        return
+    works = [name for name, backends in ATTENTION_IMPLS.items() if backend in backends]
+    known = "" if impl in ATTENTION_IMPLS else " (unknown)"
+    raise UserError(f"{field}={impl!r}{known} cannot run on the {backend} backend; choose one of {works}")
+
+
+def attention(q_BxSxNxH: jax.Array, k_BxSxNxH: jax.Array, v_BxSxNxH: jax.Array, impl: str, block: int = 512
+              ) -> jax.Array:
+    """Full (unmasked) multi-head attention; softmax in fp32. impl: a key of ATTENTION_IMPLS.
 
     'head_major' transposes to [B, N, L, H] itself and uses batched matmuls: on XLA:CPU these run faster than
-    the layouts XLA picks for 'xla' or 'dot' (the CPU configs use it; cuDNN and TPU have better paths).
+    the layouts XLA picks for 'xla' or 'dot' (the CPU configs use it). 'splash' is the Pallas TPU kernel
+    (`pnapo_jax.models.splash`, tiles of `block` tokens), which holds no [L, L] scores; 'splash_interpret' is the
+    same kernel interpreted (any backend, slow: tests). 'cudnn' is cuDNN's fused flash attention (GPU).
     """
+    if impl in ("splash", "splash_interpret"):
+        return splash_attention(q_BxSxNxH, k_BxSxNxH, v_BxSxNxH, block, interpret=impl == "splash_interpret")
     if impl == "head_major":
         heads_first = lambda x: jnp.transpose(x, (0, 2, 1, 3))
         q_BxNxLxH = heads_first(q_BxSxNxH) / math.sqrt(q_BxSxNxH.shape[-1])
