@@ -144,7 +144,8 @@ def test_scorer_checks(tmp_path):
         scorers.parse("imagereward=x")
     (tmp_path / "config.json").write_text("{}")
     with pytest.raises(UserError, match=r"hpsv2=.*: missing open_clip_config.json, open_clip_model.safetensors, "
-                                        r"vocab.json, merges.txt \(expected a hpsv2 folder"):
+                                        r"the CLIP tokenizer \(tokenizer.json, or vocab.json \+ merges.txt\) "
+                                        r"\(expected a hpsv2 folder"):
         scorers.parse(f"hpsv2={tmp_path}")
     with pytest.raises(UserError, match=r"aesthetic=.*: missing aesthetic_mlp.safetensors, model.safetensors"):
         scorers.parse(f"aesthetic={tmp_path}")

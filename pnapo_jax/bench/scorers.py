@@ -18,10 +18,10 @@ import numpy as np
 from pnapo_jax.errors import UserError
 
 WORLD = ("world_reward", "world_fidelity")
-TOKENIZER_FILES = ("vocab.json", "merges.txt")
-FILES = {"pickscore": ("config.json", *TOKENIZER_FILES), "clip_score": ("config.json", *TOKENIZER_FILES),
-         "hpsv2": ("open_clip_config.json", "open_clip_model.safetensors", *TOKENIZER_FILES),
+FILES = {"pickscore": ("config.json",), "clip_score": ("config.json",),
+         "hpsv2": ("open_clip_config.json", "open_clip_model.safetensors"),
          "aesthetic": ("config.json", "aesthetic_mlp.safetensors")}
+NEEDS_TOKENIZER = ("pickscore", "clip_score", "hpsv2")
 LAYOUTS = {"pickscore": "transformers CLIPModel + CLIP tokenizer", "clip_score": "transformers CLIPModel + CLIP "
            "tokenizer", "hpsv2": "open_clip conversion + CLIP tokenizer", "aesthetic": "CLIP ViT-L/14 + LAION MLP"}
 KINDS = (*WORLD, *FILES)
@@ -46,10 +46,14 @@ def parse(spec: str) -> list[tuple[str, str]]:
         if name in FILES:
             if not path:
                 raise UserError(f"--scorers: {name} needs its weights folder: {name}=DIR ({LAYOUTS[name]})")
-            missing = [f for f in FILES[name] if not (pathlib.Path(path) / f).is_file()]
-            has_weights = name == "hpsv2" or any(pathlib.Path(path).glob("model*.safetensors"))
-            if not has_weights:
+            folder = pathlib.Path(path)
+            missing = [f for f in FILES[name] if not (folder / f).is_file()]
+            if name != "hpsv2" and not any(folder.glob("model*.safetensors")):
                 missing.append("model.safetensors")
+            tokenizer = (folder / "tokenizer.json").is_file() or all((folder / f).is_file()
+                                                                    for f in ("vocab.json", "merges.txt"))
+            if name in NEEDS_TOKENIZER and not tokenizer:
+                missing.append("the CLIP tokenizer (tokenizer.json, or vocab.json + merges.txt)")
             if missing:
                 raise UserError(f"--scorers: {name}={path}: missing {', '.join(missing)} (expected a {name} folder: "
                                 f"{LAYOUTS[name]}, see pnapo_jax/rewards)")
