@@ -130,6 +130,11 @@ def test_model_kinds(tmp_path):
         models.kind(str(tmp_path / "nothing"))
     with pytest.raises(UserError, match=r"model .*pipe/transformer: is none of the accepted kinds"):
         models.kind(str(pipe / "transformer"))
+    with pytest.raises(UserError, match=r"b=.*run': .*run/checkpoints has no checkpoint \(steps there: \[\]\)"):
+        models.parse(f"a={DEMO_BASE},b={run}")
+    (run / "checkpoints" / "20").mkdir()
+    with pytest.raises(UserError, match=r"has no checkpoint for step 10 \(steps there: \[20\]\)"):
+        models.parse(f"b={run}@10")
     specs = models.parse(f"a={DEMO_BASE},b={run}@20")
     assert [(m.name, m.kind, m.step) for m in specs] == [("a", "transformer", None), ("b", "run", 20)]
     with pytest.raises(UserError, match="a name appears twice"):

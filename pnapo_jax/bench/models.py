@@ -64,6 +64,11 @@ def parse(spec: str) -> list[ModelSpec]:
         k = kind(path)
         if step is not None and k != "run":
             raise UserError(f"--models: {item!r}: @STEP is for training workdirs, {path} is a {k} folder")
+        if k == "run":
+            steps = sorted(int(d.name) for d in (pathlib.Path(path) / "checkpoints").iterdir() if d.name.isdigit())
+            if not steps or (step is not None and step not in steps):
+                raise UserError(f"--models: {item!r}: {path}/checkpoints has no checkpoint "
+                                f"{'' if step is None else f'for step {step} '}(steps there: {steps})")
         out.append(ModelSpec(name, path, k, step))
     names = [m.name for m in out]
     if not out:
