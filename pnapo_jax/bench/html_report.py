@@ -65,7 +65,7 @@ def render(summary: dict, tables_md: str, scores: Scores, prompt_set: PromptSet,
                              for m in models if m != baseline for s in scorers)
             cells = []
             for m in models:
-                text = " · ".join(f"{esc(s)} {scores[m][s][p, k]:.4g}" for s in scorers)
+                text = "<br>".join(f"{esc(s)} {scores[m][s][p, k]:.4g}" for s in scorers)
                 cells.append(f'<td class="img"><img src="{esc(image_paths[m][p][k])}" alt="{esc(m)} {p}/{k}">'
                              f"{text}</td>")
             rows.append(f'<tr data-order="{p * N + k}" {diffs}><td class="prompt">{esc(prompt_set.prompts[p])}'
