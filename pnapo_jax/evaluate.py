@@ -1,4 +1,14 @@
-"""Evaluation by sampling: the policy and the frozen base draw images for held-out prompts from the same fixed
+"""Evaluation: the benchmark command, and the sampling eval training runs.
+
+    python -m pnapo_jax.evaluate --models=base=pnapo_jax/assets/demo_base,pnapo=RUN_DIR --prompts=world:heldout \
+        --scorers=world_reward,world_fidelity --out=DIR
+    python -m pnapo_jax.evaluate --world=flux --pipeline=FLUX_DIR --models=base=FLUX_DIR,pnapo=RUN_DIR \
+        --prompts=hpdv2.json --scorers=hpsv2=HPS_DIR,pickscore=PICK_DIR,clip_score=CLIP_DIR --out=DIR
+
+The command (pnapo_jax.bench) samples every prompt N times per model from the same recorded noises, keeps the
+images as files, scores them and writes results.json, scores.csv, results.md and report.html into DIR.
+
+The sampling eval of training: the policy and the frozen base draw images for held-out prompts from the same fixed
 noises; the world's reward scores both, and its fidelity measure says how far samples drifted off the data.
 
 Reward alone is easy to hack by drifting away from valid images, so every eval line carries both:
@@ -8,24 +18,29 @@ Reward alone is easy to hack by drifting away from valid images, so every eval l
 """
 
 import dataclasses
-from typing import Any
+import pathlib
+import sys
+from typing import TYPE_CHECKING, Any
 
 import ml_collections
 import numpy as np
 
-from pnapo_jax import generate, train
+if TYPE_CHECKING:  # the command does not import the training stack; SampleEval gets it from its caller
+    from pnapo_jax import generate, train
 
 
 @dataclasses.dataclass
 class SampleEval:
     """Fixed prompts and noises; the base's samples and scores are computed once."""
 
-    setup: train.Setup
-    world: generate.World
+    setup: "train.Setup"
+    world: "generate.World"
     cfg: ml_collections.ConfigDict  # config.eval
     base_variables: Any
 
     def __post_init__(self):
+        from pnapo_jax import generate
+
         prompts = self.world.prompts(self.cfg.split)[: self.cfg.num_prompts]
         self.prompts = [p for p in prompts for _ in range(self.cfg.samples_per_prompt)]
         gen = ml_collections.ConfigDict(dict(self.setup.config.generate))
@@ -44,6 +59,8 @@ class SampleEval:
         return None if fidelity is None else np.asarray(fidelity(images, self.prompts))
 
     def _sample(self, variables: Any) -> np.ndarray:
+        from pnapo_jax import generate
+
         sampler = generate.Sampler(self.setup, variables, self._gen)
         images = []
         for s in range(0, len(self.prompts), self.cfg.batch_size):
@@ -64,3 +81,50 @@ class SampleEval:
             metrics |= {"eval/fidelity_mean": float(fidelity.mean()),
                         "eval/fidelity_base_mean": float(self.base_fidelity.mean())}
         return metrics, images, rewards
+
+
+def run() -> None:
+    """The benchmark command. Flags are defined here, not at import: training imports this module too."""
+    from absl import flags
+
+    from pnapo_jax import cli
+    from pnapo_jax.bench import benchmark
+
+    f = flags
+    f.DEFINE_string("models", None, "NAME=PATH,...: FLUX transformer folders (the demo base, exported), FLUX "
+                    "pipeline folders, training workdirs (RUN_DIR@STEP for a step).")
+    f.DEFINE_string("prompts", None, "Prompt file (.txt, HPDv2 .json, PartiPrompts .tsv, DrawBench .csv, .jsonl or "
+                    ".parquet rows) or world:SPLIT (the embedded world's train | heldout | all).")
+    f.DEFINE_string("out", None, "Output folder; a rerun into it continues where the last one stopped.")
+    f.DEFINE_string("scorers", "world_reward,world_fidelity", "NAME[=DIR],...: world_reward, world_fidelity, "
+                    "pickscore=DIR, hpsv2=DIR, clip_score=DIR, aesthetic=DIR.")
+    f.DEFINE_enum("world", "demo", list(benchmark.WORLDS), "demo: the embedded world; flux: FLUX.1 pipelines.")
+    f.DEFINE_string("pipeline", "", "flux: pipeline folder of the text encoders and VAE (default: the first "
+                    "pipeline among --models).")
+    f.DEFINE_integer("seeds", 2, "Images per prompt, each from its own noise, the same for every model.")
+    f.DEFINE_integer("max_prompts", 0, "Use the set's first N prompts (0: all).")
+    f.DEFINE_integer("seed", 0, "Noise seed.")
+    f.DEFINE_integer("num_steps", 16, "Euler steps (FLUX: 28 is FluxPipeline's default).")
+    f.DEFINE_float("guidance_scale", 3.5, "flux: guidance input of guidance-distilled models.")
+    f.DEFINE_integer("height", 1024, "flux: image height.")
+    f.DEFINE_integer("width", 1024, "flux: image width.")
+    f.DEFINE_integer("max_sequence_length", 512, "flux: T5 tokens.")
+    f.DEFINE_integer("batch_size", 16, "Images sampled together.")
+    f.DEFINE_string("baseline", "", "The model win rates are against (default: the first).")
+    f.DEFINE_string("prompt_format", "", "text | hpdv2 | parti | drawbench | rows (default: by extension).")
+    f.DEFINE_string("prompt_column", "", "rows: the prompt column (default: prompt, else caption).")
+    f.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Params and compute dtype of the samplers.")
+    f.mark_flags_as_required(["models", "prompts", "out"])
+
+    def main(argv: list[str]) -> None:
+        names = [field.name for field in dataclasses.fields(benchmark.Options) if field.name != "show_progress"]
+        summary = benchmark.run(benchmark.Options(**{n: getattr(f.FLAGS, n) for n in names}))
+        if summary is not None:
+            print((pathlib.Path(f.FLAGS.out) / "results.md").read_text(), end="")
+            print(f"wrote {f.FLAGS.out}/results.json, scores.csv, results.md and report.html", file=sys.stderr)
+
+    cli.run(main)
+
+
+if __name__ == "__main__":
+    run()

@@ -1,5 +1,5 @@
-"""Grid sweeps on Cloud TPU: every point of a grid of config overrides becomes one `launch/tpu.sh run` on its
-own TPU, into its own workdir under --workdir.
+"""Grid sweeps: every point of a grid of config overrides trains into its own workdir under --workdir, either
+as one `launch/tpu.sh run` on its own TPU, or with --local one after another on this machine.
 
     python -m pnapo_jax.sweep --config=configs/flux_tpu.py --workdir=gs://BUCKET/sweeps/beta \\
         --tpu=pnapo-{i} --zone=us-east5-a --grid pnapo.beta=1000,2000,5000 --grid optim.lr=1e-6,2e-6 \\
@@ -8,12 +8,19 @@ own TPU, into its own workdir under --workdir.
 runs 6 points on TPUs pnapo-0 ... pnapo-5 (created beforehand with launch/tpu.sh create), in workdirs such as
 gs://BUCKET/sweeps/beta/beta=1000,lr=1e-6. Every point is checked against the config before anything launches;
 --dry-run prints the commands instead.
+
+    python -m pnapo_jax.sweep --local --config=configs/demo_cpu.py --workdir=/tmp/sweep --grid pnapo.beta=250,500
+
+runs `python -m pnapo_jax.main` for each point here (the embedded world, or one GPU or TPU host), skipping
+points whose metrics.jsonl already reaches config.train.num_steps; an unfinished point resumes from its last
+checkpoint. `python -m pnapo_jax.sweep_report --workdir=...` then tabulates and plots the points.
 """
 
 import argparse
 import ast
 import importlib.util
 import itertools
+import json
 import re
 import shlex
 import subprocess
@@ -84,6 +91,25 @@ def run_commands(args: argparse.Namespace, points: list[Point]) -> list[list[str
             for i, p in enumerate(points)]
 
 
+def local_commands(args: argparse.Namespace, points: list[Point]) -> list[list[str]]:
+    """One `python -m pnapo_jax.main` per point, run on this machine."""
+    return [[sys.executable, "-m", "pnapo_jax.main", f"--config={args.config}",
+             f"--workdir={args.workdir.rstrip('/')}/{point_name(p)}", "--progress=false",
+             *(f"--config.{k}={v}" for k, v in p.items()), *args.overrides] for p in points]
+
+
+def finished(workdir: str) -> bool:
+    """The point's training reached its config's train.num_steps (by its metrics.jsonl)."""
+    from etils import epath
+
+    root = epath.Path(workdir)
+    if not (root / "config.json").exists() or not (root / "metrics.jsonl").exists():
+        return False
+    num_steps = json.loads((root / "config.json").read_text())["train"]["num_steps"]
+    steps = [json.loads(line).get("step", -1) for line in (root / "metrics.jsonl").read_text().splitlines() if line]
+    return max(steps, default=-1) >= num_steps
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m pnapo_jax.sweep", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -92,6 +118,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--grid", action="append", required=True, metavar="KEY=V1,V2", help="repeat per axis")
     parser.add_argument("--tpu", default="pnapo-{i}", help="TPU name per point; {i} is the point's index")
     parser.add_argument("--zone", default="", help="TPU zone (default: $TPU_ZONE in launch/tpu.sh)")
+    parser.add_argument("--local", action="store_true", help="train the points here, one after another")
     parser.add_argument("--dry-run", action="store_true", help="print the commands instead of running them")
     parser.add_argument("overrides", nargs="*", help="after --: overrides every point shares")
     args = parser.parse_args(argv)
@@ -102,10 +129,13 @@ def main(argv: list[str] | None = None) -> None:
                      if o.startswith("--config."))
         for point in [*points, fixed]:
             check_point(config, point)
-        commands = run_commands(args, points)
+        commands = (local_commands if args.local else run_commands)(args, points)
     except ValueError as e:
         parser.exit(2, f"error: {e}\n")
-    for command in commands:
+    for point, command in zip(points, commands, strict=True):
+        if args.local and finished(f"{args.workdir.rstrip('/')}/{point_name(point)}"):
+            print(f"finished already: {point_name(point)}", flush=True)
+            continue
         print(shlex.join(command), flush=True)
         if not args.dry_run:
             subprocess.run(command, check=True)

@@ -1,0 +1,193 @@
+"""The benchmark command's steps, in order: read and check everything (prompt set, models, scorers, the output
+folder's record of earlier settings), load the scorers, sample what is missing, score every image file, and
+write the results and the report. Nothing samples until every check has passed."""
+
+import dataclasses
+import hashlib
+import json
+import pathlib
+from typing import Any
+
+import jax
+import numpy as np
+
+from pnapo_jax.bench import html_report, models, prompt_sets, results, sampling, scorers
+from pnapo_jax.errors import UserError
+
+WORLDS = ("demo", "flux")
+MANIFEST = "benchmark.json"
+SCORE_CHUNK = 32  # images scored at a time (1024 px FLUX images are 12 MB each in float32)
+
+
+@dataclasses.dataclass(frozen=True)
+class Options:
+    models: str  # NAME=PATH,...
+    prompts: str  # a prompt file (prompt_sets) or world:SPLIT
+    out: str
+    scorers: str  # NAME[=DIR],...
+    world: str = "demo"
+    pipeline: str = ""  # flux: the folder of text encoders and VAE ("" = the first pipeline among the models)
+    seeds: int = 2  # images per prompt
+    max_prompts: int = 0  # the set's first N prompts (0: all)
+    seed: int = 0  # noise seed
+    num_steps: int = 16
+    guidance_scale: float = 3.5  # flux
+    height: int = 1024  # flux
+    width: int = 1024  # flux
+    max_sequence_length: int = 512  # flux
+    batch_size: int = 16
+    baseline: str = ""  # "" = the first model
+    prompt_format: str = ""
+    prompt_column: str = ""
+    dtype: str = "float32"
+    show_progress: bool = True
+
+
+def _image_settings(opts: Options, prompt_set: prompt_sets.PromptSet, specs: list[models.ModelSpec]) -> dict:
+    """What the image files depend on: a rerun into the same folder must agree on all of it."""
+    digest = hashlib.sha256("\n".join(prompt_set.prompts).encode()).hexdigest()[:16]
+    out = {"world": opts.world, "prompts_sha256": digest, "num_prompts": len(prompt_set.prompts),
+           "seeds": opts.seeds, "seed": opts.seed, "num_steps": opts.num_steps,
+           "models": {m.name: {"path": str(pathlib.Path(m.path).resolve()), "step": m.step} for m in specs}}
+    if opts.world == "flux":
+        out |= {"guidance_scale": opts.guidance_scale, "height": opts.height, "width": opts.width,
+                "max_sequence_length": opts.max_sequence_length, "dtype": opts.dtype}
+    return out
+
+
+def _check_manifest(out: pathlib.Path, settings: dict) -> None:
+    """Refuse a folder whose images were made otherwise; models may be added, a model's path may not change."""
+    path = out / MANIFEST
+    if not path.exists():
+        return
+    old = json.loads(path.read_text())
+    for key, value in settings.items():
+        if key == "models":
+            changed = [m for m, v in value.items() if m in old.get("models", {}) and old["models"][m] != v]
+            if changed:
+                raise UserError(f"{path}: model(s) {changed} were sampled from other paths or steps "
+                                f"({[old['models'][m] for m in changed]}); use another --out or model name")
+        elif old.get(key) != value:
+            raise UserError(f"{path}: this folder's images were made with {key}={old.get(key)!r}, not {value!r}; "
+                            "use another --out (nothing there is overwritten)")
+
+
+def _flux_loaders(opts: Options, specs: list[models.ModelSpec]) -> dict[str, Any]:
+    """name -> a function loading its FluxGenerator; pipelines share the text encoders and VAE of --pipeline."""
+    import functools
+
+    from pnapo_jax import sample
+    from pnapo_jax.models import flux
+
+    folder = opts.pipeline or next((m.path for m in specs if m.kind == "pipeline"), "")
+    if not folder:
+        raise UserError("--world=flux needs --pipeline (a FLUX pipeline folder: text encoders, VAE, scheduler) "
+                        "or a pipeline folder among --models")
+    if models.kind(folder) != "pipeline":
+        raise UserError(f"--pipeline={folder}: not a FLUX pipeline folder (model_index.json + transformer/)")
+    options = dict(height=opts.height, width=opts.width, num_steps=opts.num_steps,
+                   guidance_scale=opts.guidance_scale, max_sequence_length=opts.max_sequence_length,
+                   batch_size=opts.batch_size)
+
+    @functools.cache
+    def shared():
+        return sample.load_pipeline(folder, dtype=opts.dtype)
+
+    def load(spec: models.ModelSpec) -> sampling.FluxGenerator:
+        if spec.kind == "pipeline" and pathlib.Path(spec.path).resolve() != pathlib.Path(folder).resolve():
+            return sampling.FluxGenerator(sample.load_pipeline(spec.path, dtype=opts.dtype), opts.seed, options)
+        if spec.kind == "pipeline":
+            return sampling.FluxGenerator(shared(), opts.seed, options)
+        cfg, variables = models.load_transformer(spec, opts.dtype)
+        base = shared()
+        sample._check_fits(cfg, base.encoders, base.vae)
+        pipeline = dataclasses.replace(base, transformer=cfg, variables=variables,
+                                       apply_fn=flux.FluxTransformer(cfg).apply)
+        return sampling.FluxGenerator(pipeline, opts.seed, options)
+
+    return {m.name: functools.partial(load, m) for m in specs}
+
+
+def _demo_loaders(opts: Options, specs: list[models.ModelSpec]) -> dict[str, Any]:
+    import functools
+
+    from pnapo_jax.world import latents, text
+
+    pipelines = [m.path for m in specs if m.kind == "pipeline"]
+    if pipelines:
+        raise UserError(f"--world=demo: {pipelines[0]} is a FLUX pipeline folder; the embedded world takes its "
+                        "base (pnapo_jax/assets/demo_base), exported transformers and training workdirs")
+
+    def load(spec: models.ModelSpec) -> sampling.WorldGenerator:
+        cfg, variables = models.load_transformer(spec)
+        fits = (cfg.in_channels, cfg.joint_attention_dim, cfg.pooled_projection_dim)
+        if fits != (latents.IN_CHANNELS, text.TEXT_DIM, text.POOLED_DIM):
+            raise UserError(f"model {spec.name}={spec.path}: (in_channels, joint_attention_dim, "
+                            f"pooled_projection_dim) = {fits}, the embedded world needs "
+                            f"{(latents.IN_CHANNELS, text.TEXT_DIM, text.POOLED_DIM)}")
+        return sampling.WorldGenerator(cfg, variables, opts.num_steps, opts.seed)
+
+    return {m.name: functools.partial(load, m) for m in specs}
+
+
+def _score(out: pathlib.Path, model: str, P: int, N: int, prompts: list[str],
+           loaded: list[scorers.Scorer]) -> dict[str, np.ndarray]:
+    """scorer -> [P, N] scores of the model's image files."""
+    items = [(p, k) for p in range(P) for k in range(N)]
+    got = {s.name: [] for s in loaded}
+    for start in range(0, len(items), SCORE_CHUNK):
+        chunk = items[start:start + SCORE_CHUNK]
+        images = np.stack([sampling.load_png(sampling.image_path(out, model, p, k)) for p, k in chunk])
+        texts = [prompts[p] for p, _ in chunk]
+        for s in loaded:
+            got[s.name].append(np.asarray(s.score(images, texts), np.float64))
+    return {name: np.concatenate(v).reshape(P, N) for name, v in got.items()}
+
+
+def run(opts: Options) -> dict | None:
+    """The benchmark; returns the summary (results.json) on process 0, None elsewhere."""
+    if opts.world not in WORLDS:
+        raise UserError(f"--world={opts.world!r}: choose from {WORLDS}")
+    if opts.seeds < 1 or opts.batch_size < 1 or opts.num_steps < 1:
+        raise UserError("--seeds, --batch_size and --num_steps must be at least 1")
+    prompt_set = prompt_sets.read(opts.prompts, opts.prompt_format, opts.prompt_column)
+    if opts.max_prompts:
+        prompt_set = dataclasses.replace(prompt_set, prompts=prompt_set.prompts[:opts.max_prompts],
+                                         categories={k: v[:opts.max_prompts] for k, v in prompt_set.categories.items()})
+    specs = models.parse(opts.models)
+    baseline = opts.baseline or specs[0].name
+    if baseline not in [m.name for m in specs]:
+        raise UserError(f"--baseline={baseline!r} is not among --models' names {[m.name for m in specs]}")
+    scorer_specs = scorers.parse(opts.scorers)
+    world_scorers = [n for n, _ in scorer_specs if n in scorers.WORLD]
+    if opts.world != "demo" and world_scorers:
+        raise UserError(f"--scorers: {world_scorers} score the embedded world's images only (--world=demo)")
+    loaders = (_demo_loaders if opts.world == "demo" else _flux_loaders)(opts, specs)
+    out = pathlib.Path(opts.out)
+    settings = _image_settings(opts, prompt_set, specs)
+    _check_manifest(out, settings)
+    loaded = [scorers.load(n, p) for n, p in scorer_specs]
+    out.mkdir(parents=True, exist_ok=True)
+    if jax.process_index() == 0:
+        old = json.loads((out / MANIFEST).read_text()) if (out / MANIFEST).exists() else {}
+        settings["models"] = {**old.get("models", {}), **settings["models"]}
+        (out / MANIFEST).write_text(json.dumps(settings, indent=2) + "\n")
+
+    sampling.sample_all(out, loaders, prompt_set.prompts, opts.seeds, opts.batch_size, opts.show_progress)
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices("pnapo_jax.bench: every image written")
+    if jax.process_index() != 0:
+        return None
+
+    P, N = len(prompt_set.prompts), opts.seeds
+    scores = {m.name: _score(out, m.name, P, N, prompt_set.prompts, loaded) for m in specs}
+    higher = {s.name: s.higher_is_better for s in loaded}
+    summary = results.summarize(scores, higher, baseline, prompt_set)
+    paths = {m.name: [[str(sampling.image_path(pathlib.Path("."), m.name, p, k)) for k in range(N)]
+                      for p in range(P)] for m in specs}
+    results.write_csv(out / "scores.csv", scores, prompt_set, paths, opts.seed)
+    md = results.write(out, summary)
+    html_report.write(out, summary, md, scores, prompt_set, paths)
+    return summary

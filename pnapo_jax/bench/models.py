@@ -1,0 +1,95 @@
+"""The models a benchmark compares, named on the command line as NAME=PATH, and what each kind of PATH is.
+
+    transformer  a diffusers FluxTransformer2DModel folder (config.json + safetensors): the demo's base
+                 (pnapo_jax/assets/demo_base), or `python -m pnapo_jax.export --format=diffusers` output
+    pipeline     a diffusers FLUX pipeline folder (model_index.json, transformer/, ...): its transformer
+    run          a training workdir (config.json + checkpoints/): the latest checkpoint's policy, full or LoRA
+                 (a LoRA run's base is rebuilt as training built it); RUN_DIR@STEP picks a step
+
+`kind` only reads directory listings, so every model is checked before anything loads or samples.
+"""
+
+import dataclasses
+import json
+import os
+import pathlib
+from typing import Any
+
+from pnapo_jax.errors import UserError
+
+KINDS = ("transformer", "pipeline", "run")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+    name: str
+    path: str
+    kind: str
+    step: int | None = None  # run: the checkpoint step (None: the latest)
+
+
+def kind(path: str) -> str:
+    """Which of KINDS `path` is; UserError naming it and what was expected otherwise."""
+    folder = pathlib.Path(path)
+    if (folder / "checkpoints").is_dir() and (folder / "config.json").is_file():
+        return "run"
+    if (folder / "model_index.json").is_file() and (folder / "transformer" / "config.json").is_file():
+        return "pipeline"
+    config = folder / "config.json"
+    if config.is_file() and any(f.suffix == ".safetensors" for f in folder.iterdir()):
+        try:
+            if json.loads(config.read_text()).get("_class_name") == "FluxTransformer2DModel":
+                return "transformer"
+        except json.JSONDecodeError:
+            pass
+    what = "not found" if not folder.exists() else "is none of the accepted kinds"
+    raise UserError(f"model {path}: {what}; expected a FLUX transformer folder (config.json of a "
+                    "FluxTransformer2DModel + safetensors), a FLUX pipeline folder (model_index.json + "
+                    "transformer/) or a training workdir (config.json + checkpoints/)")
+
+
+def parse(spec: str) -> list[ModelSpec]:
+    """'base=PATH,pnapo=RUN[@STEP],...' -> ModelSpecs, each path checked."""
+    out = []
+    for item in [s for s in spec.split(",") if s]:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise UserError(f"--models: {item!r} is not NAME=PATH")
+        if not name.replace("_", "").replace("-", "").isalnum():
+            raise UserError(f"--models: name {name!r} may hold letters, digits, '_' and '-' only (it names a folder)")
+        step = None
+        head, at, tail = path.rpartition("@")
+        if at and tail.isdigit() and os.path.isdir(head):
+            path, step = head, int(tail)
+        k = kind(path)
+        if step is not None and k != "run":
+            raise UserError(f"--models: {item!r}: @STEP is for training workdirs, {path} is a {k} folder")
+        if k == "run":
+            steps = sorted(int(d.name) for d in (pathlib.Path(path) / "checkpoints").iterdir() if d.name.isdigit())
+            if not steps or (step is not None and step not in steps):
+                raise UserError(f"--models: {item!r}: {path}/checkpoints has no checkpoint "
+                                f"{'' if step is None else f'for step {step} '}(steps there: {steps})")
+        out.append(ModelSpec(name, path, k, step))
+    names = [m.name for m in out]
+    if not out:
+        raise UserError("--models: no models given (NAME=PATH,...)")
+    if len(set(names)) < len(names):
+        raise UserError(f"--models: a name appears twice: {names}")
+    return out
+
+
+def load_transformer(spec: ModelSpec, dtype: str = "float32") -> tuple[Any, dict[str, Any]]:
+    """(FluxConfig, variables {"params", "lora"?}) of the model's transformer."""
+    import dataclasses as dc
+
+    import jax
+
+    from pnapo_jax import convert, sample
+
+    if spec.kind == "run":
+        cfg, variables = sample.checkpoint_policy(spec.path, spec.step)
+        variables = jax.tree.map(lambda x: x.astype(dtype), variables)
+    else:
+        cfg, params = convert.load_diffusers_transformer(spec.path, dtype)
+        variables = {"params": params}
+    return dc.replace(cfg, dtype=dtype, param_dtype=dtype), variables

@@ -1,0 +1,126 @@
+"""Paired, resumable sampling: every model draws image k of prompt p from the same noise, and every image is a
+file named by its prompt and seed, under its model's folder:
+
+    OUT/images/MODEL/PPPPP_KK.png     prompt p (0-based, in the prompt set's order), seed k of N
+
+The noise of that image is the world's seeded noise of index p * N + k with --seed (embedded world:
+flow.seeded_noise, as pair generation draws it; FLUX: sample.initial_noise, as `python -m pnapo_jax.sample`
+draws it), so it depends on neither the batch nor the other prompts. A file is written to a temporary name
+and renamed, and existing files are skipped: a killed run continues without redoing or losing an image. With
+several JAX processes, process i samples the prompts p with p % count == i.
+"""
+
+import dataclasses
+import os
+import pathlib
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import numpy as np
+import tqdm
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from PIL import Image
+
+from pnapo_jax import flow
+
+Generator = Callable[[Sequence[str], np.ndarray], np.ndarray]  # (prompts, noise indices) -> images [B, H, W, 3]
+
+
+def image_path(out: pathlib.Path, model: str, prompt_index: int, seed_index: int) -> pathlib.Path:
+    return out / "images" / model / f"{prompt_index:05d}_{seed_index:02d}.png"
+
+
+def save_png(image_HxWx3: np.ndarray, path: pathlib.Path) -> None:
+    """uint8 PNG (round(255 x), as diffusers), written whole or not at all."""
+    tmp = path.with_name(f".tmp_{os.getpid()}_{path.name}")
+    Image.fromarray((np.clip(image_HxWx3, 0, 1) * 255).round().astype(np.uint8)).save(tmp, format="PNG")
+    os.replace(tmp, path)
+
+
+def load_png(path: pathlib.Path) -> np.ndarray:
+    """[H, W, 3] float32 in [0, 1]: what the scorers see, the same for a fresh and a resumed run."""
+    return np.asarray(Image.open(path).convert("RGB"), np.float32) / 255
+
+
+@dataclasses.dataclass
+class WorldGenerator:
+    """The embedded world's sampler for one transformer: Euler on a mesh of this process's devices."""
+
+    cfg: Any  # FluxConfig
+    variables: Any
+    num_steps: int
+    seed: int
+
+    def __post_init__(self):
+        from pnapo_jax.models.flux import apply_fn
+        from pnapo_jax.world import latents, text
+
+        self._text, self._latents = text, latents
+        self._apply = apply_fn(self.cfg)
+        self._mesh = Mesh(np.asarray(jax.local_devices()), ("batch",))
+        self._batch = NamedSharding(self._mesh, PartitionSpec("batch"))
+        self.variables = jax.device_put(self.variables, NamedSharding(self._mesh, PartitionSpec()))
+        self._shape = (latents.LATENT_H_TOKENS * latents.LATENT_W_TOKENS, latents.IN_CHANNELS)
+
+    def __call__(self, prompts: Sequence[str], noise_ids_B: np.ndarray) -> np.ndarray:
+        B, pad = len(prompts), -len(prompts) % self._mesh.size
+        embeds, pooled = self._text.encode_prompts(list(prompts) + [prompts[-1]] * pad)
+        ids = np.concatenate([noise_ids_B, np.repeat(noise_ids_B[-1:], pad)])
+        noise = flow.seeded_noise(self.seed, ids, self._shape)
+        put = lambda x: jax.device_put(np.asarray(x, np.float32), self._batch)
+        x0 = flow.euler_sample(self._apply, self.variables, put(noise), put(embeds), put(pooled), self.num_steps,
+                               0.0, flow.img_ids(self._latents.LATENT_H_TOKENS, self._latents.LATENT_W_TOKENS),
+                               flow.txt_ids(self._text.TEXT_LEN))
+        return self._latents.decode(np.asarray(x0)[:B])
+
+
+@dataclasses.dataclass
+class FluxGenerator:
+    """FLUX through `pnapo_jax.sample` (FluxPipeline's computation), a pipeline whose transformer is the model's."""
+
+    pipeline: Any  # sample.Pipeline
+    seed: int
+    options: dict[str, Any]  # sample.iter_images' keywords: height, width, num_steps, guidance_scale, ...
+
+    def __call__(self, prompts: Sequence[str], noise_ids_B: np.ndarray) -> np.ndarray:
+        from pnapo_jax import sample
+
+        f = self.pipeline.vae.downsample_factor
+        shape = (self.pipeline.vae.latent_channels, self.options["height"] // f, self.options["width"] // f)
+        noise = np.asarray(sample.initial_noise(self.seed, noise_ids_B, shape))
+        return np.concatenate(list(sample.iter_images(self.pipeline, list(prompts), noise, seed=self.seed,
+                                                      **self.options)))
+
+
+def my_prompts(num_prompts: int) -> list[int]:
+    """This process's prompt indices."""
+    return [p for p in range(num_prompts) if p % jax.process_count() == jax.process_index()]
+
+
+def sample_all(out: pathlib.Path, models: dict[str, Callable[[], Generator]], prompts: Sequence[str],
+               seeds_per_prompt: int, batch_size: int, show_progress: bool = True) -> dict[str, int]:
+    """Sample every missing image of this process's prompts for every model (`models`: name -> a function that
+    loads its generator, called only when the model has images to draw). Returns images drawn per model."""
+    N = seeds_per_prompt
+    items = [(p, k) for p in my_prompts(len(prompts)) for k in range(N)]
+    todo = {m: [(p, k) for p, k in items if not image_path(out, m, p, k).exists()] for m in models}
+    drawn = {}
+    total, done = len(items) * len(models), len(items) * len(models) - sum(map(len, todo.values()))
+    with tqdm.tqdm(total=total, initial=done, unit="img", disable=not show_progress, dynamic_ncols=True) as bar:
+        for name, load in models.items():
+            drawn[name] = len(todo[name])
+            if not todo[name]:
+                continue
+            bar.set_description(f"loading {name}")
+            generate = load()
+            bar.set_description(name)
+            (out / "images" / name).mkdir(parents=True, exist_ok=True)
+            for s in range(0, len(todo[name]), batch_size):
+                batch = todo[name][s:s + batch_size]
+                images = generate([prompts[p] for p, _ in batch], np.array([p * N + k for p, k in batch]))
+                for (p, k), image in zip(batch, images, strict=True):
+                    save_png(image, image_path(out, name, p, k))
+                bar.update(len(batch))
+            del generate
+    return drawn
