@@ -10,7 +10,6 @@ from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
-from safetensors import safe_open
 
 from pnapo_jax.convert import files, keys, layout
 from pnapo_jax.models import flux
@@ -41,7 +40,7 @@ def load_bfl_transformer(file: str | os.PathLike, config: flux.FluxConfig, dtype
         raise FileNotFoundError(f"BFL checkpoint {file} not found")
     lay = layout.layout(config, scanned=config.scan_layers)
     fused = _fused(lay)
-    with safe_open(file, framework="np") as f:
+    with files.open_safetensors(file) as f:
         layout.check_keys(fused, dict.fromkeys(f.keys(), file), file)
 
         def diffusers_tensors() -> Iterator[tuple[str, np.ndarray, str]]:
@@ -49,6 +48,7 @@ def load_bfl_transformer(file: str | os.PathLike, config: flux.FluxConfig, dtype
                 names = fused[bfl_key]
                 rows = [lay.entries[k].shape[0] for k in names]
                 x = f.get_tensor(bfl_key)
+                files.check_finite(bfl_key, file, x)
                 layout.check_shape(bfl_key, file, (sum(rows), *lay.entries[names[0]].shape[1:]), x.shape)
                 x = _swap_halves_if_needed(bfl_key, x)
                 for name, part in zip(names, np.split(x, np.cumsum(rows)[:-1]), strict=True):
