@@ -33,17 +33,17 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
 
 
 def restore_params(setup: train.Setup, workdir: str, step: int | None = None) -> tuple[int, Any]:
-    """(step, trainable params) of a checkpoint, default the latest; optimizer state is not read."""
+    """(step, trainable params) of a checkpoint, default the newest that restores; optimizer state is not read.
+    The workdir is only read (a run may be training in it): nothing there is deleted or written."""
     directory = epath.Path(workdir) / "checkpoints"
     if not directory.exists():
         raise FileNotFoundError(f"no checkpoints: {directory} not found")
-    ckpt = Checkpointer(str(directory), setup.config.checkpoint, handle_sigterm=False)
+    ckpt = Checkpointer(str(directory), setup.config.checkpoint, handle_sigterm=False, read_only=True)
     try:
         steps = ckpt.all_steps()
-        step = ckpt.latest_step() if step is None else step
-        if step is None or step not in steps:
+        if step is not None and step not in steps:
             raise FileNotFoundError(f"no checkpoint for step {step} in {directory}; available steps: {steps}")
-        return step, ckpt.restore_params(step, train.abstract_state(setup)["params"])
+        return ckpt.restore_params(step, train.abstract_state(setup)["params"])
     finally:
         ckpt.close()
 
