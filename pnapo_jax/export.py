@@ -16,7 +16,7 @@ import ml_collections
 from absl import app, flags
 from etils import epath
 
-from pnapo_jax import cli, convert, train
+from pnapo_jax import cli, convert, reference, train
 from pnapo_jax.checkpoint import Checkpointer
 
 FORMATS = ("diffusers", "bfl", "lora")
@@ -53,6 +53,7 @@ def export(workdir: str, out: str, fmt: str, step: int | None = None, devices: l
     if fmt not in FORMATS:
         raise ValueError(f"format must be one of {FORMATS}, got {fmt!r}")
     config = load_config(workdir)
+    reference.refuse_overwrite(out, config, workdir)
     setup = train.make_setup(config, devices)
     if fmt == "lora" and not setup.lora:
         raise ValueError(f"{workdir} is a full fine-tune (config.lora.rank=0): it has no adapters; "

@@ -354,6 +354,7 @@ def pairs_path(config: ml_collections.ConfigDict, workdir: str | epath.Path, sho
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices: list | None = None,
                        show_progress: bool = True) -> dict[str, Any]:
     """Train (resuming from WORKDIR/checkpoints if there are any); returns the last train and eval metrics."""
+    from pnapo_jax import reference
     from pnapo_jax.checkpoint import Checkpointer
     from pnapo_jax.data.pipeline import global_batch
     from pnapo_jax.metrics import MetricWriter
@@ -368,6 +369,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices:
     source = make_source(config, pairs_path(config, workdir, show_progress))
     ckpt = Checkpointer(str(workdir / "checkpoints"), config.checkpoint)
     start = ckpt.latest_step()
+    reference.check_or_record(config, str(workdir), resuming=start is not None, write=jax.process_index() == 0)
     same_hosts = start is not None and ckpt.has_data_state(start)
     if start is not None and not same_hosts:  # the saved positions are per host: start at the step's batch
         logging.warning("checkpoint %d was written by another number of hosts: data resumes at global batch %d "

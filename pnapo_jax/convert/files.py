@@ -57,6 +57,16 @@ def hub_snapshot(repo_id: str, subfolders: Iterable[str]) -> str:
                         "folder") from e
 
 
+def local_copies(path: str) -> list[pathlib.Path]:
+    """Where `resolve_transformer_dir(path)` reads or would keep local files, found without any network: the
+    path itself, a hub id's whole entry in the hub cache, or a remote folder's copy in the default cache."""
+    if "://" in path:
+        return [pathlib.Path(DEFAULT_CACHE_DIR).expanduser() / path.replace("://", "/", 1)]
+    if not os.path.exists(path) and _HUB_ID_RE.match(path):
+        return [pathlib.Path(huggingface_hub.constants.HF_HUB_CACHE) / f"models--{path.replace('/', '--')}"]
+    return [pathlib.Path(path)]
+
+
 def _transformer_subfolder(folder: epath.Path) -> str:
     """Where config.json is: in `folder` itself (a transformer folder) or in its `transformer/` (a pipeline)."""
     for sub in ("", TRANSFORMER_SUBFOLDER):
