@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 
 from pnapo_jax.convert import files, keys, layout
+from pnapo_jax.errors import UserError
 from pnapo_jax.models import flux
 
 
@@ -37,7 +38,7 @@ def load_bfl_transformer(file: str | os.PathLike, config: flux.FluxConfig, dtype
     """Our params (scanned if `config.scan_layers`) from a BFL file; `dtype` defaults to config.param_dtype."""
     file = str(file)
     if not os.path.isfile(file):
-        raise FileNotFoundError(f"BFL checkpoint {file} not found")
+        raise UserError(f"BFL checkpoint {file} not found")
     lay = layout.layout(config, scanned=config.scan_layers)
     fused = _fused(lay)
     with files.open_safetensors(file) as f:

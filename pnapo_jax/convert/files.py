@@ -72,7 +72,7 @@ def _transformer_subfolder(folder: epath.Path) -> str:
     for sub in ("", TRANSFORMER_SUBFOLDER):
         if (folder / sub / CONFIG_NAME).exists():
             return sub
-    raise FileNotFoundError(f"no {CONFIG_NAME} in {folder} nor in {folder / TRANSFORMER_SUBFOLDER}")
+    raise UserError(f"no {CONFIG_NAME} in {folder} nor in {folder / TRANSFORMER_SUBFOLDER}")
 
 
 def weight_files(folder: epath.Path | pathlib.Path, weights_name: str = WEIGHTS_NAME,
@@ -92,7 +92,7 @@ def weight_files(folder: epath.Path | pathlib.Path, weights_name: str = WEIGHTS_
         names = [weights_name]
     for name in names:
         if not (folder / name).exists():
-            raise FileNotFoundError(f"weights file {folder / name} not found")
+            raise UserError(f"weights file {folder / name} not found")
     return names
 
 

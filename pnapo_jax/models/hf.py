@@ -20,6 +20,7 @@ import jax.numpy as jnp
 from flax import traverse_util
 
 from pnapo_jax.convert import files
+from pnapo_jax.errors import UserError
 
 Dtype = Any
 WEIGHTS_NAME = "model.safetensors"
@@ -87,7 +88,7 @@ def read_config(folder: str | os.PathLike) -> dict[str, Any]:
     hub id); `transformers.XConfig(**it)` is what `XConfig.from_json_file` builds."""
     path = pathlib.Path(folder) / files.CONFIG_NAME
     if not path.is_file():
-        raise FileNotFoundError(f"no {files.CONFIG_NAME} in {folder}")
+        raise UserError(f"no {files.CONFIG_NAME} in {folder}")
     return files.read_json(path)
 
 

@@ -18,6 +18,7 @@ import numpy as np
 from flax import traverse_util
 
 from pnapo_jax.convert import files, layout
+from pnapo_jax.errors import UserError
 from pnapo_jax.models.vae import VAEConfig, init_params
 
 VAE_SUBFOLDER = "vae"
@@ -57,7 +58,7 @@ def resolve_vae_dir(path: str | os.PathLike) -> pathlib.Path:
     for folder in (pathlib.Path(path), pathlib.Path(path) / VAE_SUBFOLDER):
         if (folder / files.CONFIG_NAME).exists():
             return folder
-    raise FileNotFoundError(f"no {files.CONFIG_NAME} in {path} nor in {pathlib.Path(path) / VAE_SUBFOLDER}")
+    raise UserError(f"no {files.CONFIG_NAME} in {path} nor in {pathlib.Path(path) / VAE_SUBFOLDER}")
 
 
 def diffusers_key(path: Path) -> str:

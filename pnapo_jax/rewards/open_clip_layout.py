@@ -23,6 +23,7 @@ import transformers
 from flax import traverse_util
 
 from pnapo_jax.convert import files
+from pnapo_jax.errors import UserError
 from pnapo_jax.models import clip, clip_vision, hf
 from pnapo_jax.rewards.clip_model import CLIPConfig, init_params
 
@@ -125,7 +126,7 @@ def load(folder: str | os.PathLike, dtype: Any = None, param_dtype: Any = None) 
     folder = pathlib.Path(folder)
     for name in (CONFIG_NAME, WEIGHTS_NAME):
         if not (folder / name).is_file():
-            raise FileNotFoundError(f"no {name} in {folder} (see pnapo_jax.rewards.convert_open_clip)")
+            raise UserError(f"no {name} in {folder} (see pnapo_jax.rewards.convert_open_clip)")
     config = files.read_json(folder / CONFIG_NAME)
     cfg = config_from_open_clip(config.get("model_cfg", config), **hf.dtypes(dtype, param_dtype))
     file = str(folder / WEIGHTS_NAME)
