@@ -143,6 +143,9 @@ class Checkpointer:
             return step, out
         if not failed:
             raise UserError(f"no checkpoint in {self.directory}")
+        if len(failed) == 1:
+            raise UserError(f"checkpoint {self.directory / str(failed[0][0])} does not restore (left untouched): "
+                            f"{failed[0][1]}")
         reasons = "; ".join(f"step {s}: {r}" for s, r in failed)
         raise UserError(f"no checkpoint in {self.directory} restores (left untouched): {reasons}")
 

@@ -100,7 +100,7 @@ def test_export_falls_back_to_the_newest_checkpoint_that_restores(pristine, run,
     _assert_equal(jax.device_get(params), good if step == 1 else _params(pristine, 2))
     assert _tree(run) == before  # the damaged checkpoint is left as it was
     if step == 1:
-        with pytest.raises(UserError, match=r"no checkpoint in .*checkpoints restores \(left untouched\): step 2: "):
+        with pytest.raises(UserError, match=r"checkpoint .*checkpoints/2 does not restore \(left untouched\): "):
             export.restore_params(setup, str(run), step=2)
 
 

@@ -131,8 +131,10 @@ def open_safetensors(file: str, framework: str = "np") -> contextlib.AbstractCon
 
 
 def check_finite(key: str, file: str, x: Any) -> None:
-    """A NaN or inf weight would train and sample NaN without a word; name the tensor and its file instead."""
-    if jnp.issubdtype(x.dtype, jnp.inexact) and not bool(jnp.isfinite(x).all()):
+    """A NaN or inf weight would train and sample NaN without a word; name the tensor and its file instead.
+    A host array is checked on the host (not copied to an accelerator), a jax array where it is."""
+    xp = np if isinstance(x, np.ndarray) else jnp
+    if jnp.issubdtype(x.dtype, jnp.inexact) and not bool(xp.isfinite(x).all()):
         raise UserError(f"{key} in {file} holds NaN or infinite values: a damaged or mis-converted checkpoint")
 
 
