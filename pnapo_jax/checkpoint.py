@@ -157,7 +157,11 @@ class Checkpointer:
                 dst, n = self.directory / f"{step}.unreadable", 1
                 while dst.exists():
                     dst, n = self.directory / f"{step}.unreadable-{n}", n + 1
-                src.rename(dst)
+                try:
+                    src.rename(dst)
+                except (OSError, NotImplementedError) as e:  # a store without directory renames
+                    raise UserError(f"checkpoint {src} does not restore and could not be moved aside to {dst} "
+                                    f"({e}); move it yourself, then resume") from e
                 logging.warning("moved the unreadable checkpoint %s to %s (kept, not deleted)", src, dst)
         if jax.process_count() > 1:
             multihost_utils.sync_global_devices("pnapo_jax.checkpoint.move_aside")
