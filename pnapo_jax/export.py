@@ -16,7 +16,7 @@ import ml_collections
 from absl import app, flags
 from etils import epath
 
-from pnapo_jax import cli, convert, train
+from pnapo_jax import cli, convert, reference, train
 from pnapo_jax.checkpoint import Checkpointer
 
 FORMATS = ("diffusers", "bfl", "lora")
@@ -33,17 +33,17 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
 
 
 def restore_params(setup: train.Setup, workdir: str, step: int | None = None) -> tuple[int, Any]:
-    """(step, trainable params) of a checkpoint, default the latest; optimizer state is not read."""
+    """(step, trainable params) of a checkpoint, default the newest that restores; optimizer state is not read.
+    The workdir is only read (a run may be training in it): nothing there is deleted or written."""
     directory = epath.Path(workdir) / "checkpoints"
     if not directory.exists():
         raise FileNotFoundError(f"no checkpoints: {directory} not found")
-    ckpt = Checkpointer(str(directory), setup.config.checkpoint, handle_sigterm=False)
+    ckpt = Checkpointer(str(directory), setup.config.checkpoint, handle_sigterm=False, read_only=True)
     try:
         steps = ckpt.all_steps()
-        step = ckpt.latest_step() if step is None else step
-        if step is None or step not in steps:
+        if step is not None and step not in steps:
             raise FileNotFoundError(f"no checkpoint for step {step} in {directory}; available steps: {steps}")
-        return step, ckpt.restore_params(step, train.abstract_state(setup)["params"])
+        return ckpt.restore_params(step, train.abstract_state(setup)["params"])
     finally:
         ckpt.close()
 
@@ -55,6 +55,7 @@ def export(workdir: str, out: str, fmt: str, step: int | None = None, devices: l
     if fmt == "bfl" and not out.endswith(".safetensors"):  # one file, named for the tools that load it
         out += ".safetensors"
     config = load_config(workdir)
+    reference.refuse_overwrite(out, config, workdir)
     setup = train.make_setup(config, devices)
     if fmt == "lora" and not setup.lora:
         raise ValueError(f"{workdir} is a full fine-tune (config.lora.rank=0): it has no adapters; "

@@ -19,13 +19,13 @@ import pathlib
 from collections.abc import Sequence
 from typing import Any
 
-import huggingface_hub
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
 from pnapo_jax import flow, generate, rewards, sample, text, train
+from pnapo_jax.convert import files
 from pnapo_jax.models import vae
 from pnapo_jax.models.vae_loading import VAE_SUBFOLDER, load_vae
 
@@ -42,7 +42,7 @@ def pipeline_dir(config: ml_collections.ConfigDict) -> pathlib.Path:
         raise ValueError(f"{path}: remote folders are not read directly; copy the pipeline's "
                          f"{', '.join(PIPELINE_SUBFOLDERS)} to local disk and set config.generate.pipeline")
     if path and not os.path.exists(path):
-        path = huggingface_hub.snapshot_download(path, allow_patterns=[f"{sub}/*" for sub in PIPELINE_SUBFOLDERS])
+        path = files.hub_snapshot(path, PIPELINE_SUBFOLDERS)
     missing = [sub for sub in PIPELINE_SUBFOLDERS if not path or not (pathlib.Path(path) / sub).is_dir()]
     if missing:
         raise FileNotFoundError(f"the flux world needs a FLUX pipeline folder: {path!r} (config.generate.pipeline, "

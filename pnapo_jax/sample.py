@@ -25,7 +25,6 @@ gives the noise explicitly, [N, C, H/f, W/f] or packed [N, I, 4C], e.g. to match
 
 import dataclasses
 import functools
-import json
 import math
 import os
 import pathlib
@@ -38,6 +37,7 @@ import numpy as np
 from PIL import Image
 
 from pnapo_jax import convert, flow, text
+from pnapo_jax.convert import files
 from pnapo_jax.errors import UserError
 from pnapo_jax.models import flux, vae
 from pnapo_jax.models.vae_loading import load_vae
@@ -104,7 +104,7 @@ def load_pipeline(path: str | os.PathLike, workdir: str | None = None, step: int
     encoders = text.load_text_encoders(path, dtype)
     vae_cfg, vae_params = load_vae(path, dtype)
     _check_fits(cfg, encoders, vae_cfg)
-    scheduler = json.loads((path / SCHEDULER_CONFIG).read_text())
+    scheduler = files.read_json(path / SCHEDULER_CONFIG)
     return Pipeline(encoders, cfg, variables, vae_cfg, vae_params, scheduler,
                     pipeline_apply(flux.FluxTransformer(cfg).apply, scheduler))
 

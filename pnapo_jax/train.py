@@ -20,7 +20,7 @@ import optax
 from etils import epath
 from jax.sharding import Mesh
 
-from pnapo_jax import flow, pnapo, sharding
+from pnapo_jax import flow, pnapo, reference, sharding
 from pnapo_jax import workdir as run_dir
 from pnapo_jax.errors import UserError
 from pnapo_jax.models.flux import FluxConfig, FluxTransformer, dummy_inputs
@@ -410,6 +410,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices:
         if start is not None and start >= config.train.num_steps:
             say(f"already finished at step {start} ({workdir})")
             return _finished(workdir, start)
+        reference.check_or_record(config, str(workdir), resuming=start is not None, write=jax.process_index() == 0)
         if jax.process_index() == 0:  # export and eval scripts rebuild the model from it
             (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
         logging.info("mesh %s; model %s", dict(setup.mesh.shape), setup.model_cfg)

@@ -26,6 +26,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from pnapo_jax import convert
 from pnapo_jax.convert import files
+from pnapo_jax.errors import UserError
 from pnapo_jax.models import flux
 
 GUIDANCE = {"guidance": dict(), "no_guidance": dict(guidance_embeds=False)}
@@ -251,15 +252,15 @@ def test_broken_bfl_weights_name_the_key(tmp_path, case):
 
 
 def test_missing_files_name_the_path(tmp_path):
-    with pytest.raises(FileNotFoundError, match=re.escape(str(tmp_path))):
+    with pytest.raises(UserError, match=re.escape(str(tmp_path))):
         convert.load_diffusers_transformer(tmp_path)
-    with pytest.raises(FileNotFoundError, match="nothing.safetensors"):
+    with pytest.raises(UserError, match="nothing.safetensors"):
         convert.load_bfl_transformer(tmp_path / "nothing.safetensors", _config())
     cfg = _config()
     convert.save_diffusers_transformer(cfg, _random_params(cfg), tmp_path, max_shard_size="20KB")
     shard = sorted(tmp_path.glob("*-of-*.safetensors"))[1]
     shard.unlink()
-    with pytest.raises(FileNotFoundError, match=re.escape(str(shard))):
+    with pytest.raises(UserError, match=re.escape(str(shard))):
         convert.load_diffusers_transformer(tmp_path)
 
 

@@ -19,6 +19,7 @@ from flux_testing import randomize_vae as _randomize  # test_import_images impor
 from flux_testing import torch_vae as _torch_vae
 
 from pnapo_jax.convert import files
+from pnapo_jax.errors import UserError
 from pnapo_jax.models import vae
 from pnapo_jax.models.vae_loading import VAE_SUBFOLDER, load_vae, vae_layout
 
@@ -156,7 +157,7 @@ def test_pipeline_folder_and_hub_id(saved, tmp_path, monkeypatch):
         jax.tree.map(np.testing.assert_array_equal, got, params)
     assert downloads == [("some-org/some-flux", ["vae/*"])]
     (tmp_path / "empty").mkdir()
-    with pytest.raises(FileNotFoundError, match="no config.json"):
+    with pytest.raises(UserError, match="no config.json"):
         load_vae(tmp_path / "empty")
 
 

@@ -10,9 +10,9 @@ from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
-from safetensors import safe_open
 
 from pnapo_jax.convert import files, keys, layout
+from pnapo_jax.errors import UserError
 from pnapo_jax.models import flux
 
 
@@ -38,10 +38,10 @@ def load_bfl_transformer(file: str | os.PathLike, config: flux.FluxConfig, dtype
     """Our params (scanned if `config.scan_layers`) from a BFL file; `dtype` defaults to config.param_dtype."""
     file = str(file)
     if not os.path.isfile(file):
-        raise FileNotFoundError(f"BFL checkpoint {file} not found")
+        raise UserError(f"BFL checkpoint {file} not found")
     lay = layout.layout(config, scanned=config.scan_layers)
     fused = _fused(lay)
-    with safe_open(file, framework="np") as f:
+    with files.open_safetensors(file) as f:
         layout.check_keys(fused, dict.fromkeys(f.keys(), file), file)
 
         def diffusers_tensors() -> Iterator[tuple[str, np.ndarray, str]]:
@@ -49,6 +49,7 @@ def load_bfl_transformer(file: str | os.PathLike, config: flux.FluxConfig, dtype
                 names = fused[bfl_key]
                 rows = [lay.entries[k].shape[0] for k in names]
                 x = f.get_tensor(bfl_key)
+                files.check_finite(bfl_key, file, x)
                 layout.check_shape(bfl_key, file, (sum(rows), *lay.entries[names[0]].shape[1:]), x.shape)
                 x = _swap_halves_if_needed(bfl_key, x)
                 for name, part in zip(names, np.split(x, np.cumsum(rows)[:-1]), strict=True):

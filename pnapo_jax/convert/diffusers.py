@@ -28,7 +28,7 @@ def load_diffusers_transformer(path: str | os.PathLike, dtype: Any = None, shard
     folder = files.resolve_transformer_dir(path, cache_dir)
     if dtype is not None:
         config_overrides["param_dtype"] = jnp.dtype(dtype).name
-    cfg = flux.FluxConfig.from_diffusers(json.loads((folder / files.CONFIG_NAME).read_text()),
+    cfg = flux.FluxConfig.from_diffusers(files.read_json(folder / files.CONFIG_NAME),
                                          **config_overrides)
     lay = layout.layout(cfg, scanned=cfg.scan_layers)
     weights = [str(folder / name) for name in files.weight_files(folder)]

@@ -165,6 +165,6 @@ def load(folder: str | os.PathLike, dtype: Any = None, param_dtype: Any = None, 
 
     `dtype` is the compute dtype, `param_dtype` the storage dtype (default: `dtype`, else float32).
     """
-    hf_config = transformers.CLIPTextConfig.from_json_file(hf.config_file(folder))
+    hf_config = transformers.CLIPTextConfig(**hf.read_config(folder))
     cfg = CLIPTextConfig.from_hf(hf_config, **hf.dtypes(dtype, param_dtype))
     return cfg, hf.load_params(folder, init_params, cfg, stored_keys, shardings)

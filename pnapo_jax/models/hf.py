@@ -18,9 +18,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from flax import traverse_util
-from safetensors import safe_open
 
 from pnapo_jax.convert import files
+from pnapo_jax.errors import UserError
 
 Dtype = Any
 WEIGHTS_NAME = "model.safetensors"
@@ -83,12 +83,13 @@ def hf_key(path: tuple[str, ...]) -> str:
     return ".".join([*parts, _LEAF_NAMES.get(leaf, leaf)])
 
 
-def config_file(folder: str | os.PathLike) -> pathlib.Path:
-    """A local folder's config.json (transformers' from_pretrained would take a missing folder for a hub id)."""
+def read_config(folder: str | os.PathLike) -> dict[str, Any]:
+    """A local folder's config.json as a dict (transformers' from_pretrained would take a missing folder for a
+    hub id); `transformers.XConfig(**it)` is what `XConfig.from_json_file` builds."""
     path = pathlib.Path(folder) / files.CONFIG_NAME
     if not path.is_file():
-        raise FileNotFoundError(f"no {files.CONFIG_NAME} in {folder}")
-    return path
+        raise UserError(f"no {files.CONFIG_NAME} in {folder}")
+    return files.read_json(path)
 
 
 def weight_files(folder: pathlib.Path) -> list[str]:
@@ -133,9 +134,10 @@ def load_params(folder: str | os.PathLike, init_params: Callable[[Any, jax.Array
     placement = traverse_util.flatten_dict(shardings) if shardings is not None else {}
     out = {}
     with contextlib.ExitStack() as stack:
-        handles = {f: stack.enter_context(safe_open(f, framework="flax")) for f in set(where.values())}
+        handles = {f: stack.enter_context(files.open_safetensors(f, "flax")) for f in set(where.values())}
         for key, (path, _) in expected.items():
             x = handles[where[stored[key]]].get_tensor(stored[key])
+            files.check_finite(stored[key], where[stored[key]], x)
             x = (x.T if path[-1] == "kernel" else x).astype(cfg.param_dtype)
             out[path] = jax.device_put(x, placement.get(path)).block_until_ready()
     return traverse_util.unflatten_dict(out)
@@ -149,7 +151,7 @@ def check_keys(folder: pathlib.Path, where: Mapping[str, str], stored: Mapping[s
     """
     found = {}
     for file in set(where.values()):
-        with safe_open(file, framework="flax") as f:
+        with files.open_safetensors(file, "flax") as f:
             found.update((k, tuple(f.get_slice(k).get_shape())) for k in f.keys())
     missing = set(expected) - set(stored)
     unexpected = [f"{k} (stored as {stored[k]} in {where[stored[k]]})" for k in set(stored) - set(expected)]

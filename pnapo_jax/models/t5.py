@@ -187,6 +187,6 @@ def load(folder: str | os.PathLike, dtype: Any = None, param_dtype: Any = None, 
 
     `dtype` is the compute dtype, `param_dtype` the storage dtype (default: `dtype`, else float32).
     """
-    hf_config = transformers.T5Config.from_json_file(hf.config_file(folder))
+    hf_config = transformers.T5Config(**hf.read_config(folder))
     cfg = T5Config.from_hf(hf_config, **hf.dtypes(dtype, param_dtype))
     return cfg, hf.load_params(folder, init_params, cfg, stored_keys, shardings)

@@ -6,20 +6,19 @@ our `kernel` transposed, a GroupNorm's `weight` is our `scale`.
 """
 
 import dataclasses
-import json
 import os
 import pathlib
 import re
 from typing import Any
 
 import flax.linen as nn
-import huggingface_hub
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
 from pnapo_jax.convert import files, layout
+from pnapo_jax.errors import UserError
 from pnapo_jax.models.vae import VAEConfig, init_params
 
 VAE_SUBFOLDER = "vae"
@@ -55,11 +54,11 @@ def resolve_vae_dir(path: str | os.PathLike) -> pathlib.Path:
     if "://" in path:
         raise ValueError(f"{path}: remote folders are not read directly; copy the vae/ folder to local disk")
     if not os.path.exists(path):
-        path = huggingface_hub.snapshot_download(path, allow_patterns=[f"{VAE_SUBFOLDER}/*"])
+        path = files.hub_snapshot(path, [VAE_SUBFOLDER])
     for folder in (pathlib.Path(path), pathlib.Path(path) / VAE_SUBFOLDER):
         if (folder / files.CONFIG_NAME).exists():
             return folder
-    raise FileNotFoundError(f"no {files.CONFIG_NAME} in {path} nor in {pathlib.Path(path) / VAE_SUBFOLDER}")
+    raise UserError(f"no {files.CONFIG_NAME} in {path} nor in {pathlib.Path(path) / VAE_SUBFOLDER}")
 
 
 def diffusers_key(path: Path) -> str:
@@ -96,7 +95,7 @@ def load_vae(path: str | os.PathLike, dtype: Any = None, **config_overrides: Any
     if dtype is not None:
         config_overrides = {"dtype": jnp.dtype(dtype).name, "param_dtype": jnp.dtype(dtype).name,
                             **config_overrides}
-    cfg = config_from_diffusers(json.loads((folder / files.CONFIG_NAME).read_text()), **config_overrides)
+    cfg = config_from_diffusers(files.read_json(folder / files.CONFIG_NAME), **config_overrides)
     entries = vae_layout(cfg)
     where = files.keys_by_file([str(folder / name) for name in files.weight_files(folder)])
     layout.check_keys(entries, where, f"VAE folder {folder}")

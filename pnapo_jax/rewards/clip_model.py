@@ -72,6 +72,6 @@ def stored_keys(keys: Collection[str]) -> dict[str, str]:
 
 def load(folder: str | os.PathLike, dtype: Any = None, param_dtype: Any = None) -> tuple[CLIPConfig, dict[str, Any]]:
     """(config, params) from a transformers `CLIPModel` folder (config.json + model.safetensors, sharded or not)."""
-    hf_config = transformers.CLIPConfig.from_json_file(hf.config_file(folder))
+    hf_config = transformers.CLIPConfig(**hf.read_config(folder))
     cfg = CLIPConfig.from_hf(hf_config, **hf.dtypes(dtype, param_dtype))
     return cfg, hf.load_params(folder, init_params, cfg, stored_keys)

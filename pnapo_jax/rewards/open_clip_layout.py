@@ -11,7 +11,6 @@ The mapping: `visual.conv1` is the patch embedding, `resblocks.N` are `layers.N`
 text tower pools at argmax(input ids), the end-of-text token, as transformers' legacy configs do.
 """
 
-import json
 import os
 import pathlib
 import re
@@ -22,8 +21,9 @@ import jax.numpy as jnp
 import numpy as np
 import transformers
 from flax import traverse_util
-from safetensors import safe_open
 
+from pnapo_jax.convert import files
+from pnapo_jax.errors import UserError
 from pnapo_jax.models import clip, clip_vision, hf
 from pnapo_jax.rewards.clip_model import CLIPConfig, init_params
 
@@ -126,11 +126,11 @@ def load(folder: str | os.PathLike, dtype: Any = None, param_dtype: Any = None) 
     folder = pathlib.Path(folder)
     for name in (CONFIG_NAME, WEIGHTS_NAME):
         if not (folder / name).is_file():
-            raise FileNotFoundError(f"no {name} in {folder} (see pnapo_jax.rewards.convert_open_clip)")
-    config = json.loads((folder / CONFIG_NAME).read_text())
+            raise UserError(f"no {name} in {folder} (see pnapo_jax.rewards.convert_open_clip)")
+    config = files.read_json(folder / CONFIG_NAME)
     cfg = config_from_open_clip(config.get("model_cfg", config), **hf.dtypes(dtype, param_dtype))
     file = str(folder / WEIGHTS_NAME)
-    with safe_open(file, framework="flax") as f:
+    with files.open_safetensors(file, "flax") as f:
         keys = [k for k in f.keys() if k not in _BUFFERS]
         sources = {k: (open_clip_key(k), path, shape) for k, (path, shape) in hf.param_keys(init_params, cfg).items()}
         expected = {key: _stored_shape(key, part, shape) for (key, part), _, shape in sources.values()}
@@ -138,6 +138,7 @@ def load(folder: str | os.PathLike, dtype: Any = None, param_dtype: Any = None) 
         out = {}
         for (key, part), path, _ in sources.values():
             x = f.get_tensor(key)
+            files.check_finite(key, file, x)
             x = jnp.split(x, 3)[part] if part is not None else x.T if key in _TRANSPOSED else x
             out[path] = jnp.asarray(x.T if path[-1] == "kernel" else x, cfg.param_dtype)
     return cfg, traverse_util.unflatten_dict(out)
