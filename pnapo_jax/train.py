@@ -407,9 +407,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices:
         stack.enter_context(run_dir.locked(workdir))
         ckpt = stack.enter_context(Checkpointer(str(workdir / "checkpoints"), config.checkpoint))
         start = ckpt.latest_step()
-        if start is not None and start >= config.train.num_steps:
-            say(f"already finished at step {start} ({workdir})")
-            return _finished(workdir, start)
         reference.check_or_record(config, str(workdir), resuming=start is not None, write=jax.process_index() == 0)
         if jax.process_index() == 0:  # export and eval scripts rebuild the model from it
             (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
@@ -424,10 +421,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices:
         base = base_params(setup)
         state, frozen = init_state(setup, base)
         del base
-        if start is not None:
-            say(f"resuming from step {start} ({workdir})")
+        resuming = start is not None
+        if resuming:  # the newest checkpoint that restores: a damaged newest one falls back to an older one
             state = ckpt.restore(start, abstract_state(setup), loader.iterator if same_hosts else None)
         start = int(state["step"])
+        if start >= config.train.num_steps:
+            say(f"already finished at step {start} ({workdir})")
+            return _finished(workdir, start)
+        if resuming:
+            say(f"resuming from step {start} ({workdir})")
         writer = MetricWriter(str(workdir), config.train.num_steps, start, show_progress)
         stack.callback(writer.close)
         step_fn, eval_fn = (_with_rules(setup, f) for f in jit_steps(setup))
