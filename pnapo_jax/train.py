@@ -20,7 +20,8 @@ import optax
 from etils import epath
 from jax.sharding import Mesh
 
-from pnapo_jax import flow, pnapo, sharding
+from pnapo_jax import config_check, flow, pnapo, sharding
+from pnapo_jax.config import name_list
 from pnapo_jax.models.flux import FluxConfig, FluxTransformer, dummy_inputs
 
 State = dict[str, Any]
@@ -32,7 +33,7 @@ def flux_config(config: ml_collections.ConfigDict) -> FluxConfig:
     names = {f.name for f in dataclasses.fields(FluxConfig)}
     kw = {k: tuple(v) if isinstance(v, list | tuple) else v for k, v in config.model.items() if k in names}
     return FluxConfig(**kw, lora_rank=config.lora.rank, lora_alpha=config.lora.alpha,
-                      lora_targets=tuple(config.lora.targets))
+                      lora_targets=name_list(config.lora.targets))
 
 
 def learning_rate(optim: ml_collections.ConfigDict, num_steps: int) -> optax.Schedule:
@@ -83,9 +84,8 @@ class Setup:
 
 
 def make_setup(config: ml_collections.ConfigDict, devices: list | None = None) -> Setup:
-    if config.train.global_batch_size % config.train.grad_accum_steps:
-        raise ValueError(f"train.global_batch_size={config.train.global_batch_size} must divide by "
-                         f"train.grad_accum_steps={config.train.grad_accum_steps}")
+    """Checks the whole config first (pnapo_jax.config_check): every command builds its setup before any work."""
+    config_check.check(config, len(jax.devices() if devices is None else devices))
     return Setup(config, flux_config(config), sharding.make_mesh(config.mesh, devices),
                  sharding.rules_from_config(config.logical_axis_rules),
                  make_optimizer(config.optim, config.train.num_steps))
@@ -361,6 +361,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices:
     sharding.maybe_initialize_distributed()
     setup = make_setup(config, devices)
     workdir = epath.Path(workdir)
+    config_check.check_resume(config, workdir)  # before config.json is replaced by this run's
     if jax.process_index() == 0:  # export and eval scripts rebuild the model from it
         workdir.mkdir(parents=True, exist_ok=True)
         (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))

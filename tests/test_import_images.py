@@ -16,6 +16,7 @@ from test_vae import _randomize, _torch_vae
 from pnapo_jax.data import import_pairs
 from pnapo_jax.data.schema import RecordError
 from pnapo_jax.data.source import ArrayRecordSource
+from pnapo_jax.errors import UserError
 
 # FLUX-like (16 latent channels, shift, no quant convs), downsampling 8x: one packed token is 16x16 pixels.
 VAE_TINY = dict(block_out_channels=(8, 8, 16, 16), layers_per_block=1, norm_num_groups=4, latent_channels=16,
@@ -76,5 +77,5 @@ def test_images_are_vae_encoded(tmp_path, vae):
             ref = image if isinstance(image, np.ndarray) else _reference_latent(model, image)
             assert stored.shape == ref.shape == (6, 64)
             assert np.abs(stored - ref).max() <= 1e-4 * np.abs(ref).max()
-    with pytest.raises(ValueError, match="multiples of 16"):
+    with pytest.raises(UserError, match="multiples of 16"):
         import_pairs.import_manifest(str(tmp_path / "m.jsonl"), str(tmp_path / "bad"), 40, WIDTH, vae=str(folder))

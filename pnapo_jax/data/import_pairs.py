@@ -33,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image, ImageOps
 
-from pnapo_jax import flow
+from pnapo_jax import cli, flow
 from pnapo_jax.data.builder import write_dataset
 from pnapo_jax.data.schema import (
     FLUX_PATCH_PIXELS,
@@ -43,6 +43,7 @@ from pnapo_jax.data.schema import (
     SextupleSpec,
     validate_record,
 )
+from pnapo_jax.errors import UserError
 from pnapo_jax.models import vae as vae_model
 from pnapo_jax.models.vae_loading import load_vae
 
@@ -80,7 +81,7 @@ class ImageEncoder:
         self.cfg, self.params = load_vae(vae_dir)
         self.patch_pixels = 2 * self.cfg.downsample_factor  # one packed token covers this many pixels a side
         if height % self.patch_pixels or width % self.patch_pixels:
-            raise ValueError(f"height and width must be multiples of {self.patch_pixels}, got {height}x{width}")
+            raise UserError(f"--height and --width must be multiples of {self.patch_pixels}, got {height}x{width}")
         self.size = (width, height)
 
     def __call__(self, path: str) -> np.ndarray:
@@ -139,6 +140,25 @@ def _pair_record(
     )
 
 
+def read_manifest(manifest: str) -> list[dict[str, Any]]:
+    """The manifest's rows (blank lines skipped); an unreadable file or a row that is not a JSON object is a
+    UserError naming the file and the row."""
+    try:
+        with open(manifest, encoding="utf-8") as f:
+            lines = [line for line in f if line.strip()]
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"manifest {manifest}: cannot read it ({getattr(e, 'strerror', None) or e})") from None
+    rows = []
+    for index, line in enumerate(lines):
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            raise UserError(f"{manifest}: row {index}: not JSON ({e.msg})") from None
+        if not isinstance(rows[-1], dict):
+            raise UserError(f"{manifest}: row {index}: not a JSON object")
+    return rows
+
+
 def import_manifest(
     manifest: str,
     data_dir: str,
@@ -151,12 +171,11 @@ def import_manifest(
     diffusers VAE folder, or a pipeline folder holding vae/) encodes the rows' image files."""
     base, bad_records = os.path.dirname(os.path.abspath(manifest)), BadRecords(on_bad_record)
     encode = None if vae is None else ImageEncoder(vae, height, width)
-    with open(manifest, encoding="utf-8") as f:
-        rows = [json.loads(line) for line in f if line.strip()]
+    rows = read_manifest(manifest)
     pairs = ((index, row) for index, row in enumerate(rows) if row.get("label_0") != TIE)
     first_index, first_row = next(pairs, (None, None))
     if first_row is None:
-        raise ValueError(f"{manifest}: no non-tie pairs to import")
+        raise UserError(f"{manifest}: no non-tie pairs to import")
     pair_record = lambda index, row: _pair_record(row, base, manifest, index, height, width, encode)
     first = pair_record(first_index, first_row)
     spec = SextupleSpec(
@@ -198,8 +217,12 @@ def main(argv: list[str] | None = None) -> None:
         "--on_bad_record", choices=ON_BAD_RECORD, default="raise", help="stop at, or drop and count, bad rows"
     )
     parser.add_argument("--vae", help="diffusers VAE folder (or pipeline folder) to encode the rows' image files")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an expected error")
     args = parser.parse_args(argv)
-    report = import_manifest(args.input, args.out, args.height, args.width, args.on_bad_record, args.vae)
+    with cli.one_line_errors(args.debug):
+        if args.vae is not None and not os.path.isdir(args.vae):
+            raise UserError(f"--vae={args.vae} is not a folder (a diffusers VAE folder or a pipeline folder)")
+        report = import_manifest(args.input, args.out, args.height, args.width, args.on_bad_record, args.vae)
     print(f"wrote {report.written} pairs to {report.path}; skipped {report.ties} ties and {report.skipped} bad rows")
 
 
