@@ -137,7 +137,8 @@ def _lora_layer_names(guidance: bool, targets: tuple[str, ...] | None) -> frozen
     model = flux.FluxTransformer(probe)
     shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), **flux.dummy_inputs(probe)))
     paths = jax.tree_util.tree_flatten_with_path(shapes.get("lora", {}))[0]
-    return frozenset(getattr(k, "key", "") for path, _ in paths for k in path)
+    keys = [[getattr(k, "key", None) for k in path] for path, _ in paths]
+    return frozenset(ks[ks.index(leaf) - 1] for ks in keys for leaf in ("lora_a", "lora_b") if leaf in ks)
 
 
 class _Everything(tuple):
@@ -154,15 +155,20 @@ def _every_name() -> tuple[str, ...]:
 def check(config: ml_collections.ConfigDict, num_devices: int | None = None) -> None:
     """Raise a UserError naming every bad field of `config` (and with `num_devices`, the mesh and batch that do
     not fit them). A config read from a file that lacks fields is refused first, naming the missing ones."""
-    missing = sorted(set(_flat(config_lib.defaults())) - set(_flat(config)))
-    if missing:
-        raise UserError(f"the config lacks the fields {', '.join('config.' + k for k in missing[:6])}"
-                        f"{' ...' if len(missing) > 6 else ''}: it is not a pnapo_jax run's config")
+    check_complete(config, "the config")
     problems = _problems(config)
     if not problems and num_devices is not None:
         problems = _device_problems(config, num_devices)
     if problems:
         raise UserError("; ".join(problems))
+
+
+def check_complete(config: ml_collections.ConfigDict, source: str) -> None:
+    """Refuse a config (read from `source`, e.g. a workdir's config.json) that lacks fields, naming them."""
+    missing = sorted(set(_flat(config_lib.defaults())) - set(_flat(config)))
+    if missing:
+        raise UserError(f"{source} lacks the fields {', '.join('config.' + k for k in missing[:6])}"
+                        f"{' ...' if len(missing) > 6 else ''}: it is not a pnapo_jax run's config")
 
 
 def _device_problems(config: ml_collections.ConfigDict, num_devices: int) -> list[str]:

@@ -15,7 +15,7 @@ import ml_collections
 from absl import flags
 from etils import epath
 
-from pnapo_jax import cli, convert, train
+from pnapo_jax import cli, config_check, convert, train
 from pnapo_jax.checkpoint import Checkpointer
 from pnapo_jax.errors import UserError
 
@@ -31,6 +31,7 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
         config = ml_collections.ConfigDict(json.loads(path.read_text()))
     except json.JSONDecodeError as e:
         raise UserError(f"{path} is not JSON ({e}): --workdir must be a training workdir") from None
+    config_check.check_complete(config, str(path))
     config.mesh.data, config.mesh.fsdp, config.mesh.tensor = 1, -1, 1
     return config
 
@@ -77,6 +78,8 @@ def export(workdir: str, out: str, fmt: str, step: int | None = None, devices: l
 
 def _main(argv: list[str]) -> None:
     f = flags.FLAGS
+    if f.step is not None and f.step < 0:
+        raise UserError(f"--step={f.step}: checkpoint steps are >= 0")
     export(f.workdir, f.out, f.format, f.step)
 
 

@@ -2,7 +2,7 @@
 ranks them, and winner / loser are stored with their noises as sextuples.
 
     python -m pnapo_jax.generate --config=configs/demo_cpu.py --prompts=prompts.txt --out=DIR
-    python -m pnapo_jax.generate --config=configs/flux_tpu.py --config.generate.reward_path=HPSV2_DIR \
+    python -m pnapo_jax.generate --config=configs/flux_tpu.py --config.generate.reward_path=HPSV2_DIR \\
         --prompts=prompts.txt --out=DIR
 
 The noise of image k of prompt p (0-based line of the prompts file) is

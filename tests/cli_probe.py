@@ -104,8 +104,7 @@ def cases(f: dict[str, str], tmp: str) -> list[Case]:
         main("main/pretrained_format", "config.model.pretrained_format", "--config.model.pretrained_format=ckpt"),
         main("main/reference_dtype", "config.model.reference_dtype", "--config.model.reference_dtype=f32"),
         main("main/batch_vs_accum", "config.train.grad_accum_steps", "--config.train.grad_accum_steps=3"),
-        main("main/batch_vs_mesh", "config.train.global_batch_size", "--config.train.global_batch_size=4",
-             "--config.mesh.fsdp=8"),
+        main("main/batch_vs_mesh", "config.train.global_batch_size", "--config.train.global_batch_size=4"),
         main("main/mesh_devices", "config.mesh", "--config.mesh.data=3"),
         main("main/every_steps_zero", "config.checkpoint.every_steps", "--config.checkpoint.every_steps=0"),
         main("main/keep_zero", "config.checkpoint.keep", "--config.checkpoint.keep=0"),
@@ -155,7 +154,7 @@ def cases(f: dict[str, str], tmp: str) -> list[Case]:
                f"--out={out}.png"),
         sample("sample/pipeline_is_file", "not_a_dir", f"--pipeline={f['not_a_dir']}", "--prompt=x",
                f"--out={out}.png"),
-        sample("sample/prompt_and_prompts", "--prompt", f"--pipeline={nowhere}", "--prompt=x",
+        sample("sample/prompt_and_prompts", "prompt", f"--pipeline={nowhere}", "--prompt=x",
                f"--prompts={f['prompts']}", f"--out={out}"),
         sample("sample/missing_prompts", "nonexistent.txt", f"--pipeline={tmp}", f"--prompts={nowhere}.txt",
                f"--out={out}"),
@@ -289,15 +288,22 @@ def run_cases(selected: list[Case], tmp: str, on_result: Callable[[str, dict], N
 
 
 def _preimport() -> None:
-    """The heavy stack, once, before forking (not the command modules: runpy executes those per case)."""
+    """The heavy stack, once, before forking: the command modules too, except main and aot, which define their
+    flags on import (runpy executes each command module afresh per case)."""
     import flax.linen  # noqa: F401
     import jax  # noqa: F401
     import optax  # noqa: F401
     import orbax.checkpoint  # noqa: F401
 
-    import pnapo_jax.cli  # noqa: F401
+    import pnapo_jax.data.import_pairs  # noqa: F401
     import pnapo_jax.data.pipeline  # noqa: F401
-    import pnapo_jax.train  # noqa: F401
+    import pnapo_jax.export  # noqa: F401
+    import pnapo_jax.generate  # noqa: F401
+    import pnapo_jax.rewards.convert_open_clip  # noqa: F401
+    import pnapo_jax.sample  # noqa: F401
+    import pnapo_jax.sweep  # noqa: F401
+    import pnapo_jax.world.reflow  # noqa: F401
+    import pnapo_jax.world.straightness  # noqa: F401
 
 
 def probe(commands: list[str] | None = None, on_result: Callable[[str, dict], None] | None = None
@@ -312,6 +318,7 @@ def probe(commands: list[str] | None = None, on_result: Callable[[str, dict], No
 
 def main() -> None:
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")  # as the tests run
     args = [a for a in sys.argv[1:] if not a.startswith("--")]
     show = lambda name, r: print(f"{r['outcome']:9} {name:40} rc={r['rc']} {r['seconds']:5}s  {r['last'][:150]}",
                                  flush=True)
