@@ -4,6 +4,7 @@ import contextlib
 import logging as pylogging
 import re
 import sys
+import traceback
 from collections.abc import Callable, Iterator
 
 from absl import app, flags, logging
@@ -28,6 +29,12 @@ def parse_flags(argv: list[str]) -> list[str]:
         if "Traceback (most recent call last):" in lines and "--debug" not in argv:
             lines = [lines[0].removesuffix("Error whilst parsing config file:") + lines[-1]]  # its exception
         sys.exit(f"error: {'; '.join(lines)}")
+    except Exception as e:  # a config file's own code failed: it is user input, so say where, in one line
+        if "--debug" in argv:
+            raise
+        frame = traceback.extract_tb(e.__traceback__)[-1]
+        sys.exit(f"error: {type(e).__name__}: {e} ({frame.filename}, line {frame.lineno}, while reading the flags; "
+                 "--debug shows the traceback)")
     _check_config_files()
     return rest
 

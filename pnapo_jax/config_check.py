@@ -101,10 +101,19 @@ def _problems(config: ml_collections.ConfigDict) -> list[str]:
 
         if config.eval.split not in grammar.SPLITS:
             out.append(f"config.eval.split is {config.eval.split!r}; the demo world's splits: {grammar.SPLITS}")
-    out += _mesh_problems(config.mesh)
+    out += _mesh_problems(config.mesh) + _path_problems(config)
     if not out and config.lora.rank > 0:
         out += _lora_target_problems(config)
     return out
+
+
+def _path_problems(config: ml_collections.ConfigDict) -> list[str]:
+    """Local paths (absolute, ~ or ./) that do not exist: hub ids and gs:// paths are checked where they load."""
+    fields = ["model.pretrained", "data.eval_path"] + ["data.path"] * (config.data.source == "array_record")
+    fields += ["generate.pipeline", "generate.reward_path"] * (config.generate.world == "flux")
+    local = lambda p: p.startswith(("/", "~", "./", "../"))
+    return [f"config.{k}={_get(config, k)}: no such file or folder" for k in fields
+            if _get(config, k) and local(_get(config, k)) and not epath.Path(_get(config, k)).expanduser().exists()]
 
 
 def _mesh_problems(mesh: ml_collections.ConfigDict) -> list[str]:

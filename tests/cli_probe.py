@@ -58,6 +58,9 @@ def _files(tmp: str) -> dict[str, str]:
         "bad_label_manifest": write("bad_label.jsonl", '{"caption": "x", "label_0": 7}\n'),
         "pickle_pt": write("model.pt", b"\x80\x04not really a pickle"),
         "bad_config_py": write("bad_config.py", "def get_config():\n    return 1 / 0\n"),
+        "pipeline": os.path.dirname(os.path.dirname(  # the folders of a pipeline, empty: flags are checked first
+            [write(f"pipeline/{p}/.keep", "") for p in ("transformer", "vae", "text_encoder", "text_encoder_2",
+                                                         "tokenizer", "tokenizer_2", "scheduler")][0])),
     }
 
 
@@ -84,6 +87,7 @@ def cases(f: dict[str, str], tmp: str) -> list[Case]:
     imp = lambda name, names, *a: Case(name, "pnapo_jax.data.import_pairs", a, names)
     sweep = lambda name, names, *a: Case(name, "pnapo_jax.sweep", a, names)
     nowhere = os.path.join(tmp, "nonexistent")
+    pipe = f"--pipeline={f['pipeline']}"  # the flags and files after it are what is wrong
     return [
         Case("main/no_flags", "pnapo_jax.main", (), "--config"),
         Case("main/missing_config_file", "pnapo_jax.main", (f"--config={nowhere}.py", f"--workdir={wd}"),
@@ -123,6 +127,9 @@ def cases(f: dict[str, str], tmp: str) -> list[Case]:
         main("main/world", "config.generate.world", "--config.generate.world=sd3"),
         main("main/source_without_path", "config.data.path", "--config.data.source=array_record"),
         main("main/eval_split", "config.eval.split", "--config.eval.sample_every=4", "--config.eval.split=test"),
+        main("main/missing_pretrained", "config.model.pretrained", f"--config.model.pretrained={nowhere}"),
+        main("main/missing_data_path", "config.data.path", "--config.data.source=array_record",
+             f"--config.data.path={nowhere}"),
         main("main/axes_dims_rope", "config.model.axes_dims_rope", "--config.model.attention_head_dim=20"),
         Case("generate/no_flags", "pnapo_jax.generate", (), "--config"),
         gen("generate/missing_prompts", "nonexistent", f"--prompts={nowhere}.txt", f"--out={out}"),
@@ -156,24 +163,16 @@ def cases(f: dict[str, str], tmp: str) -> list[Case]:
                f"--out={out}.png"),
         sample("sample/prompt_and_prompts", "prompt", f"--pipeline={nowhere}", "--prompt=x",
                f"--prompts={f['prompts']}", f"--out={out}"),
-        sample("sample/missing_prompts", "nonexistent.txt", f"--pipeline={tmp}", f"--prompts={nowhere}.txt",
-               f"--out={out}"),
-        sample("sample/blank_prompt", "blank_prompts.txt", f"--pipeline={tmp}", f"--prompts={f['blank_prompts']}",
-               f"--out={out}"),
-        sample("sample/no_prompts", "empty_prompts.txt", f"--pipeline={tmp}", f"--prompts={f['empty_prompts']}",
-               f"--out={out}"),
-        sample("sample/step_without_workdir", "--step", f"--pipeline={tmp}", "--prompt=x", f"--out={out}.png",
-               "--step=5"),
-        sample("sample/missing_noise", "nonexistent.npy", f"--pipeline={tmp}", "--prompt=x", f"--out={out}.png",
+        sample("sample/missing_prompts", "nonexistent.txt", pipe, f"--prompts={nowhere}.txt", f"--out={out}"),
+        sample("sample/blank_prompt", "blank_prompts.txt", pipe, f"--prompts={f['blank_prompts']}", f"--out={out}"),
+        sample("sample/no_prompts", "empty_prompts.txt", pipe, f"--prompts={f['empty_prompts']}", f"--out={out}"),
+        sample("sample/step_without_workdir", "--step", pipe, "--prompt=x", f"--out={out}.png", "--step=5"),
+        sample("sample/missing_noise", "nonexistent.npy", pipe, "--prompt=x", f"--out={out}.png",
                f"--noise={nowhere}.npy"),
-        sample("sample/missing_workdir", "nonexistent", f"--pipeline={tmp}", "--prompt=x", f"--out={out}.png",
+        sample("sample/missing_workdir", "nonexistent", pipe, "--prompt=x", f"--out={out}.png",
                f"--workdir={nowhere}"),
-        sample("sample/height", "--height", f"--pipeline={tmp}", "--prompt=x", f"--out={out}.png", "--height=100"),
-        sample("sample/num_steps", "--num_steps", f"--pipeline={tmp}", "--prompt=x", f"--out={out}.png",
-               "--num_steps=0"),
-        sample("sample/true_cfg_without_negative", "--negative_prompt", f"--pipeline={tmp}", "--prompt=x",
-               f"--out={out}.png", "--true_cfg_scale=4"),
-        sample("sample/dtype", "--dtype", f"--pipeline={tmp}", "--prompt=x", f"--out={out}.png", "--dtype=f16"),
+        sample("sample/num_steps", "--num_steps", pipe, "--prompt=x", f"--out={out}.png", "--num_steps=0"),
+        sample("sample/dtype", "--dtype", pipe, "--prompt=x", f"--out={out}.png", "--dtype=f16"),
         Case("aot/no_flags", "pnapo_jax.aot", (), "--config"),
         aot("aot/unknown_topology", "v9-8", "--topology=v9-8"),
         aot("aot/bad_topology_syntax", "--topology", "--topology=tpu"),

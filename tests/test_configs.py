@@ -72,6 +72,7 @@ def test_demo_cpu_variants_match_the_shipped_base(arg):
     ({"pnapo.beta": 0.0}, "config.pnapo.beta"),
     ({"pnapo.n1": 12, "pnapo.n2": 4}, "config.pnapo.n2"),
     ({"mesh.data": 0}, "config.mesh"),
+    ({"model.pretrained": "/nonexistent/flux"}, "config.model.pretrained"),
 ])
 def test_a_bad_field_is_named_before_any_work(overrides, field):
     """make_setup, which every command runs first, refuses the config in one line naming the field."""
