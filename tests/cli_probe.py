@@ -1,7 +1,7 @@
 """Bad invocations of every command, each classified by what the user sees: one line naming what is wrong, a
 traceback, or a silent success. tests/test_cli.py runs it; alone it prints the table and the counts:
 
-    python tests/cli_probe.py [COMMAND ...]
+    python tests/cli_probe.py [--quick] [--json] [COMMAND_OR_CASE ...]
 
 Every case fails early (a flag, a file, a config field), so one process per command imports the stack once and
 forks a child per case (runpy as `python -m MODULE` would run it): seconds per case, not an import each.
@@ -215,6 +215,13 @@ def cases(f: dict[str, str], tmp: str) -> list[Case]:
     ]
 
 
+# One process runs these in seconds: the default test suite's share (tests/test_cli.py); the rest run as slow.
+QUICK = ("main/no_flags", "main/missing_config_file", "main/extra_argument", "main/num_steps_zero",
+         "main/noise_mode", "main/batch_vs_mesh", "main/n2_below_n1", "generate/blank_prompt", "export/missing_workdir",
+         "sample/missing_pipeline", "aot/unknown_topology", "import_pairs/not_json", "sweep/missing_config",
+         "convert_open_clip/missing_in", "world.reflow/missing_base")
+
+
 def classify(rc: int, output: str, names: str) -> str:
     """one_line: non-zero exit, no traceback, the last line `error: ...` naming `names`; unnamed: the same
     without the name; traceback; accepted: exit 0 (bad input taken); other: anything else."""
@@ -305,12 +312,12 @@ def _preimport() -> None:
     import pnapo_jax.world.straightness  # noqa: F401
 
 
-def probe(commands: list[str] | None = None, on_result: Callable[[str, dict], None] | None = None
+def probe(selection: list[str] | None = None, on_result: Callable[[str, dict], None] | None = None
           ) -> dict[str, dict]:
-    """Run the cases of `commands` (module-name prefixes before '/', e.g. 'main'; default all)."""
+    """Run the cases named in `selection` or of the commands it names ('main', 'sample'; default: all)."""
     with tempfile.TemporaryDirectory(prefix="cli_probe_") as tmp:
         all_cases = cases(_files(tmp), tmp)
-        selected = [c for c in all_cases if commands is None or c.name.split("/")[0] in commands]
+        selected = [c for c in all_cases if selection is None or {c.name, c.name.split("/")[0]} & set(selection)]
         _preimport()
         return run_cases(selected, tmp, on_result)
 
@@ -318,7 +325,7 @@ def probe(commands: list[str] | None = None, on_result: Callable[[str, dict], No
 def main() -> None:
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
     os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")  # as the tests run
-    args = [a for a in sys.argv[1:] if not a.startswith("--")]
+    args = [a for a in sys.argv[1:] if not a.startswith("--")] + list(QUICK) * ("--quick" in sys.argv)
     show = lambda name, r: print(f"{r['outcome']:9} {name:40} rc={r['rc']} {r['seconds']:5}s  {r['last'][:150]}",
                                  flush=True)
     results = probe(args or None, None if "--json" in sys.argv else show)
