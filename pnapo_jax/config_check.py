@@ -101,7 +101,7 @@ def _problems(config: ml_collections.ConfigDict) -> list[str]:
 
         if config.eval.split not in grammar.SPLITS:
             out.append(f"config.eval.split is {config.eval.split!r}; the demo world's splits: {grammar.SPLITS}")
-    out += _mesh_problems(config.mesh) + _path_problems(config)
+    out += _mesh_problems(config.mesh)
     if not out and config.lora.rank > 0:
         out += _lora_target_problems(config)
     return out
@@ -142,7 +142,7 @@ def _lora_layer_names(guidance: bool, targets: tuple[str, ...] | None) -> frozen
     probe = flux.FluxConfig(in_channels=4, num_layers=1, num_single_layers=1, attention_head_dim=8,
                             num_attention_heads=1, joint_attention_dim=4, pooled_projection_dim=4,
                             guidance_embeds=guidance, axes_dims_rope=(2, 2, 4), lora_rank=1,
-                            lora_targets=targets if targets is not None else _every_name())
+                            lora_targets=targets if targets is not None else _Everything())
     model = flux.FluxTransformer(probe)
     shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), **flux.dummy_inputs(probe)))
     paths = jax.tree_util.tree_flatten_with_path(shapes.get("lora", {}))[0]
@@ -157,15 +157,12 @@ class _Everything(tuple):
         return True
 
 
-def _every_name() -> tuple[str, ...]:
-    return _Everything()
-
-
-def check(config: ml_collections.ConfigDict, num_devices: int | None = None) -> None:
-    """Raise a UserError naming every bad field of `config` (and with `num_devices`, the mesh and batch that do
-    not fit them). A config read from a file that lacks fields is refused first, naming the missing ones."""
+def check(config: ml_collections.ConfigDict, num_devices: int | None = None, paths: bool = False) -> None:
+    """Raise a UserError naming every bad field of `config`; with `num_devices`, also the mesh and batch that do
+    not fit them, with `paths` the local inputs that do not exist (the commands that read them: train,
+    generate; not export, which needs no data). A config that lacks fields is refused first, naming them."""
     check_complete(config, "the config")
-    problems = _problems(config)
+    problems = _problems(config) + (_path_problems(config) if paths else [])
     if not problems and num_devices is not None:
         problems = _device_problems(config, num_devices)
     if problems:

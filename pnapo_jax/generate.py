@@ -221,7 +221,7 @@ if __name__ == "__main__":
     from absl import flags
     from ml_collections import config_flags
 
-    from pnapo_jax import cli
+    from pnapo_jax import cli, config_check
 
     _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file with a `generate` section.",
                                               lock_config=True)
@@ -230,6 +230,7 @@ if __name__ == "__main__":
     flags.mark_flags_as_required(["config", "prompts", "out"])
 
     def _main(argv: list[str]) -> None:
+        config_check.check(_CONFIG.value, paths=True)  # the pipeline and reward folders too, before loading
         print(json.dumps(run(_CONFIG.value, _PROMPTS.value, _OUT.value)))
 
     cli.run(_main)

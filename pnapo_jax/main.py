@@ -7,7 +7,7 @@ Any config field can be overridden: `--config.pnapo.beta=5000 --config.lora.rank
 from absl import flags
 from ml_collections import config_flags
 
-from pnapo_jax import cli, train
+from pnapo_jax import cli, config_check, train
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py[:variant]).", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Checkpoints, metrics.jsonl, TensorBoard (local path or gs://).")
@@ -17,6 +17,7 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 def main(argv: list[str]) -> None:
     del argv  # cli.run refuses extra arguments
+    config_check.check(_CONFIG.value, paths=True)  # the local inputs too, before pairs or weights
     line = train.train_and_evaluate(_CONFIG.value, _WORKDIR.value, show_progress=_PROGRESS.value)
     print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in line.items()))
     if "eval/reward_mean" in line:
