@@ -85,7 +85,7 @@ class Setup:
 
 def make_setup(config: ml_collections.ConfigDict, devices: list | None = None) -> Setup:
     """Checks the whole config first (pnapo_jax.config_check): every command builds its setup before any work."""
-    config_check.check(config, len(jax.devices() if devices is None else devices))
+    config_check.check(config)
     return Setup(config, flux_config(config), sharding.make_mesh(config.mesh, devices),
                  sharding.rules_from_config(config.logical_axis_rules),
                  make_optimizer(config.optim, config.train.num_steps))
@@ -279,6 +279,7 @@ def eval_step(setup: Setup, state: State, frozen: Any, batch: dict[str, jax.Arra
 
 def jit_steps(setup: Setup) -> tuple[Callable, Callable]:
     """(train_step, eval_step) jitted with in/out shardings; the train state is donated."""
+    config_check.check(setup.config, setup.mesh.devices.size)  # the global batch against this mesh
     state_sh, frozen_sh = state_shardings(setup), frozen_shardings(setup)
     batch_sh = sharding.batch_sharding(setup.mesh)
     rep = sharding.replicated(setup.mesh)

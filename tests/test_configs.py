@@ -74,11 +74,11 @@ def test_demo_cpu_variants_match_the_shipped_base(arg):
     ({"mesh.data": 0}, "config.mesh"),
 ])
 def test_a_bad_field_is_named_before_any_work(overrides, field):
-    """make_setup, which every command runs first, refuses the config in one line naming the field."""
+    """make_setup (every command runs it first) and jit_steps (the batch on the mesh) name the bad field."""
     c = tiny.get_config()
     c.update_from_flattened_dict(overrides)
     with pytest.raises(UserError, match=re.escape(field)) as e:
-        train.make_setup(c)
+        train.jit_steps(train.make_setup(c))  # make_setup checks the fields, jit_steps the batch on the mesh
     assert "\n" not in str(e.value)
 
 
