@@ -24,7 +24,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import ml_collections
-from absl import app, flags
+from absl import flags
 from jax.experimental import topologies
 from jax.extend import core as jcore
 from ml_collections import config_flags
@@ -32,6 +32,7 @@ from ml_collections import config_flags
 from pnapo_jax import cli, sharding, train
 from pnapo_jax.data.batch import LATENT_KEYS, NOISE_KEYS, REWARD_KEYS
 from pnapo_jax.data.pipeline import batch_keys
+from pnapo_jax.errors import UserError
 from pnapo_jax.models.flux import FluxTransformer, dummy_inputs
 
 GiB = 2**30
@@ -63,18 +64,18 @@ def resolve_topology(name: str) -> tuple[str, Chip, str, int]:
         chips = int(m[2]) // chip.cores_per_chip if chip else 0
         if not chip or chips not in chip.grids:
             known = [f"{g}-{n * c.cores_per_chip}" for g, c in CHIPS.items() for n in c.grids]
-            raise ValueError(f"unknown TPU type {name!r}; known: {', '.join(known)}")
+            raise UserError(f"--topology: unknown TPU type {name!r}; known: {', '.join(known)}")
         return gen, chip, f"{gen}:{chip.grids[chips]}", chips
     if (m := re.fullmatch(r"(\w+):(\d+(?:x\d+)+)", name)) and _ALIASES.get(m[1], m[1]) in CHIPS:
         gen = _ALIASES.get(m[1], m[1])
         return gen, CHIPS[gen], f"{gen}:{m[2]}", math.prod(int(d) for d in m[2].split("x"))
-    raise ValueError(f"--topology must look like v5p-8, v6e-16, v5e-64 or v5p:2x2x1, got {name!r}")
+    raise UserError(f"--topology must look like v5p-8, v6e-16, v5e-64 or v5p:2x2x1, got {name!r}")
 
 
 def tpu_devices(desc_name: str) -> list:
     """Compile-only devices of a TPU slice (libtpu's topology description; no TPU needed)."""
     if importlib.util.find_spec("libtpu") is None:
-        raise SystemExit("error: the AOT check compiles with libtpu, which is not installed: pip install -e '.[aot]'")
+        raise UserError("the AOT check compiles with libtpu, which is not installed: pip install -e '.[aot]'")
     os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # else a second process (a job, a test) is refused
     return topologies.get_topology_desc(platform="tpu", topology_name=desc_name).devices
 
@@ -224,8 +225,8 @@ flags.mark_flags_as_required(["config", "topology"])
 
 
 def main(argv: list[str]) -> None:
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    if _HBM.value is not None and _HBM.value <= 0:
+        raise UserError(f"--hbm_gib={_HBM.value}: must be > 0")
     if not os.environ.get("JAX_PLATFORMS"):
         jax.config.update("jax_platforms", "cpu")  # the local backend only traces; a local TPU stays free
     show = lambda r: print(summary(r), flush=True)
@@ -240,4 +241,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main, flags_parser=cli.parse_flags)
+    cli.run(main)

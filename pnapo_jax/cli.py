@@ -1,11 +1,14 @@
 """What every command-line tool shares: flag parsing and expected errors as one clear line, and quiet logs."""
 
+import contextlib
 import logging as pylogging
 import re
 import sys
-from collections.abc import Callable
+import traceback
+from collections.abc import Callable, Iterator
 
 from absl import app, flags, logging
+from ml_collections.config_flags.config_flags import ConfigFileFlagParser
 
 from pnapo_jax.errors import UserError
 
@@ -13,33 +16,64 @@ _DEBUG = flags.DEFINE_bool("debug", False, "Show the full traceback of an expect
 
 
 def parse_flags(argv: list[str]) -> list[str]:
-    """absl parsing, with config override mistakes reported as one clear line instead of a traceback."""
+    """absl parsing, with flag and config mistakes reported as one clear line instead of a traceback."""
     try:
-        return flags.FLAGS(argv)
+        rest = flags.FLAGS(argv)
     except (AttributeError, KeyError) as e:  # ml_collections: a field that does not exist
         msg = str(e.args[0]).encode().decode("unicode_escape").strip("'")
         hint = re.search(r'Did you mean "(\w+)" instead of "(\w+)"', msg)
         field = f"{hint.group(2)!r} (did you mean {hint.group(1)!r}?)" if hint else msg.splitlines()[0]
         sys.exit(f"error: unknown config field {field} in --config.* overrides")
-    except flags.Error as e:  # ill-typed value, missing required flag, bad config file
-        sys.exit(f"error: {e}")
+    except flags.Error as e:  # ill-typed value, missing required flag, a config file's get_config refusing
+        lines = str(e).splitlines()
+        if "Traceback (most recent call last):" in lines and "--debug" not in argv:
+            lines = [lines[0].removesuffix("Error whilst parsing config file:") + lines[-1]]  # its exception
+        sys.exit(f"error: {'; '.join(lines)}")
+    except Exception as e:  # a config file's own code failed: it is user input, so say where, in one line
+        if "--debug" in argv:
+            raise
+        frame = traceback.extract_tb(e.__traceback__)[-1]
+        sys.exit(f"error: {type(e).__name__}: {e} ({frame.filename}, line {frame.lineno}, while reading the flags; "
+                 "--debug shows the traceback)")
+    _check_config_files()
+    return rest
+
+
+def _check_config_files() -> None:
+    """ml_collections defers a config file that cannot be read to its first use, deep in the command: say it
+    now, naming the flag and the file."""
+    for name in flags.FLAGS:
+        flag = flags.FLAGS[name]
+        if isinstance(flag.parser, ConfigFileFlagParser) and flag.value is not None:
+            try:
+                flag.value.get("seed")
+            except OSError as e:
+                sys.exit(f"error: --{name}={flag.serialize().partition('=')[2]}: {str(e).splitlines()[-1].strip()}")
 
 
 def run(main: Callable[[list[str]], None]) -> None:
     """absl's app.run with the shared parser; a UserError ends the command with `error: <its line>`, exit 1."""
 
     def guarded(argv: list[str]) -> None:
-        if len(argv) > 1:
-            raise app.UsageError(f"unexpected arguments: {argv[1:]}")
         quiet_logs()
-        try:
+        with one_line_errors(_DEBUG.value):
+            if len(argv) > 1:
+                raise UserError(f"unexpected arguments {argv[1:]}: every input is a --flag (see --help)")
             main(argv)
-        except UserError as e:
-            if _DEBUG.value:
-                raise
-            sys.exit(f"error: {e}")
 
     app.run(guarded, flags_parser=parse_flags)
+
+
+@contextlib.contextmanager
+def one_line_errors(debug: bool) -> Iterator[None]:
+    """A UserError inside ends the process with `error: <its line>` and exit status 1 (`debug`: the traceback).
+    `run` uses it; argparse commands (import_pairs, sweep) wrap their work in it with their own --debug."""
+    try:
+        yield
+    except UserError as e:
+        if debug:
+            raise
+        sys.exit(f"error: {e}")
 
 
 def quiet_logs() -> None:

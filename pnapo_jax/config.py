@@ -29,6 +29,23 @@ DEFAULT_RULES = (
 )
 
 
+# The allowed values of the enum fields that no lower module defines (pnapo_jax.config_check checks them all).
+SCHEDULES = ("constant", "cosine")
+ATTENTION_IMPLS = ("xla", "cudnn", "dot", "head_major")
+PRETRAINED_FORMATS = ("diffusers", "bfl")
+DTYPES = ("float32", "bfloat16", "float16")
+DATA_SOURCES = ("synthetic", "array_record", "generate")
+WORLDS = ("demo", "flux")
+PAIR_MODES = ("best_worst", "all_above_gap")
+
+
+def name_list(value: str | tuple | list) -> tuple[str, ...]:
+    """A list-of-names field, however it was given: as configs write it (a list or tuple), or from the command
+    line, where `--config.lora.targets=to_q,to_k` arrives as ("to_q,to_k",). Empty names are dropped."""
+    items = [value] if isinstance(value, str) else value
+    return tuple(name.strip() for item in items for name in str(item).split(",") if name.strip())
+
+
 def parse_variants(arg: str, allowed: tuple[str, ...], config_file: str) -> list[str]:
     """`configs/x.py:a,b` -> ["a", "b"], refusing variants the file does not define."""
     variants = [v for v in arg.split(",") if v]
@@ -43,9 +60,9 @@ def defaults() -> ml_collections.ConfigDict:
     c.seed = 0  # params init (random-init models), t draws, independent noises, data shuffle
 
     # The transformer: diffusers config.json fields and how to compute them (pnapo_jax.models.flux.FluxConfig).
+    # Sequence fields are tuples: ml_collections overrides those from the command line (not lists).
     c.model = ml_collections.ConfigDict({
-        f.name: (list(f.default) if isinstance(f.default, tuple) else f.default)
-        for f in dataclasses.fields(FluxConfig) if not f.name.startswith("lora_")})
+        f.name: f.default for f in dataclasses.fields(FluxConfig) if not f.name.startswith("lora_")})
     c.model.out_channels = ml_collections.FieldReference(None, field_type=int)  # None: = in_channels
     c.model.pretrained = ""  # diffusers folder, pipeline folder, hub id, gs:// path, or BFL .safetensors; "" = init
     c.model.pretrained_format = "diffusers"  # diffusers | bfl (original FLUX single file; needs the fields above)
@@ -55,7 +72,7 @@ def defaults() -> ml_collections.ConfigDict:
     c.lora = ml_collections.ConfigDict()
     c.lora.rank = 0  # 0 = full fine-tune
     c.lora.alpha = 0.0  # scale alpha / rank; 0 means alpha = rank (diffusers' default)
-    c.lora.targets = list(FluxConfig.lora_targets)  # Dense layers that get adapters, by our (diffusers) name
+    c.lora.targets = FluxConfig.lora_targets  # Dense layers with adapters, by diffusers name; --config.lora.targets=a,b
 
     # The PNAPO loss (pnapo_jax.pnapo.LossConfig): beta, convention, noise mode, dynamic beta.
     c.pnapo = ml_collections.ConfigDict(dataclasses.asdict(LossConfig()))

@@ -9,15 +9,15 @@ training rebuilt it (config.model.pretrained, or the seeded init), since checkpo
 """
 
 import json
-import sys
 from typing import Any
 
 import ml_collections
-from absl import app, flags
+from absl import flags
 from etils import epath
 
-from pnapo_jax import cli, convert, reference, train
+from pnapo_jax import cli, config_check, convert, reference, train
 from pnapo_jax.checkpoint import Checkpointer
+from pnapo_jax.errors import UserError
 
 FORMATS = ("diffusers", "bfl", "lora")
 
@@ -26,8 +26,12 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
     """The run's config, with a mesh that fits whatever devices export runs on (one fsdp axis over all)."""
     path = epath.Path(workdir) / "config.json"
     if not path.exists():
-        raise FileNotFoundError(f"{path} not found: --workdir must be a training workdir")
-    config = ml_collections.ConfigDict(json.loads(path.read_text()))
+        raise UserError(f"{path} not found: --workdir must be a training workdir")
+    try:
+        config = ml_collections.ConfigDict(json.loads(path.read_text()))
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path} is not JSON ({e}): --workdir must be a training workdir") from None
+    config_check.check_complete(config, str(path))
     config.mesh.data, config.mesh.fsdp, config.mesh.tensor = 1, -1, 1
     return config
 
@@ -37,12 +41,12 @@ def restore_params(setup: train.Setup, workdir: str, step: int | None = None) ->
     The workdir is only read (a run may be training in it): nothing there is deleted or written."""
     directory = epath.Path(workdir) / "checkpoints"
     if not directory.exists():
-        raise FileNotFoundError(f"no checkpoints: {directory} not found")
+        raise UserError(f"no checkpoints: {directory} not found")
     ckpt = Checkpointer(str(directory), setup.config.checkpoint, handle_sigterm=False, read_only=True)
     try:
         steps = ckpt.all_steps()
         if step is not None and step not in steps:
-            raise FileNotFoundError(f"no checkpoint for step {step} in {directory}; available steps: {steps}")
+            raise UserError(f"no checkpoint for step {step} in {directory}; available steps: {steps}")
         return ckpt.restore_params(step, train.abstract_state(setup)["params"])
     finally:
         ckpt.close()
@@ -51,14 +55,14 @@ def restore_params(setup: train.Setup, workdir: str, step: int | None = None) ->
 def export(workdir: str, out: str, fmt: str, step: int | None = None, devices: list | None = None) -> int:
     """Write checkpoint `step` (default: the latest) of `workdir` to `out` as `fmt`; returns the step."""
     if fmt not in FORMATS:
-        raise ValueError(f"format must be one of {FORMATS}, got {fmt!r}")
+        raise UserError(f"--format must be one of {FORMATS}, got {fmt!r}")
     if fmt == "bfl" and not out.endswith(".safetensors"):  # one file, named for the tools that load it
         out += ".safetensors"
     config = load_config(workdir)
     reference.refuse_overwrite(out, config, workdir)
     setup = train.make_setup(config, devices)
     if fmt == "lora" and not setup.lora:
-        raise ValueError(f"{workdir} is a full fine-tune (config.lora.rank=0): it has no adapters; "
+        raise UserError(f"--format=lora: {workdir} is a full fine-tune (config.lora.rank=0): it has no adapters; "
                          "export it with --format=diffusers or --format=bfl")
     step, params = restore_params(setup, workdir, step)
     print(f"restored step {step} from {workdir}", flush=True)
@@ -76,14 +80,10 @@ def export(workdir: str, out: str, fmt: str, step: int | None = None, devices: l
 
 
 def _main(argv: list[str]) -> None:
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    cli.quiet_logs()
     f = flags.FLAGS
-    try:
-        export(f.workdir, f.out, f.format, f.step)
-    except (FileNotFoundError, ValueError) as e:
-        sys.exit(f"error: {e}")
+    if f.step is not None and f.step < 0:
+        raise UserError(f"--step={f.step}: checkpoint steps are >= 0")
+    export(f.workdir, f.out, f.format, f.step)
 
 
 def run() -> None:
@@ -95,7 +95,7 @@ def run() -> None:
                         "appended when missing).")
     flags.DEFINE_enum("format", "diffusers", FORMATS, "What to write.")
     flags.mark_flags_as_required(["workdir", "out"])
-    app.run(_main, flags_parser=cli.parse_flags)
+    cli.run(_main)
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 ranks them, and winner / loser are stored with their noises as sextuples.
 
     python -m pnapo_jax.generate --config=configs/demo_cpu.py --prompts=prompts.txt --out=DIR
-    python -m pnapo_jax.generate --config=configs/flux_tpu.py --config.generate.reward_path=HPSV2_DIR \
+    python -m pnapo_jax.generate --config=configs/flux_tpu.py --config.generate.reward_path=HPSV2_DIR \\
         --prompts=prompts.txt --out=DIR
 
 The noise of image k of prompt p (0-based line of the prompts file) is
@@ -28,11 +28,11 @@ import tqdm
 from etils import epath
 
 from pnapo_jax import flow, sharding, train
+from pnapo_jax.config import PAIR_MODES
 from pnapo_jax.data.builder import write_dataset
 from pnapo_jax.data.schema import SextupleSpec
+from pnapo_jax.errors import UserError
 from pnapo_jax.models.flux import apply_fn
-
-PAIR_MODES = ("best_worst", "all_above_gap")
 
 
 class World(Protocol):
@@ -70,11 +70,20 @@ def make_world(config: ml_collections.ConfigDict) -> World:
 
 
 def read_prompts(path: str) -> list[str]:
-    """One prompt a line; blank lines are refused (they would shift every later prompt's seed)."""
-    lines = epath.Path(path).read_text().splitlines()
+    """One prompt a line (UTF-8); blank lines are refused (they would shift every later prompt's seed), and so
+    is a file without prompts."""
+    try:
+        lines = epath.Path(path).read_text(encoding="utf-8").splitlines()
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError) as e:
+        raise UserError(f"prompts file {path}: cannot read it ({e.strerror or e})") from None
+    except UnicodeDecodeError as e:
+        line = e.object[:e.start].count(b"\n") + 1
+        raise UserError(f"prompts file {path}: line {line} is not UTF-8 text ({e.reason})") from None
     blank = [i + 1 for i, line in enumerate(lines) if not line.strip()]
     if blank:
-        raise ValueError(f"{path}: blank prompt on line(s) {blank[:5]}")
+        raise UserError(f"prompts file {path}: blank prompt on line(s) {blank[:5]}")
+    if not lines:
+        raise UserError(f"prompts file {path}: no prompts (one a line)")
     return [line.strip() for line in lines]
 
 
@@ -172,11 +181,13 @@ def generate_chunk(prompts: Sequence[str], first_index: int, sampler: Sampler, w
 def run(config: ml_collections.ConfigDict, prompts_file: str, out: str, show_progress: bool = True) -> dict:
     """Generate pairs for every prompt of `prompts_file` into `out` (resuming); returns counts."""
     gen = config.generate
-    world = make_world(config)
-    setup = train.make_setup(config)
-    sampler = Sampler(setup, {"params": train.base_params(setup)}, gen)
-    prompts = read_prompts(prompts_file)
+    prompts = read_prompts(prompts_file)  # the inputs first: nothing is loaded for a bad file or config
     out_dir = epath.Path(out)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UserError(f"--out={out} is a file; generate writes a dataset folder there")
+    setup = train.make_setup(config)
+    world = make_world(config)
+    sampler = Sampler(setup, {"params": train.base_params(setup)}, gen)
     out_dir.mkdir(parents=True, exist_ok=True)
     n = gen.prompts_per_chunk
     mine = {c: prompts[c * n:(c + 1) * n] for c in range(-(-len(prompts) // n))
@@ -208,10 +219,10 @@ def run(config: ml_collections.ConfigDict, prompts_file: str, out: str, show_pro
 
 
 if __name__ == "__main__":
-    from absl import app, flags
+    from absl import flags
     from ml_collections import config_flags
 
-    from pnapo_jax import cli
+    from pnapo_jax import cli, config_check
 
     _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file with a `generate` section.",
                                               lock_config=True)
@@ -220,7 +231,7 @@ if __name__ == "__main__":
     flags.mark_flags_as_required(["config", "prompts", "out"])
 
     def _main(argv: list[str]) -> None:
-        cli.quiet_logs()
+        config_check.check(_CONFIG.value, paths=True)  # the pipeline and reward folders too, before loading
         print(json.dumps(run(_CONFIG.value, _PROMPTS.value, _OUT.value)))
 
-    app.run(_main, flags_parser=cli.parse_flags)
+    cli.run(_main)

@@ -13,7 +13,7 @@ import sys
 from absl import flags
 from ml_collections import config_flags
 
-from pnapo_jax import cli, train
+from pnapo_jax import cli, config_check, train
 from pnapo_jax import workdir as run_dir
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py[:variant]).", lock_config=True)
@@ -24,6 +24,7 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 def main(argv: list[str]) -> None:
     del argv  # cli.run refuses extra arguments
+    config_check.check(_CONFIG.value, paths=True)  # the local inputs too, before pairs or weights
     try:
         line = train.train_and_evaluate(_CONFIG.value, _WORKDIR.value, show_progress=_PROGRESS.value)
     except train.Stopped as e:

@@ -79,7 +79,7 @@ def _check_fits(cfg: flux.FluxConfig, encoders: text.TextEncoders, vae_cfg: vae.
                 "pooled_projection_dim": encoders.clip_config.hidden_size}
     wrong = {k: (getattr(cfg, k), v) for k, v in expected.items() if getattr(cfg, k) != v}
     if wrong:
-        raise ValueError(f"the transformer does not fit the pipeline's VAE and text encoders (transformer's, "
+        raise UserError(f"the transformer does not fit the pipeline's VAE and text encoders (transformer's, "
                          f"expected): {wrong}")
 
 
@@ -90,7 +90,7 @@ def load_pipeline(path: str | os.PathLike, workdir: str | None = None, step: int
     `dtype` is every model's parameter and compute dtype; images come back in float32 whatever it is.
     """
     if step is not None and workdir is None:
-        raise ValueError("a checkpoint step needs the training workdir it belongs to")
+        raise UserError("--step: a checkpoint step needs the training workdir it belongs to (--workdir)")
     if path is None or not (pathlib.Path(path) / "text_encoder").is_dir():
         return load_demo_pipeline(path, workdir, step, dtype)
     path = pathlib.Path(path)
@@ -171,7 +171,7 @@ def schedule_mu(scheduler: dict[str, Any], image_seq_len: int) -> float:
     if scheduler.get("time_shift_type", "exponential") != "exponential":
         unsupported.append(f"time_shift_type={scheduler['time_shift_type']!r}")
     if unsupported:
-        raise ValueError(f"scheduler options not supported: {unsupported}")
+        raise UserError(f"scheduler options not supported: {unsupported}")
     if not scheduler.get("use_dynamic_shifting"):
         return math.log(scheduler.get("shift", 1.0))
     return flow.resolution_mu(image_seq_len, scheduler.get("base_image_seq_len", 256),
@@ -191,7 +191,7 @@ def _noise_tokens(noise: np.ndarray, n: int, shape_CxHxW: tuple[int, int, int]) 
     C, H, W = shape_CxHxW
     packed = (n, (H // 2) * (W // 2), 4 * C)
     if noise.shape not in ((n, *shape_CxHxW), packed):
-        raise ValueError(f"noise has shape {noise.shape}; expected {(n, *shape_CxHxW)} or packed {packed}")
+        raise UserError(f"--noise has shape {noise.shape}; expected {(n, *shape_CxHxW)} or packed {packed}")
     noise = jnp.asarray(noise, jnp.float32)
     return flow.pack_latents(noise) if noise.ndim == 4 else noise
 
@@ -201,7 +201,7 @@ def _negatives(negative_prompt: str | Sequence[str] | None, n: int) -> list[str]
     if negative_prompt is None or isinstance(negative_prompt, str):
         return None if negative_prompt is None else [negative_prompt] * n
     if len(negative_prompt) != n:
-        raise ValueError(f"{len(negative_prompt)} negative prompts for {n} prompts")
+        raise UserError(f"{len(negative_prompt)} negative prompts for {n} prompts")
     return list(negative_prompt)
 
 
@@ -218,11 +218,11 @@ def iter_images(pipeline: Pipeline, prompts: str | Sequence[str], noise: np.ndar
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     negatives = _negatives(negative_prompt, len(prompts))
     if true_cfg_scale > 1 and negatives is None:
-        raise ValueError("true_cfg_scale > 1 needs a negative prompt (\"\" for the empty one)")
+        raise UserError("--true_cfg_scale > 1 needs --negative_prompt (\"\" for the empty one)")
     height, width = height or pipeline.size, width or pipeline.size
     f = 1 if pipeline.vae is None else pipeline.vae.downsample_factor
     if height % (2 * f) or width % (2 * f):
-        raise ValueError(f"height and width must be multiples of {2 * f}, got {height} x {width}")
+        raise UserError(f"--height and --width must be multiples of {2 * f}, got {height} x {width}")
     shape_CxHxW = (pipeline.transformer.in_channels // 4, height // f, width // f)
     tokens = _noise_tokens(np.asarray(noise), len(prompts), shape_CxHxW) if noise is not None else None
     img_ids = flow.img_ids(height // (2 * f), width // (2 * f))
@@ -256,9 +256,7 @@ def save_png(image_HxWx3: np.ndarray, path: str | os.PathLike) -> None:
 
 
 if __name__ == "__main__":
-    import sys
-
-    from absl import app, flags
+    from absl import flags
 
     from pnapo_jax import cli, generate
 
@@ -286,15 +284,38 @@ if __name__ == "__main__":
     flags.mark_flags_as_required(["out"])
     flags.mark_flags_as_mutual_exclusive(["prompt", "prompts"], required=True)
 
-    def _sample() -> None:
+    def _check_flags() -> None:
+        """What the flags alone say is wrong, before anything loads."""
+        pipeline = pathlib.Path(_PIPELINE.value)
+        parts = ["vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler"]
+        if not pipeline.is_dir():
+            raise UserError(f"--pipeline={pipeline} is not a folder (a diffusers FLUX pipeline folder)")
+        missing = [p for p in parts + ["transformer"] * (_WORKDIR.value is None) if not (pipeline / p).is_dir()]
+        if missing:
+            raise UserError(f"--pipeline={pipeline} lacks {', '.join(missing)}: not a diffusers FLUX pipeline folder")
+        for flag in (_NUM_STEPS, _BATCH, _MAX_SEQ, _HEIGHT, _WIDTH):
+            if flag.value < 1:
+                raise UserError(f"--{flag.name}={flag.value}: must be >= 1")
+
+    def _load_noise() -> np.ndarray | None:
+        if _NOISE.value is None:
+            return None
+        try:
+            return np.load(_NOISE.value, allow_pickle=False)
+        except (OSError, ValueError) as e:  # missing, unreadable, not .npy, or pickled objects
+            raise UserError(f"--noise={_NOISE.value}: cannot load it as .npy ({e})") from None
+
+    def _main(argv: list[str]) -> None:
         prompts = [_PROMPT.value] if _PROMPTS.value is None else generate.read_prompts(_PROMPTS.value)
-        if not prompts:
-            raise ValueError(f"{_PROMPTS.value}: no prompts")
+        _check_flags()
+        noise = _load_noise()
         out = pathlib.Path(_OUT.value)
         paths = [out] if _PROMPTS.value is None else [out / f"{i:05d}.png" for i in range(len(prompts))]
-        paths[0].parent.mkdir(parents=True, exist_ok=True)
+        try:
+            paths[0].parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise UserError(f"--out={out}: cannot create {paths[0].parent} ({e.strerror or e})") from None
         pipeline = load_pipeline(_PIPELINE.value, _WORKDIR.value, _STEP.value, _DTYPE.value)
-        noise = None if _NOISE.value is None else np.load(_NOISE.value, allow_pickle=False)
         batches = iter_images(pipeline, prompts, noise, height=_HEIGHT.value, width=_WIDTH.value,
                               num_steps=_NUM_STEPS.value, guidance_scale=_GUIDANCE.value,
                               true_cfg_scale=_TRUE_CFG.value, negative_prompt=_NEGATIVE.value, seed=_SEED.value,
@@ -304,13 +325,4 @@ if __name__ == "__main__":
             save_png(image, path)
             print(f"wrote {done}/{len(paths)}: {path}", flush=True)
 
-    def _main(argv: list[str]) -> None:
-        if len(argv) > 1:
-            raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-        cli.quiet_logs()
-        try:
-            _sample()
-        except (FileNotFoundError, ValueError, UserError) as e:
-            sys.exit(f"error: {e}")
-
-    app.run(_main, flags_parser=cli.parse_flags)
+    cli.run(_main)

@@ -29,6 +29,9 @@ from pathlib import Path
 
 import ml_collections
 
+from pnapo_jax import cli, config_check
+from pnapo_jax.errors import UserError
+
 TPU_SH = Path(__file__).resolve().parent.parent / "launch" / "tpu.sh"
 Point = dict[str, str]
 
@@ -41,11 +44,11 @@ def parse_grid(specs: list[str]) -> list[Point]:
         key, sep, values = spec.partition("=")
         key = key.removeprefix("--").removeprefix("config.")
         if not sep or not key or not all(values.split(",")):
-            raise ValueError(f"--grid takes KEY=V1,V2,..., got {spec!r}")
+            raise UserError(f"--grid takes KEY=V1,V2,..., got {spec!r}")
         axes.append([(key, v) for v in values.split(",")])
     keys = [axis[0][0] for axis in axes]
     if len(set(keys)) < len(keys):
-        raise ValueError(f"a key appears in two --grid flags: {keys}")
+        raise UserError(f"--grid: a key appears in two --grid flags: {keys}")
     return [dict(p) for p in itertools.product(*axes)]
 
 
@@ -59,14 +62,20 @@ def point_name(point: Point) -> str:
 def load_config(spec: str) -> ml_collections.ConfigDict:
     """configs/x.py[:arg] -> its get_config(arg), as ml_collections' config flags load it."""
     path, _, arg = spec.partition(":")
+    if not Path(path).is_file():
+        raise UserError(f"--config={spec}: {path} is not a file")
     module_spec = importlib.util.spec_from_file_location("sweep_config", path)
     module = importlib.util.module_from_spec(module_spec)
     module_spec.loader.exec_module(module)
-    return module.get_config(arg) if arg else module.get_config()
+    try:
+        return module.get_config(arg) if arg else module.get_config()
+    except ValueError as e:  # the config file's own refusal (configs/*.py: an unknown variant)
+        raise UserError(f"--config={spec}: {e}") from None
 
 
-def check_point(config: ml_collections.ConfigDict, point: Point) -> None:
-    """Raise ValueError when a key is not a config field or a value does not fit the field's type."""
+def check_point(config: ml_collections.ConfigDict, point: Point) -> ml_collections.ConfigDict:
+    """`config` with `point` applied; a UserError when a key is not a config field or a value does not fit the
+    field's type."""
     trial = config.copy_and_resolve_references()
     trial.lock()  # an unknown key is refused, not added
     for key, text in point.items():
@@ -75,15 +84,21 @@ def check_point(config: ml_collections.ConfigDict, point: Point) -> None:
         except (ValueError, SyntaxError):
             value = text  # a bare string, as --config.x=y takes it
         try:
+            current = trial
+            for part in key.split("."):
+                current = current[part]
+            if isinstance(value, str) and isinstance(current, tuple):
+                value = (value,)  # as ml_collections takes --config.lora.targets=a,b: config.name_list splits it
             trial.update_from_flattened_dict({key: value})
         except (KeyError, AttributeError, TypeError) as e:
-            raise ValueError(f"--config.{key}={text}: {str(e.args[0]).splitlines()[-1]}") from None
+            raise UserError(f"--config.{key}={text}: {str(e.args[0]).splitlines()[-1]}") from None
+    return trial
 
 
 def run_commands(args: argparse.Namespace, points: list[Point]) -> list[list[str]]:
     """One `launch/tpu.sh run` per point."""
     if len(points) > 1 and "{i}" not in args.tpu:
-        raise ValueError(f"--tpu={args.tpu!r} names one TPU for {len(points)} runs: put {{i}} in it")
+        raise UserError(f"--tpu={args.tpu!r} names one TPU for {len(points)} runs: put {{i}} in it")
     zone = [f"--zone={args.zone}"] if args.zone else []
     return [[str(TPU_SH), "run", f"--name={args.tpu.format(i=i)}", *zone, f"--config={args.config}",
              f"--workdir={args.workdir.rstrip('/')}/{point_name(p)}", "--",
@@ -120,18 +135,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--zone", default="", help="TPU zone (default: $TPU_ZONE in launch/tpu.sh)")
     parser.add_argument("--local", action="store_true", help="train the points here, one after another")
     parser.add_argument("--dry-run", action="store_true", help="print the commands instead of running them")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an expected error")
     parser.add_argument("overrides", nargs="*", help="after --: overrides every point shares")
     args = parser.parse_args(argv)
-    try:
+    with cli.one_line_errors(args.debug):
         points = parse_grid(args.grid)
         config = load_config(args.config)
         fixed = dict(o.removeprefix("--config.").partition("=")[::2] for o in args.overrides
                      if o.startswith("--config."))
-        for point in [*points, fixed]:
-            check_point(config, point)
+        for point in points:  # each point's whole config, as its run will check it (the mesh there)
+            config_check.check(check_point(config, {**fixed, **point}))
         commands = (local_commands if args.local else run_commands)(args, points)
-    except ValueError as e:
-        parser.exit(2, f"error: {e}\n")
     for point, command in zip(points, commands, strict=True):
         if args.local and finished(f"{args.workdir.rstrip('/')}/{point_name(point)}"):
             print(f"finished already: {point_name(point)}", flush=True)

@@ -20,8 +20,9 @@ import optax
 from etils import epath
 from jax.sharding import Mesh
 
-from pnapo_jax import flow, pnapo, reference, sharding
+from pnapo_jax import config_check, flow, pnapo, reference, sharding
 from pnapo_jax import workdir as run_dir
+from pnapo_jax.config import name_list
 from pnapo_jax.errors import UserError
 from pnapo_jax.models.flux import FluxConfig, FluxTransformer, dummy_inputs
 from pnapo_jax.models.layers import check_attention_impl
@@ -35,7 +36,7 @@ def flux_config(config: ml_collections.ConfigDict) -> FluxConfig:
     names = {f.name for f in dataclasses.fields(FluxConfig)}
     kw = {k: tuple(v) if isinstance(v, list | tuple) else v for k, v in config.model.items() if k in names}
     return FluxConfig(**kw, lora_rank=config.lora.rank, lora_alpha=config.lora.alpha,
-                      lora_targets=tuple(config.lora.targets))
+                      lora_targets=name_list(config.lora.targets))
 
 
 def learning_rate(optim: ml_collections.ConfigDict, num_steps: int) -> optax.Schedule:
@@ -86,9 +87,8 @@ class Setup:
 
 
 def make_setup(config: ml_collections.ConfigDict, devices: list | None = None) -> Setup:
-    if config.train.global_batch_size % config.train.grad_accum_steps:
-        raise ValueError(f"train.global_batch_size={config.train.global_batch_size} must divide by "
-                         f"train.grad_accum_steps={config.train.grad_accum_steps}")
+    """Checks the whole config first (pnapo_jax.config_check): every command builds its setup before any work."""
+    config_check.check(config)
     model_cfg = flux_config(config)
     devices = list(jax.devices() if devices is None else devices)
     check_attention_impl(model_cfg.attention_impl, devices[0].platform)  # before any weight is loaded
@@ -285,6 +285,7 @@ def eval_step(setup: Setup, state: State, frozen: Any, batch: dict[str, jax.Arra
 
 def jit_steps(setup: Setup) -> tuple[Callable, Callable]:
     """(train_step, eval_step) jitted with in/out shardings; the train state is donated."""
+    config_check.check(setup.config, setup.mesh.devices.size)  # the global batch against this mesh
     state_sh, frozen_sh = state_shardings(setup), frozen_shardings(setup)
     batch_sh = sharding.batch_sharding(setup.mesh)
     rep = sharding.replicated(setup.mesh)
@@ -407,6 +408,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices:
         stack.enter_context(run_dir.locked(workdir))
         ckpt = stack.enter_context(Checkpointer(str(workdir / "checkpoints"), config.checkpoint))
         start = ckpt.latest_step()
+        config_check.check_resume(config, workdir)  # before config.json is replaced by this run's
         reference.check_or_record(config, str(workdir), resuming=start is not None, write=jax.process_index() == 0)
         if jax.process_index() == 0:  # export and eval scripts rebuild the model from it
             (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))

@@ -12,6 +12,7 @@ import pytest
 from etils import epath
 
 from pnapo_jax import aot, train
+from pnapo_jax.errors import UserError
 
 ROOT = epath.Path(__file__).parent.parent
 sys.path.insert(0, str(ROOT / "configs"))
@@ -30,7 +31,7 @@ def test_topology_names(name, desc, chips):
 
 @pytest.mark.parametrize("name", ["v5p-6", "v4-8", "tpu", "v6e:2x"])
 def test_unknown_topology_names_are_refused(name):
-    with pytest.raises(ValueError, match="v5p-8"):
+    with pytest.raises(UserError, match="v5p-8"):
         aot.resolve_topology(name)
 
 

@@ -1,11 +1,15 @@
 """Every config file loads, its variants apply, and its model config is valid."""
 
+import re
 import sys
 
 import pytest
+from absl import flags
 from etils import epath
+from ml_collections import config_flags
 
-from pnapo_jax import train
+from pnapo_jax import config_check, train
+from pnapo_jax.errors import UserError
 
 CONFIGS = epath.Path(__file__).parent.parent / "configs"
 sys.path.insert(0, str(CONFIGS))
@@ -49,3 +53,89 @@ def test_demo_cpu_variants_match_the_shipped_base(arg):
     assert epath.Path(c.model.pretrained, "config.json").exists()  # the base ships inside the package
     assert train.flux_config(c).in_channels == 12 and c.data.source == "generate"
     assert c.pnapo.noise_mode == ("independent" if "independent" in arg else "recorded")
+
+
+@pytest.mark.parametrize("overrides, field", [
+    ({"train.num_steps": 0}, "config.train.num_steps"),
+    ({"pnapo.noise_mode": "bogus"}, "config.pnapo.noise_mode"),
+    ({"optim.schedule": "linear"}, "config.optim.schedule"),
+    ({"model.remat_policy": "some"}, "config.model.remat_policy"),
+    ({"model.attention_impl": "flash"}, "config.model.attention_impl"),
+    ({"generate.pairs": "best"}, "config.generate.pairs"),
+    ({"data.on_bad_record": "ignore"}, "config.data.on_bad_record"),
+    ({"train.grad_accum_steps": 3}, "config.train.grad_accum_steps"),
+    ({"train.global_batch_size": 4}, "config.train.global_batch_size"),  # 8 devices: data x fsdp = 8
+    ({"checkpoint.every_steps": 0}, "config.checkpoint.every_steps"),
+    ({"train.log_every": 0}, "config.train.log_every"),
+    ({"lora.rank": -1}, "config.lora.rank"),
+    ({"lora.rank": 4, "lora.targets": ("to_qq",)}, "config.lora.targets"),
+    ({"pnapo.beta": 0.0}, "config.pnapo.beta"),
+    ({"pnapo.n1": 12, "pnapo.n2": 4}, "config.pnapo.n2"),
+    ({"mesh.data": 0}, "config.mesh"),
+])
+def test_a_bad_field_is_named_before_any_work(overrides, field):
+    """make_setup (every command runs it first) and jit_steps (the batch on the mesh) name the bad field."""
+    c = tiny.get_config()
+    c.update_from_flattened_dict(overrides)
+    with pytest.raises(UserError, match=re.escape(field)) as e:
+        train.jit_steps(train.make_setup(c))  # make_setup checks the fields, jit_steps the batch on the mesh
+    assert "\n" not in str(e.value)
+
+
+def test_missing_local_inputs_are_named_where_they_are_read():
+    """main and generate check the local paths up front; export, which reads no data, does not."""
+    c = tiny.get_config()
+    c.model.pretrained, c.data.source, c.data.path = "/nonexistent/flux", "array_record", "/nonexistent/pairs"
+    with pytest.raises(UserError, match="config.model.pretrained=/nonexistent/flux: no such file") as e:
+        config_check.check(c, paths=True)
+    assert "config.data.path=/nonexistent/pairs" in str(e.value)
+    config_check.check(c, 8)
+
+
+def test_every_shipped_config_passes_the_check():
+    import demo_cpu
+
+    configs = [tiny.get_config(v) for v in ("", "lora")] + [demo_cpu.get_config(v) for v in ("", "fast")]
+    configs += [flux_tpu.get_config(v) for v in ("", "lora", "lora,independent")]
+    for c in configs:
+        c.data.path = c.data.path or "gs://bucket/pairs"  # flux_tpu's one required override
+        config_check.check(c)
+
+
+def test_lora_targets_from_the_command_line(monkeypatch):
+    """--config.lora.targets=a,b (ml_collections cannot override a list field; it can a tuple, as ("a,b",))."""
+    argv = ["prog", f"--config={CONFIGS / 'tiny.py'}:lora", "--config.lora.targets=to_q, proj_out"]
+    monkeypatch.setattr(sys, "argv", argv)  # ml_collections reads the overrides from sys.argv
+    values = flags.FlagValues()
+    config_flags.DEFINE_config_file("config", None, "", flag_values=values, lock_config=True)
+    values(argv)
+    assert train.flux_config(values.config).lora_targets == ("to_q", "proj_out")
+    assert train.flux_config(tiny.get_config("lora")).lora_targets[:2] == ("to_q", "to_k")  # configs' lists
+
+
+def _finished_run(tmp_path: epath.Path) -> epath.Path:
+    """A workdir whose config.json and checkpoint step directory say a tiny run was saved at step 8."""
+    (tmp_path / "checkpoints" / "8").mkdir(parents=True)
+    (tmp_path / "config.json").write_text(tiny.get_config().to_json_best_effort(indent=2))
+    return tmp_path
+
+
+def test_a_resume_that_would_break_is_refused_naming_the_fields(tmp_path):
+    workdir = _finished_run(epath.Path(tmp_path))
+    c = tiny.get_config()
+    c.seed, c.train.global_batch_size, c.model.num_layers = 1, 16, 2
+    with pytest.raises(UserError) as e:
+        train.train_and_evaluate(c, str(workdir))
+    for field in ("config.seed", "config.train.global_batch_size", "config.model.num_layers"):
+        assert field in str(e.value)
+    assert "\n" not in str(e.value)
+
+
+def test_a_harmless_change_on_resume_is_allowed_and_said(tmp_path):
+    workdir = _finished_run(epath.Path(tmp_path))
+    c = tiny.get_config()
+    c.train.num_steps, c.optim.lr, c.train.log_every = 32, 5e-4, 4
+    c.lora.targets = ("to_q,to_k,to_v,to_out_0",)  # the same targets, as --config.lora.targets=... gives them
+    said = []
+    config_check.check_resume(c, workdir, log=said.append)
+    assert len(said) == 1 and "config.train.num_steps 16 -> 32" in said[0] and "config.optim.lr" in said[0]

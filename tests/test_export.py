@@ -18,6 +18,7 @@ from flax import traverse_util
 from flux_testing import random_inputs, torch_forward
 
 from pnapo_jax import checkpoint, convert, export, train
+from pnapo_jax.errors import UserError
 from pnapo_jax.models import flux
 
 ROOT = epath.Path(__file__).parent.parent
@@ -111,10 +112,10 @@ def test_lora_file_loads_into_diffusers_and_merged_export_matches(tmp_path):
 
 
 def test_clear_errors_before_any_restore(tmp_path):
-    with pytest.raises(FileNotFoundError, match="config.json not found"):
+    with pytest.raises(UserError, match="config.json not found"):
         export.export(str(tmp_path / "missing"), str(tmp_path / "out"), "diffusers")
     (tmp_path / "config.json").write_text(tiny.get_config().to_json_best_effort())
-    with pytest.raises(ValueError, match="full fine-tune"):
+    with pytest.raises(UserError, match="full fine-tune"):
         export.export(str(tmp_path), str(tmp_path / "out"), "lora")
-    with pytest.raises(FileNotFoundError, match="checkpoints not found"):
+    with pytest.raises(UserError, match="checkpoints not found"):
         export.export(str(tmp_path), str(tmp_path / "out"), "bfl")

@@ -12,6 +12,7 @@ from etils import epath
 
 from pnapo_jax import flow, generate, train
 from pnapo_jax.data.source import open_written
+from pnapo_jax.errors import UserError
 
 sys.path.insert(0, str(epath.Path(__file__).parent.parent / "configs"))
 import tiny  # noqa: E402
@@ -138,7 +139,7 @@ def test_generated_pairs_train(tmp_path, world):
 def test_blank_prompt_lines_are_refused(tmp_path):
     path = tmp_path / "p.txt"
     path.write_text("a\n\nb\n")
-    with pytest.raises(ValueError, match="blank prompt on line"):
+    with pytest.raises(UserError, match="blank prompt on line"):
         generate.read_prompts(str(path))
 
 

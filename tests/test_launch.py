@@ -11,6 +11,7 @@ import pytest
 from etils import epath
 
 from pnapo_jax import sweep
+from pnapo_jax.errors import UserError
 
 ROOT = epath.Path(__file__).parent.parent
 TPU_SH = str(ROOT / "launch" / "tpu.sh")
@@ -107,10 +108,10 @@ def test_sweep_names_and_checks():
     assert config.lora.rank == 64
     sweep.check_point(config, {"pnapo.beta": "5000", "pnapo.noise_mode": "independent", "lora.rank": "8"})
     for bad in ({"pnapo.betaa": "1"}, {"optim.lr": "fast"}, {"train.num_steps": "1.5"}):
-        with pytest.raises(ValueError, match="--config."):
+        with pytest.raises(UserError, match="--config."):
             sweep.check_point(config, bad)
     for bad in (["pnapo.beta"], ["pnapo.beta=1,,2"], ["a=1", "a=2"]):
-        with pytest.raises(ValueError):
+        with pytest.raises(UserError):
             sweep.parse_grid(bad)
 
 

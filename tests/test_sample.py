@@ -106,15 +106,15 @@ def test_bfloat16_stays_close(pipeline, ours):
 
 
 def test_errors(pipeline, ours):
-    with pytest.raises(ValueError, match="multiples of 16"):
+    with pytest.raises(UserError, match="multiples of 16"):
         sample.sample_images(ours, PROMPTS, **{**OPTIONS, "height": 56})
-    with pytest.raises(ValueError, match="needs a negative prompt"):
+    with pytest.raises(UserError, match="needs --negative_prompt"):
         sample.sample_images(ours, PROMPTS, true_cfg_scale=2.0, **OPTIONS)
-    with pytest.raises(ValueError, match=r"expected \(2, 16, 8, 6\) or packed \(2, 12, 64\)"):
+    with pytest.raises(UserError, match=r"expected \(2, 16, 8, 6\) or packed \(2, 12, 64\)"):
         sample.sample_images(ours, PROMPTS, _noise()[:1], **OPTIONS)
-    with pytest.raises(ValueError, match="needs the training workdir"):
+    with pytest.raises(UserError, match="needs the training workdir"):
         sample.load_pipeline(pipeline[1], step=3)
-    with pytest.raises(ValueError, match="not supported"):
+    with pytest.raises(UserError, match="not supported"):
         sample.schedule_mu({"use_karras_sigmas": True}, 16)
     assert sample.schedule_mu({"shift": 3.0}, 16) == pytest.approx(np.log(3.0))
 

@@ -34,7 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image, ImageOps
 
-from pnapo_jax import flow
+from pnapo_jax import cli, flow
 from pnapo_jax.data.builder import write_dataset
 from pnapo_jax.data.schema import (
     FLUX_PATCH_PIXELS,
@@ -244,8 +244,12 @@ def main(argv: list[str] | None = None) -> None:
         "--on_bad_record", choices=ON_BAD_RECORD, default="raise", help="stop at, or drop and count, bad rows"
     )
     parser.add_argument("--vae", help="diffusers VAE folder (or pipeline folder) to encode the rows' image files")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an expected error")
     args = parser.parse_args(argv)
-    report = import_manifest(args.input, args.out, args.height, args.width, args.on_bad_record, args.vae)
+    with cli.one_line_errors(args.debug):
+        if args.vae is not None and not os.path.isdir(args.vae):
+            raise UserError(f"--vae={args.vae} is not a folder (a diffusers VAE folder or a pipeline folder)")
+        report = import_manifest(args.input, args.out, args.height, args.width, args.on_bad_record, args.vae)
     print(f"wrote {report.written} pairs to {report.path}; skipped {report.ties} ties and {report.skipped} bad rows")
 
 

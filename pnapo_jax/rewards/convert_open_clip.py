@@ -13,11 +13,11 @@ import json
 import os
 import pathlib
 import pickle
-import sys
 
-from absl import app, flags
+from absl import flags
 
 from pnapo_jax import cli
+from pnapo_jax.errors import UserError
 from pnapo_jax.rewards import open_clip_layout
 
 
@@ -26,15 +26,18 @@ def convert(src: str | os.PathLike, out: str | os.PathLike) -> int:
     try:
         import safetensors.torch
         import torch
-    except ImportError as e:
-        raise ImportError("converting a .pt checkpoint needs PyTorch: pip install torch") from e
+    except ImportError:
+        raise UserError("converting a .pt checkpoint needs PyTorch: pip install torch") from None
+    if not pathlib.Path(src).is_file():
+        raise UserError(f"--in={src} is not a file (an open_clip .pt checkpoint)")
     try:
         obj = torch.load(src, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        raise ValueError(f"{src} holds more than tensors and plain containers; not loaded: {e}") from e
+        raise UserError(f"{src} is not a checkpoint of tensors and plain containers; not loaded: "
+                        f"{str(e).splitlines()[0]}") from None
     state = obj.get("state_dict", obj) if isinstance(obj, dict) else obj
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ValueError(f"{src} holds no state dict of tensors (nor one under 'state_dict')")
+        raise UserError(f"{src} holds no state dict of tensors (nor one under 'state_dict')")
     state = {k.removeprefix("module."): v.detach().clone().contiguous() for k, v in state.items()}
     out = pathlib.Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -46,20 +49,15 @@ def convert(src: str | os.PathLike, out: str | os.PathLike) -> int:
 
 
 def _main(argv: list[str]) -> None:
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     src, out = flags.FLAGS["in"].value, flags.FLAGS["out"].value
-    try:
-        print(f"wrote {convert(src, out)} tensors to {out}", flush=True)
-    except (FileNotFoundError, ValueError, ImportError) as e:
-        sys.exit(f"error: {e}")
+    print(f"wrote {convert(src, out)} tensors to {out}", flush=True)
 
 
 def run() -> None:
     flags.DEFINE_string("in", None, "open_clip checkpoint (.pt).")
     flags.DEFINE_string("out", None, "Output .safetensors file (the reward folder's open_clip_model.safetensors).")
     flags.mark_flags_as_required(["in", "out"])
-    app.run(_main, flags_parser=cli.parse_flags)
+    cli.run(_main)
 
 
 if __name__ == "__main__":

@@ -17,10 +17,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from absl import app, flags
+from absl import flags
 from flax import linen as nn
 
-from pnapo_jax import flow
+from pnapo_jax import cli, flow
+from pnapo_jax.errors import UserError
 from pnapo_jax.models.flux import FluxConfig, FluxTransformer, init_params
 from pnapo_jax.world import base, grammar, latents, render, text
 
@@ -90,9 +91,10 @@ def pretrain(cfg: FluxConfig, steps: int, batch: int, lr: float, seed: int, log_
 
 
 def _main(argv: list[str]) -> None:
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     f = flags.FLAGS
+    for name in ("steps", "batch"):
+        if f[name].value < 1:
+            raise UserError(f"--{name}={f[name].value}: must be >= 1")
     cfg = base.flux_config()
     params, info = pretrain(cfg, f.steps, f.batch, f.lr, f.seed)
     base.save_base(f.out, cfg, params, info)
@@ -105,7 +107,7 @@ def run() -> None:
     flags.DEFINE_integer("batch", 16, "Renderings per step.")
     flags.DEFINE_float("lr", 1e-3, "Peak AdamW learning rate.")
     flags.DEFINE_integer("seed", 0, "Seeds init, data and noise.")
-    app.run(_main)
+    cli.run(_main)
 
 
 if __name__ == "__main__":

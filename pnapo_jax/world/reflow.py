@@ -9,12 +9,15 @@ Straight and Fast"): where the base's paths cross, the couplings' straight lines
 paths bend less. Everything derives from --seed; reflow.json beside the weights records the run.
 """
 
+import pathlib
 import time
 from typing import Any
 
 import numpy as np
-from absl import app, flags
+from absl import flags
 
+from pnapo_jax import cli
+from pnapo_jax.errors import UserError
 from pnapo_jax.models.flux import FluxConfig
 from pnapo_jax.world import base, grammar, pretrain, text
 
@@ -54,9 +57,12 @@ def reflow(cfg: FluxConfig, params: Any, pairs: int, steps: int, batch: int, lr:
 
 
 def _main(argv: list[str]) -> None:
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     f = flags.FLAGS
+    if not pathlib.Path(f.base).is_dir():
+        raise UserError(f"--base={f.base} is not a folder (a diffusers transformer folder)")
+    for name in ("pairs", "num_steps", "steps", "batch", "log_every"):
+        if f[name].value < 1:
+            raise UserError(f"--{name}={f[name].value}: must be >= 1")
     cfg, params = base.load_base(f.base)
     params, info = reflow(cfg, params, f.pairs, f.steps, f.batch, f.lr, f.seed, f.num_steps, f.log_every)
     name = base.MODEL_ID if f.base == str(base.DEFAULT_BASE) else f.base
@@ -74,7 +80,7 @@ def run() -> None:
     flags.DEFINE_float("lr", 2e-4, "Peak AdamW learning rate.")
     flags.DEFINE_integer("seed", 0, "Seeds the couplings' noises, the batches and t.")
     flags.DEFINE_integer("log_every", 50, "Steps between loss lines.")
-    app.run(_main)
+    cli.run(_main)
 
 
 if __name__ == "__main__":

@@ -27,9 +27,10 @@ import matplotlib
 matplotlib.use("Agg")  # files only; no display needed
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
-from absl import app, flags  # noqa: E402
+from absl import flags  # noqa: E402
 
-from pnapo_jax import flow  # noqa: E402
+from pnapo_jax import cli, flow  # noqa: E402
+from pnapo_jax.errors import UserError  # noqa: E402
 from pnapo_jax.world import base, fidelity, grammar, latents, reward  # noqa: E402
 
 
@@ -101,9 +102,12 @@ def plot(runs: Sequence[dict[str, Any]], path: pathlib.Path) -> None:
 
 
 def _main(argv: list[str]) -> None:
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     f = flags.FLAGS
+    for folder in f.base:
+        if not pathlib.Path(folder).is_dir():
+            raise UserError(f"--base={folder} is not a folder (a diffusers transformer folder)")
+    if not all(n.isdigit() and int(n) > 0 for n in f.num_steps):
+        raise UserError(f"--num_steps={','.join(f.num_steps)}: a comma-separated list of step counts >= 1")
     prompts = grammar.prompts(f.split)[: f.num_prompts or None]
     prompts = [p for p in prompts for _ in range(f.noises_per_prompt)]
     runs = []
@@ -130,7 +134,7 @@ def run() -> None:
     flags.DEFINE_integer("seed", 1234, "Noise seed; not reflow's 0, so a reflowed base is measured on new noises.")
     flags.DEFINE_float("guidance", 3.5, "Guidance input (config.generate.guidance_scale); the world's base ignores it.")
     flags.DEFINE_integer("batch", 64, "Samples per jitted solve.")
-    app.run(_main)
+    cli.run(_main)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,228 @@
+"""The config checked as a whole before any work starts, and what a resumed run may change of it.
+
+Every problem is reported in one line that names the field (`config.train.num_steps`) and what it allows, so a
+mistake costs seconds instead of a failed job after pair generation or weight loading.
+"""
+
+import functools
+import json
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import ml_collections
+from etils import epath
+
+from pnapo_jax import config as config_lib
+from pnapo_jax import flow, pnapo, sharding
+from pnapo_jax.data.schema import ON_BAD_RECORD
+from pnapo_jax.errors import UserError
+from pnapo_jax.models import flux
+
+ENUMS = {
+    "pnapo.noise_mode": pnapo.NOISE_MODES,
+    "pnapo.scale_convention": tuple(pnapo.SCALE_CONVENTIONS),
+    "optim.schedule": config_lib.SCHEDULES,
+    "model.remat_policy": flux.REMAT_POLICIES,
+    "model.attention_impl": config_lib.ATTENTION_IMPLS,
+    "model.pretrained_format": config_lib.PRETRAINED_FORMATS,
+    "model.dtype": config_lib.DTYPES,
+    "model.param_dtype": config_lib.DTYPES,
+    "model.reference_dtype": config_lib.DTYPES,
+    "t_sampling.kind": flow.T_KINDS,
+    "data.source": config_lib.DATA_SOURCES,
+    "data.on_bad_record": ON_BAD_RECORD,
+    "generate.world": config_lib.WORLDS,
+    "generate.pairs": config_lib.PAIR_MODES,
+}
+# field -> (lowest allowed, whether the lowest itself is allowed)
+MINIMA = {
+    "seed": (0, True),
+    "train.num_steps": (1, True), "train.global_batch_size": (1, True), "train.grad_accum_steps": (1, True),
+    "train.log_every": (1, True), "train.eval_every": (0, True), "train.eval_batches": (1, True),
+    "checkpoint.every_steps": (1, True), "checkpoint.keep": (1, True),
+    "lora.rank": (0, True), "lora.alpha": (0, True),
+    "pnapo.beta": (0, False), "pnapo.n1": (0, True), "pnapo.num_t_buckets": (1, True),
+    "optim.lr": (0, True), "optim.warmup_steps": (0, True), "optim.b1": (0, True), "optim.b2": (0, True),
+    "optim.eps": (0, False), "optim.weight_decay": (0, True), "optim.grad_clip": (0, True),
+    "t_sampling.logit_std": (0, False), "t_sampling.mode_scale": (0, True),
+    "data.latent_h_tokens": (1, True), "data.latent_w_tokens": (1, True), "data.text_len": (1, True),
+    "data.synthetic_num": (1, True), "data.worker_count": (0, True),
+    "generate.images_per_prompt": (2, True), "generate.num_steps": (1, True), "generate.min_gap": (0, True),
+    "generate.prompts_per_batch": (1, True), "generate.prompts_per_chunk": (1, True),
+    "generate.max_prompts": (0, True),
+    "eval.sample_every": (0, True), "eval.num_prompts": (1, True), "eval.samples_per_prompt": (1, True),
+    "eval.num_steps": (1, True), "eval.batch_size": (1, True),
+}
+# What a resume may not change: the saved state would not fit it, or it would silently train something else.
+RESUME_FIXED = ("seed", "model.patch_size", "model.in_channels", "model.out_channels", "model.num_layers",
+                "model.num_single_layers", "model.attention_head_dim", "model.num_attention_heads",
+                "model.joint_attention_dim", "model.pooled_projection_dim", "model.guidance_embeds",
+                "model.axes_dims_rope", "model.rope_theta", "model.param_dtype", "model.scan_layers",
+                "lora.rank", "lora.alpha", "lora.targets", "train.global_batch_size", "data.source",
+                "data.latent_h_tokens", "data.latent_w_tokens", "data.text_len")
+
+
+def _get(config: ml_collections.ConfigDict, field: str) -> Any:
+    for key in field.split("."):
+        config = config[key]
+    return config
+
+
+def _problems(config: ml_collections.ConfigDict) -> list[str]:
+    """Every problem of the device-independent fields, each naming its field and what it allows."""
+    out = [f"config.{k} is {_get(config, k)!r}; allowed: {', '.join(map(repr, allowed))}"
+           for k, allowed in ENUMS.items() if _get(config, k) not in allowed]
+    for k, (low, inclusive) in MINIMA.items():
+        value = _get(config, k)
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            out.append(f"config.{k} is {value!r}; expected a number")
+        elif value < low or (value == low and not inclusive):
+            out.append(f"config.{k} is {value}; it must be {'>=' if inclusive else '>'} {low}")
+    t, p, m = config.train, config.pnapo, config.model
+    if t.global_batch_size % max(t.grad_accum_steps, 1):
+        out.append(f"config.train.global_batch_size={t.global_batch_size} must divide by "
+                   f"config.train.grad_accum_steps={t.grad_accum_steps}")
+    if p.use_gap and p.tau <= 0:
+        out.append(f"config.pnapo.tau is {p.tau}; it must be > 0 with config.pnapo.use_gap")
+    if p.use_schedule and p.n2 <= p.n1:
+        out.append(f"config.pnapo.n2={p.n2} must be > config.pnapo.n1={p.n1} with config.pnapo.use_schedule")
+    for k in ("optim.b1", "optim.b2"):
+        if isinstance(_get(config, k), int | float) and _get(config, k) >= 1:
+            out.append(f"config.{k} is {_get(config, k)}; it must be < 1")
+    if sum(m.axes_dims_rope) != m.attention_head_dim:
+        out.append(f"config.model.axes_dims_rope {tuple(m.axes_dims_rope)} must sum to "
+                   f"config.model.attention_head_dim={m.attention_head_dim}")
+    if config.data.source == "array_record" and not config.data.path:
+        out.append("config.data.path is empty; config.data.source='array_record' reads a dataset from it")
+    if config.eval.sample_every > 0 and config.generate.world == "demo":
+        from pnapo_jax.world import grammar
+
+        if config.eval.split not in grammar.SPLITS:
+            out.append(f"config.eval.split is {config.eval.split!r}; the demo world's splits: {grammar.SPLITS}")
+    out += _mesh_problems(config.mesh)
+    if not out and config.lora.rank > 0:
+        out += _lora_target_problems(config)
+    return out
+
+
+def _path_problems(config: ml_collections.ConfigDict) -> list[str]:
+    """Local paths (absolute, ~ or ./) that do not exist: hub ids and gs:// paths are checked where they load."""
+    fields = ["model.pretrained", "data.eval_path"] + ["data.path"] * (config.data.source == "array_record")
+    fields += ["generate.pipeline", "generate.reward_path"] * (config.generate.world == "flux")
+    local = lambda p: p.startswith(("/", "~", "./", "../"))
+    return [f"config.{k}={_get(config, k)}: no such file or folder" for k in fields
+            if _get(config, k) and local(_get(config, k)) and not epath.Path(_get(config, k)).expanduser().exists()]
+
+
+def _mesh_problems(mesh: ml_collections.ConfigDict) -> list[str]:
+    sizes = {a: mesh[a] for a in sharding.MESH_AXES}
+    bad = [a for a, s in sizes.items() if isinstance(s, bool) or not isinstance(s, int) or (s < 1 and s != -1)]
+    if bad or list(sizes.values()).count(-1) > 1:
+        return [f"config.mesh {sizes}: each axis is a size >= 1, or -1 (at most one) for the devices left"]
+    return []
+
+
+def _lora_target_problems(config: ml_collections.ConfigDict) -> list[str]:
+    targets = config_lib.name_list(config.lora.targets)
+    if not targets:
+        return ["config.lora.targets is empty; config.lora.rank > 0 needs layer names (e.g. to_q,to_k,to_v)"]
+    unknown = sorted(set(targets) - set(_lora_layer_names(bool(config.model.guidance_embeds), targets)))
+    if unknown:
+        return [f"config.lora.targets: no layer is named {', '.join(unknown)}; Dense layers that take adapters: "
+                f"{', '.join(sorted(_lora_layer_names(True, None)))}"]
+    return []
+
+
+@functools.cache
+def _lora_layer_names(guidance: bool, targets: tuple[str, ...] | None) -> frozenset[str]:
+    """Names of the layers that get adapters for `targets` (None: every layer that can), from the shapes of a
+    one-block model (eval_shape: nothing is computed)."""
+    probe = flux.FluxConfig(in_channels=4, num_layers=1, num_single_layers=1, attention_head_dim=8,
+                            num_attention_heads=1, joint_attention_dim=4, pooled_projection_dim=4,
+                            guidance_embeds=guidance, axes_dims_rope=(2, 2, 4), lora_rank=1,
+                            lora_targets=targets if targets is not None else _Everything())
+    model = flux.FluxTransformer(probe)
+    shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), **flux.dummy_inputs(probe)))
+    paths = jax.tree_util.tree_flatten_with_path(shapes.get("lora", {}))[0]
+    keys = [[getattr(k, "key", None) for k in path] for path, _ in paths]
+    return frozenset(ks[ks.index(leaf) - 1] for ks in keys for leaf in ("lora_a", "lora_b") if leaf in ks)
+
+
+class _Everything(tuple):
+    """A targets tuple that contains every name: finds which layers could take adapters."""
+
+    def __contains__(self, name: object) -> bool:
+        return True
+
+
+def check(config: ml_collections.ConfigDict, num_devices: int | None = None, paths: bool = False) -> None:
+    """Raise a UserError naming every bad field of `config`; with `num_devices`, also the mesh and batch that do
+    not fit them, with `paths` the local inputs that do not exist (the commands that read them: train,
+    generate; not export, which needs no data). A config that lacks fields is refused first, naming them."""
+    check_complete(config, "the config")
+    problems = _problems(config) + (_path_problems(config) if paths else [])
+    if not problems and num_devices is not None:
+        problems = _device_problems(config, num_devices)
+    if problems:
+        raise UserError("; ".join(problems))
+
+
+def check_complete(config: ml_collections.ConfigDict, source: str) -> None:
+    """Refuse a config (read from `source`, e.g. a workdir's config.json) that lacks fields, naming them."""
+    missing = sorted(set(_flat(config_lib.defaults())) - set(_flat(config)))
+    if missing:
+        raise UserError(f"{source} lacks the fields {', '.join('config.' + k for k in missing[:6])}"
+                        f"{' ...' if len(missing) > 6 else ''}: it is not a pnapo_jax run's config")
+
+
+def _device_problems(config: ml_collections.ConfigDict, num_devices: int) -> list[str]:
+    try:
+        data, fsdp, _ = sharding.mesh_shape(config.mesh, num_devices)
+    except ValueError as e:  # sharding names config.mesh and the device count
+        return [str(e)]
+    t = config.train
+    unit = data * fsdp * t.grad_accum_steps
+    if t.global_batch_size % unit:
+        return [f"config.train.global_batch_size={t.global_batch_size} must divide by data x fsdp devices x "
+                f"config.train.grad_accum_steps = {data} x {fsdp} x {t.grad_accum_steps} = {unit}"]
+    return []
+
+
+def _flat(config: ml_collections.ConfigDict | dict, prefix: str = "") -> dict[str, Any]:
+    """{"train.num_steps": 1000, ...}; tuples as lists, as config.json holds them."""
+    out = {}
+    for k, v in config.items():
+        if isinstance(v, dict | ml_collections.ConfigDict):
+            out |= _flat(v, f"{prefix}{k}.")
+        else:
+            out[f"{prefix}{k}"] = list(v) if isinstance(v, tuple) else v
+    return out
+
+
+def check_resume(config: ml_collections.ConfigDict, workdir: str | epath.Path,
+                 log: Callable[[str], None] = logging.warning) -> None:
+    """Before a run resumes in `workdir`: refuse a config whose RESUME_FIXED fields differ from the saved
+    config.json in one line naming them; report the other changes (num_steps, lr, intervals) with `log`."""
+    workdir = epath.Path(workdir)
+    saved_path, checkpoints = workdir / "config.json", workdir / "checkpoints"
+    if not (saved_path.exists() and checkpoints.exists() and any(p.name.isdigit() for p in checkpoints.iterdir())):
+        return  # nothing to resume
+    try:
+        saved = _flat(json.loads(saved_path.read_text()))
+    except json.JSONDecodeError as e:
+        raise UserError(f"{saved_path} is not JSON ({e}); it records the run being resumed") from None
+    now = _flat(json.loads(config.to_json_best_effort()))
+    normal = lambda k, v: list(config_lib.name_list(v)) if k == "lora.targets" and v is not None else v
+    changed = {k: (saved[k], now[k]) for k in saved.keys() & now.keys() if normal(k, saved[k]) != normal(k, now[k])}
+    fixed = {k: v for k, v in changed.items() if k in RESUME_FIXED}
+    if (saved.get("optim.grad_clip", 0) > 0) != (now["optim.grad_clip"] > 0):  # another optimizer state tree
+        fixed["optim.grad_clip"] = (saved.get("optim.grad_clip"), now["optim.grad_clip"])
+    if fixed:
+        raise UserError(f"{workdir} holds a run whose checkpoints do not fit this config: "
+                        + ", ".join(f"config.{k} was {a!r}, now {b!r}" for k, (a, b) in sorted(fixed.items()))
+                        + "; restore those values, or train into a new --workdir")
+    if changed:
+        log("resuming with a changed config: " + ", ".join(f"config.{k} {a!r} -> {b!r}"
+                                                            for k, (a, b) in sorted(changed.items())))
