@@ -31,7 +31,6 @@ DEFAULT_RULES = (
 
 # The allowed values of the enum fields that no lower module defines (pnapo_jax.config_check checks them all).
 SCHEDULES = ("constant", "cosine")
-ATTENTION_IMPLS = ("xla", "cudnn", "dot", "head_major")
 PRETRAINED_FORMATS = ("diffusers", "bfl")
 DTYPES = ("float32", "bfloat16", "float16")
 DATA_SOURCES = ("synthetic", "array_record", "generate")

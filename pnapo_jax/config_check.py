@@ -18,14 +18,14 @@ from pnapo_jax import config as config_lib
 from pnapo_jax import flow, pnapo, sharding
 from pnapo_jax.data.schema import ON_BAD_RECORD
 from pnapo_jax.errors import UserError
-from pnapo_jax.models import flux
+from pnapo_jax.models import flux, layers
 
 ENUMS = {
     "pnapo.noise_mode": pnapo.NOISE_MODES,
     "pnapo.scale_convention": tuple(pnapo.SCALE_CONVENTIONS),
     "optim.schedule": config_lib.SCHEDULES,
     "model.remat_policy": flux.REMAT_POLICIES,
-    "model.attention_impl": config_lib.ATTENTION_IMPLS,
+    "model.attention_impl": tuple(layers.ATTENTION_IMPLS),
     "model.pretrained_format": config_lib.PRETRAINED_FORMATS,
     "model.dtype": config_lib.DTYPES,
     "model.param_dtype": config_lib.DTYPES,
@@ -94,8 +94,6 @@ def _problems(config: ml_collections.ConfigDict) -> list[str]:
     if sum(m.axes_dims_rope) != m.attention_head_dim:
         out.append(f"config.model.axes_dims_rope {tuple(m.axes_dims_rope)} must sum to "
                    f"config.model.attention_head_dim={m.attention_head_dim}")
-    if config.data.source == "array_record" and not config.data.path:
-        out.append("config.data.path is empty; config.data.source='array_record' reads a dataset from it")
     if config.eval.sample_every > 0 and config.generate.world == "demo":
         from pnapo_jax.world import grammar
 
@@ -112,7 +110,9 @@ def _path_problems(config: ml_collections.ConfigDict) -> list[str]:
     fields = ["model.pretrained", "data.eval_path"] + ["data.path"] * (config.data.source == "array_record")
     fields += ["generate.pipeline", "generate.reward_path"] * (config.generate.world == "flux")
     local = lambda p: p.startswith(("/", "~", "./", "../"))
-    return [f"config.{k}={_get(config, k)}: no such file or folder" for k in fields
+    empty = ["config.data.path is empty; config.data.source='array_record' reads a dataset from it"]
+    empty *= config.data.source == "array_record" and not config.data.path
+    return empty + [f"config.{k}={_get(config, k)}: no such file or folder" for k in fields
             if _get(config, k) and local(_get(config, k)) and not epath.Path(_get(config, k)).expanduser().exists()]
 
 
@@ -180,13 +180,12 @@ def check_complete(config: ml_collections.ConfigDict, source: str) -> None:
 def _device_problems(config: ml_collections.ConfigDict, num_devices: int) -> list[str]:
     try:
         data, fsdp, _ = sharding.mesh_shape(config.mesh, num_devices)
-    except ValueError as e:  # sharding names config.mesh and the device count
+    except UserError as e:  # sharding names config.mesh and the device count
         return [str(e)]
     t = config.train
-    unit = data * fsdp * t.grad_accum_steps
-    if t.global_batch_size % unit:
-        return [f"config.train.global_batch_size={t.global_batch_size} must divide by data x fsdp devices x "
-                f"config.train.grad_accum_steps = {data} x {fsdp} x {t.grad_accum_steps} = {unit}"]
+    if t.global_batch_size % (data * fsdp):
+        return [f"config.train.global_batch_size={t.global_batch_size} must divide by the data x fsdp devices "
+                f"= {data} x {fsdp} = {data * fsdp} (config.mesh)"]
     return []
 
 

@@ -20,6 +20,8 @@ from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from pnapo_jax.errors import UserError
+
 MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")  # the batch is split over both: FSDP is data parallel with sharded weights
 Rules = Sequence[tuple[str, Any]]
@@ -41,14 +43,14 @@ def mesh_shape(mesh_cfg: ml_collections.ConfigDict, num_devices: int) -> tuple[i
     """Sizes of (data, fsdp, tensor); one -1 takes whatever devices the others leave."""
     sizes = [int(mesh_cfg[a]) for a in MESH_AXES]
     if sizes.count(-1) > 1:
-        raise ValueError(f"config.mesh: at most one axis may be -1, got {dict(zip(MESH_AXES, sizes, strict=True))}")
+        raise UserError(f"config.mesh: at most one axis may be -1, got {dict(zip(MESH_AXES, sizes, strict=True))}")
     known = math.prod(s for s in sizes if s != -1)
     if -1 in sizes:
         if num_devices % known:
-            raise ValueError(f"config.mesh: {num_devices} devices do not divide by the fixed axes' product {known}")
+            raise UserError(f"config.mesh: {num_devices} devices do not divide by the fixed axes' product {known}")
         sizes[sizes.index(-1)] = num_devices // known
     if math.prod(sizes) != num_devices:
-        raise ValueError(f"config.mesh {dict(zip(MESH_AXES, sizes, strict=True))} needs {math.prod(sizes)} "
+        raise UserError(f"config.mesh {dict(zip(MESH_AXES, sizes, strict=True))} needs {math.prod(sizes)} "
                          f"devices, have {num_devices}")
     return tuple(sizes)
 

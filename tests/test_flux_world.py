@@ -118,7 +118,7 @@ def test_errors(folders, tmp_path):
     config.generate.reward_path = ""
     with pytest.raises(ValueError, match="reward_path is required"):
         FluxWorld(config)
-    config.generate.reward_path, config.generate.reward = str(folders[1]), "aesthetic"
+    config.generate.reward_path, config.generate.reward = str(folders[1]), "no_such_reward"
     with pytest.raises(ValueError, match="choose from"):
         FluxWorld(config)
     config.generate.reward, config.generate.prompts_file = "pickscore", ""

@@ -18,6 +18,7 @@ import transformers
 from flax import traverse_util
 
 from pnapo_jax import rewards
+from pnapo_jax.errors import UserError
 from pnapo_jax.rewards import clip_model, convert_open_clip, open_clip_layout
 from pnapo_jax.rewards.preprocess import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, preprocess
 
@@ -293,5 +294,5 @@ def test_convert_open_clip(tmp_path, open_clip):
                     strict=True):
         np.testing.assert_array_equal(a, b)
     torch.save({"state_dict": {}, "args": argparse.Namespace(lr=1.0)}, tmp_path / "pickled.pt")
-    with pytest.raises(ValueError, match="more than tensors"):
+    with pytest.raises(UserError, match="not a checkpoint of tensors"):
         convert_open_clip.convert(tmp_path / "pickled.pt", tmp_path / "x.safetensors")

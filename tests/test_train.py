@@ -16,6 +16,7 @@ from etils import epath
 
 from pnapo_jax import checkpoint, sharding, train
 from pnapo_jax.data.pipeline import global_batch
+from pnapo_jax.errors import UserError
 
 ROOT = epath.Path(__file__).parent.parent
 sys.path.insert(0, str(ROOT / "configs"))
@@ -206,9 +207,9 @@ def test_unfinished_checkpoint_is_skipped_with_a_warning(tmp_path, caplog):
 def test_bad_mesh_and_batch_configs_fail_clearly():
     config = tiny.get_config()
     config.mesh.data, config.mesh.fsdp = 3, -1
-    with pytest.raises(ValueError, match="do not divide"):
+    with pytest.raises(UserError, match="do not divide"):
         train.make_setup(config)
     config = tiny.get_config()
     config.train.grad_accum_steps = 3
-    with pytest.raises(ValueError, match="grad_accum_steps"):
+    with pytest.raises(UserError, match="grad_accum_steps"):
         train.make_setup(config)
