@@ -286,15 +286,20 @@ if __name__ == "__main__":
 
     def _check_flags() -> None:
         """What the flags alone say is wrong, before anything loads."""
-        pipeline = pathlib.Path(_PIPELINE.value)
-        parts = ["vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler"]
-        if not pipeline.is_dir():
-            raise UserError(f"--pipeline={pipeline} is not a folder (a diffusers FLUX pipeline folder)")
-        missing = [p for p in parts + ["transformer"] * (_WORKDIR.value is None) if not (pipeline / p).is_dir()]
-        if missing:
-            raise UserError(f"--pipeline={pipeline} lacks {', '.join(missing)}: not a diffusers FLUX pipeline folder")
+        if _PIPELINE.value is not None:  # None: the demo world's shipped base (or --workdir's demo run)
+            pipeline = pathlib.Path(_PIPELINE.value)
+            parts = ["vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler"]
+            if not pipeline.is_dir():
+                raise UserError(f"--pipeline={pipeline} is not a folder (a diffusers FLUX pipeline folder, or a demo "
+                                "world transformer folder)")
+            if (pipeline / "text_encoder").is_dir():  # a FLUX pipeline; without it, a demo transformer folder
+                missing = [p for p in parts + ["transformer"] * (_WORKDIR.value is None)
+                           if not (pipeline / p).is_dir()]
+                if missing:
+                    raise UserError(f"--pipeline={pipeline} lacks {', '.join(missing)}: not a diffusers FLUX "
+                                    "pipeline folder")
         for flag in (_NUM_STEPS, _BATCH, _MAX_SEQ, _HEIGHT, _WIDTH):
-            if flag.value < 1:
+            if flag.value is not None and flag.value < 1:
                 raise UserError(f"--{flag.name}={flag.value}: must be >= 1")
 
     def _load_noise() -> np.ndarray | None:

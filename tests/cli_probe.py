@@ -156,7 +156,7 @@ def cases(f: dict[str, str], tmp: str) -> list[Case]:
         export("export/format", "--format", f"--workdir={f['no_ckpt_workdir']}", f"--out={out}", "--format=onnx"),
         export("export/lora_of_full", "--format=lora", f"--workdir={f['no_ckpt_workdir']}", f"--out={out}",
                "--format=lora"),
-        Case("sample/no_flags", "pnapo_jax.sample", (), "--pipeline"),
+        Case("sample/no_flags", "pnapo_jax.sample", (), "--out"),  # --pipeline is optional (the demo base)
         sample("sample/missing_pipeline", "nonexistent", f"--pipeline={nowhere}", "--prompt=x",
                f"--out={out}.png"),
         sample("sample/pipeline_is_file", "not_a_dir", f"--pipeline={f['not_a_dir']}", "--prompt=x",
