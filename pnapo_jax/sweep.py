@@ -29,7 +29,7 @@ from pathlib import Path
 
 import ml_collections
 
-from pnapo_jax import cli, config_check
+from pnapo_jax import cli, config_check, metrics
 from pnapo_jax.errors import UserError
 
 TPU_SH = Path(__file__).resolve().parent.parent / "launch" / "tpu.sh"
@@ -121,7 +121,7 @@ def finished(workdir: str) -> bool:
     if not (root / "config.json").exists() or not (root / "metrics.jsonl").exists():
         return False
     num_steps = json.loads((root / "config.json").read_text())["train"]["num_steps"]
-    steps = [json.loads(line).get("step", -1) for line in (root / "metrics.jsonl").read_text().splitlines() if line]
+    steps = [line.get("step", -1) for line in metrics.read_lines(root / "metrics.jsonl")]  # a torn last line skipped
     return max(steps, default=-1) >= num_steps
 
 
