@@ -26,8 +26,8 @@ import numpy as np
 
 from pnapo_jax import flow, generate, rewards, sample, text, train
 from pnapo_jax.convert import files
+from pnapo_jax.convert.vae import VAE_SUBFOLDER, load_vae
 from pnapo_jax.models import vae
-from pnapo_jax.models.vae_loading import VAE_SUBFOLDER, load_vae
 
 PIPELINE_SUBFOLDERS = (text.CLIP_SUBFOLDER, text.T5_SUBFOLDER, text.CLIP_TOKENIZER_SUBFOLDER,
                        text.T5_TOKENIZER_SUBFOLDER, VAE_SUBFOLDER)

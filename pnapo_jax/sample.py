@@ -38,9 +38,9 @@ from PIL import Image
 
 from pnapo_jax import convert, flow, text
 from pnapo_jax.convert import files
+from pnapo_jax.convert.vae import load_vae
 from pnapo_jax.errors import UserError
 from pnapo_jax.models import flux, vae
-from pnapo_jax.models.vae_loading import load_vae
 
 SCHEDULER_CONFIG = pathlib.Path("scheduler") / "scheduler_config.json"
 # FlowMatchEulerDiscreteScheduler options FluxPipeline's schedule does not use; refused rather than ignored.

@@ -16,6 +16,7 @@ import jax
 import numpy as np
 import transformers
 
+from pnapo_jax.convert import hf
 from pnapo_jax.models import clip, t5
 
 # Subfolders of a diffusers FLUX pipeline folder.
@@ -41,8 +42,8 @@ def load_text_encoders(path: str | os.PathLike, dtype: Any = None, param_dtype: 
     `dtype` is the compute dtype (default float32), `param_dtype` the storage dtype (default `dtype`).
     """
     path = pathlib.Path(path)
-    clip_config, clip_params = clip.load(path / CLIP_SUBFOLDER, dtype, param_dtype)
-    t5_config, t5_params = t5.load(path / T5_SUBFOLDER, dtype, param_dtype)
+    clip_config, clip_params = hf.load_clip_text(path / CLIP_SUBFOLDER, dtype, param_dtype)
+    t5_config, t5_params = hf.load_t5(path / T5_SUBFOLDER, dtype, param_dtype)
     return TextEncoders(clip_config, clip_params, t5_config, t5_params,
                         transformers.CLIPTokenizer.from_pretrained(path / CLIP_TOKENIZER_SUBFOLDER),
                         transformers.T5TokenizerFast.from_pretrained(path / T5_TOKENIZER_SUBFOLDER))

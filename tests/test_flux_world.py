@@ -17,11 +17,11 @@ from etils import epath
 from flux_testing import clip_tokenizer, randomize, tiny_flux_pipeline
 
 from pnapo_jax import evaluate, flow, generate, rewards, text, train
+from pnapo_jax.convert.vae import load_vae
 from pnapo_jax.data.source import open_written
 from pnapo_jax.flux_world import FluxWorld
 from pnapo_jax.models import vae
 from pnapo_jax.models.flux import FluxConfig
-from pnapo_jax.models.vae_loading import load_vae
 
 sys.path.insert(0, str(epath.Path(__file__).parent.parent / "configs"))
 import tiny  # noqa: E402

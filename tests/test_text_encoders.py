@@ -24,6 +24,7 @@ from jax.sharding import Mesh, NamedSharding
 
 from pnapo_jax import sharding, text
 from pnapo_jax.config import DEFAULT_RULES
+from pnapo_jax.convert import hf as hf_files
 from pnapo_jax.models import clip, hf, t5
 
 # name -> (config overrides, sequence length); lengths beyond max_distance reach the logarithmic buckets.
@@ -57,7 +58,7 @@ def test_t5_matches_transformers(tmp_path, name):
     overrides, length = T5_CASES[name]
     model = torch_t5(**overrides)
     model.save_pretrained(tmp_path)
-    cfg, params = t5.load(tmp_path)
+    cfg, params = hf_files.load_t5(tmp_path)
     ids, mask = _ids_and_mask(3, length, cfg.vocab_size, eos=1, pad=0, seed=length)
     encoder = jax.jit(t5.T5Encoder(cfg).apply)
     with torch.no_grad():
@@ -83,7 +84,7 @@ def test_clip_matches_transformers(tmp_path, name):
     overrides, length = CLIP_CASES[name]
     model = torch_clip(**overrides)
     model.save_pretrained(tmp_path)
-    cfg, params = clip.load(tmp_path)
+    cfg, params = hf_files.load_clip_text(tmp_path)
     # Token 2 ahead of the eos and ids above a non-maximal eos tell the two pooling rules apart.
     ids, mask = _ids_and_mask(3, length, cfg.vocab_size, eos=cfg.eos_token_id, pad=cfg.eos_token_id, seed=length,
                               reserved=(2,))
@@ -104,7 +105,7 @@ def test_clip_matches_transformers(tmp_path, name):
 
 def _rewrite(folder, rename=lambda k: k, extra=None) -> None:
     """Rewrite `folder`'s model.safetensors with keys renamed (None: dropped) and extra tensors added."""
-    file = folder / hf.WEIGHTS_NAME
+    file = folder / hf_files.WEIGHTS_NAME
     tensors = safetensors.torch.load_file(file)
     tensors = {rename(k): v for k, v in tensors.items() if rename(k) is not None}
     safetensors.torch.save_file({**tensors, **(extra or {})}, file, metadata={"format": "pt"})
@@ -121,30 +122,30 @@ def test_clip_loads_pre_v5_checkpoints(tmp_path):
     torch_clip().save_pretrained(tmp_path / "v4")
     _rewrite(tmp_path / "v4", lambda k: f"text_model.{k}",
              {"text_model.embeddings.position_ids": torch.arange(CLIP_TINY["max_position_embeddings"])[None]})
-    _assert_same_params(clip.load(tmp_path / "v4")[1], clip.load(tmp_path / "v5")[1])
+    _assert_same_params(hf_files.load_clip_text(tmp_path / "v4")[1], hf_files.load_clip_text(tmp_path / "v5")[1])
 
 
 @pytest.mark.parametrize("stored", ["both", "tied_copy_only"])
 def test_t5_loads_tied_embedding_copies(tmp_path, stored):
     torch_t5().save_pretrained(tmp_path / "ref")
     torch_t5().save_pretrained(tmp_path / "alt")
-    shared = safetensors.torch.load_file(tmp_path / "ref" / hf.WEIGHTS_NAME)["shared.weight"]
+    shared = safetensors.torch.load_file(tmp_path / "ref" / hf_files.WEIGHTS_NAME)["shared.weight"]
     if stored == "both":
         _rewrite(tmp_path / "alt", extra={t5.TIED_KEY: shared.clone()})
     else:
         _rewrite(tmp_path / "alt", lambda k: t5.TIED_KEY if k == "shared.weight" else k)
-    _assert_same_params(t5.load(tmp_path / "alt")[1], t5.load(tmp_path / "ref")[1])
+    _assert_same_params(hf_files.load_t5(tmp_path / "alt")[1], hf_files.load_t5(tmp_path / "ref")[1])
 
 
 def test_bf16_sharded_checkpoint_loads(tmp_path):
     model = torch_t5().to(torch.bfloat16)
     model.save_pretrained(tmp_path, max_shard_size="8KB")
-    assert (tmp_path / hf.INDEX_NAME).exists()
-    cfg, params = t5.load(tmp_path, param_dtype="float32")
+    assert (tmp_path / hf_files.INDEX_NAME).exists()
+    cfg, params = hf_files.load_t5(tmp_path, param_dtype="float32")
     assert (cfg.dtype, cfg.param_dtype) == ("float32", "float32")
     sd = {k: v.float().numpy() for k, v in model.state_dict().items()}
     for path, x in traverse_util.flatten_dict(params).items():
-        w = sd[hf.hf_key(path)]
+        w = sd[hf_files.hf_key(path)]
         np.testing.assert_array_equal(np.asarray(x), w.T if path[-1] == "kernel" else w)
 
 
@@ -154,7 +155,7 @@ def test_bf16_compute_stays_close(tmp_path):
     ids, mask = _ids_and_mask(2, 16, T5_TINY["vocab_size"], eos=1, pad=0, seed=0)
     out = {}
     for dtype in ("float32", "bfloat16"):
-        cfg, params = t5.load(tmp_path, dtype=dtype)
+        cfg, params = hf_files.load_t5(tmp_path, dtype=dtype)
         assert jax.tree.leaves(params)[0].dtype == jnp.dtype(dtype)
         out[dtype] = jax.jit(t5.T5Encoder(cfg).apply)({"params": params}, ids, mask)
     assert out["bfloat16"].dtype == jnp.bfloat16
@@ -163,11 +164,11 @@ def test_bf16_compute_stays_close(tmp_path):
 
 def test_load_with_shardings(tmp_path):
     torch_t5().save_pretrained(tmp_path)
-    cfg, ref = t5.load(tmp_path)
+    cfg, ref = hf_files.load_t5(tmp_path)
     mesh = Mesh(np.array(jax.devices()[:8]).reshape(1, 4, 2), sharding.MESH_AXES)
     abstract = jax.eval_shape(lambda: t5.init_params(cfg, jax.random.key(0)))
     shardings = sharding.logical_shardings(abstract, mesh, DEFAULT_RULES)
-    _, params = t5.load(tmp_path, shardings=shardings)
+    _, params = hf_files.load_t5(tmp_path, shardings=shardings)
     _assert_same_params(params, ref)
     kernel = params["encoder"]["block_0"]["layer_1"]["DenseReluDense"]["wi_0"]["kernel"]
     assert kernel.sharding == NamedSharding(mesh, jax.sharding.PartitionSpec("fsdp", "tensor"))
@@ -179,14 +180,14 @@ def test_load_errors_name_the_keys(tmp_path):
              {"encoder.block.0.layer.0.SelfAttention.extra.weight": torch.zeros(2)})
     with pytest.raises(ValueError, match=r"missing keys: encoder\.final_layer_norm\.weight; unexpected keys: "
                                          r"encoder\.block\.0\.layer\.0\.SelfAttention\.extra\.weight"):
-        t5.load(tmp_path)
+        hf_files.load_t5(tmp_path)
     torch_clip().save_pretrained(tmp_path / "clip")
     config = json.loads((tmp_path / "clip" / "config.json").read_text())
     (tmp_path / "clip" / "config.json").write_text(json.dumps({**config, "intermediate_size": 44}))
     with pytest.raises(ValueError, match=r"wrong shapes: encoder\.layers\.0\.mlp\.fc1\.bias in .*: expected \(44,\), "
                                          r"found \(40,\), encoder\.layers\.0\.mlp\.fc1\.weight in .*: "
                                          r"expected \(44, 32\), found \(40, 32\)"):
-        clip.load(tmp_path / "clip")
+        hf_files.load_clip_text(tmp_path / "clip")
 
 
 def test_unsupported_activation():

@@ -19,9 +19,9 @@ from flux_testing import randomize_vae as _randomize  # test_import_images impor
 from flux_testing import torch_vae as _torch_vae
 
 from pnapo_jax.convert import files
+from pnapo_jax.convert.vae import VAE_SUBFOLDER, load_vae, vae_layout
 from pnapo_jax.errors import UserError
 from pnapo_jax.models import vae
-from pnapo_jax.models.vae_loading import VAE_SUBFOLDER, load_vae, vae_layout
 
 CONFIGS = {  # FLUX-like: 16 latent channels, shift, no quant convs; SD-like: 4 channels, quant convs, no shift
     "flux_like": dict(block_out_channels=(8, 16, 16), layers_per_block=1, norm_num_groups=4, latent_channels=16,

@@ -20,10 +20,10 @@ from flux_testing import TINY, VAE_TINY, torch_clip, torch_t5, torch_vae
 from test_rewards import OPEN_CLIP_TINY, TEXT_TINY, VISION_TINY
 
 from pnapo_jax import convert
-from pnapo_jax.convert import files
+from pnapo_jax.convert import files, hf
+from pnapo_jax.convert.vae import load_vae
 from pnapo_jax.errors import UserError
-from pnapo_jax.models import clip, flux, hf, t5
-from pnapo_jax.models.vae_loading import load_vae
+from pnapo_jax.models import flux
 from pnapo_jax.rewards import clip_model, open_clip_layout
 
 
@@ -67,7 +67,7 @@ def _make(kind: str, folder: epath.Path):
         _open_clip_folder(folder)
         return (folder / open_clip_layout.WEIGHTS_NAME, folder / open_clip_layout.CONFIG_NAME,
                 lambda: open_clip_layout.load(folder))
-    model, load = {"t5": (torch_t5, t5.load), "clip_text": (torch_clip, clip.load),
+    model, load = {"t5": (torch_t5, hf.load_t5), "clip_text": (torch_clip, hf.load_clip_text),
                    "pickscore": (lambda: transformers.CLIPModel(transformers.CLIPConfig(
                        text_config=TEXT_TINY, vision_config=VISION_TINY, projection_dim=16)), clip_model.load)}[kind]
     model().save_pretrained(folder)

@@ -35,6 +35,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from pnapo_jax import cli, flow
+from pnapo_jax.convert.vae import load_vae
 from pnapo_jax.data.builder import write_dataset
 from pnapo_jax.data.schema import (
     FLUX_PATCH_PIXELS,
@@ -46,7 +47,6 @@ from pnapo_jax.data.schema import (
 )
 from pnapo_jax.errors import UserError
 from pnapo_jax.models import vae as vae_model
-from pnapo_jax.models.vae_loading import load_vae
 
 TIE = 0.5
 ARRAY_RANKS = {"latent_0": 2, "latent_1": 2, "prompt_embeds": 2, "pooled_prompt_embeds": 1}

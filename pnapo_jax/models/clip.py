@@ -7,7 +7,6 @@ which loading strips. Norm statistics, attention logits and softmax are fp32.
 """
 
 import dataclasses
-import os
 from collections.abc import Collection
 from typing import Any
 
@@ -157,14 +156,3 @@ def stored_keys(keys: Collection[str]) -> dict[str, str]:
     """Our key -> stored key: a pre-v5 `text_model.` prefix is dropped, stored buffers ignored."""
     out = {k.removeprefix(_LEGACY_PREFIX): k for k in keys}
     return {k: v for k, v in out.items() if k not in _BUFFERS}
-
-
-def load(folder: str | os.PathLike, dtype: Any = None, param_dtype: Any = None, shardings: Any = None
-         ) -> tuple[CLIPTextConfig, dict[str, Any]]:
-    """(config, params) from a transformers `CLIPTextModel` folder (config.json + safetensors, sharded or not).
-
-    `dtype` is the compute dtype, `param_dtype` the storage dtype (default: `dtype`, else float32).
-    """
-    hf_config = transformers.CLIPTextConfig(**hf.read_config(folder))
-    cfg = CLIPTextConfig.from_hf(hf_config, **hf.dtypes(dtype, param_dtype))
-    return cfg, hf.load_params(folder, init_params, cfg, stored_keys, shardings)

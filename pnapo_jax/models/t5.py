@@ -2,7 +2,7 @@
 
 Pre-norm blocks with T5's LayerNorm (RMS, no mean, no bias), unscaled attention with a bucketed relative
 position bias (held by block 0, shared by all), a gated or plain MLP, no biases anywhere. Param names follow
-the transformers state dict (`encoder/block_3/layer_1/DenseReluDense/wi_0/kernel`), see `hf.py`.
+the transformers state dict (`encoder/block_3/layer_1/DenseReluDense/wi_0/kernel`), see pnapo_jax/convert/hf.py.
 
 Precision: norm statistics, attention logits and softmax are fp32, and so are the residual stream and `wo`
 whatever the compute dtype (T5 overflows in fp16). That is also what transformers computes in bf16: it keeps
@@ -11,7 +11,6 @@ whatever the compute dtype (T5 overflows in fp16). That is also what transformer
 
 import dataclasses
 import math
-import os
 from collections.abc import Collection
 from typing import Any
 
@@ -179,14 +178,3 @@ def stored_keys(keys: Collection[str]) -> dict[str, str]:
     if "shared.weight" not in keys and TIED_KEY in keys:
         out["shared.weight"] = TIED_KEY
     return out
-
-
-def load(folder: str | os.PathLike, dtype: Any = None, param_dtype: Any = None, shardings: Any = None
-         ) -> tuple[T5Config, dict[str, Any]]:
-    """(config, params) from a transformers `T5EncoderModel` folder (config.json + safetensors, sharded or not).
-
-    `dtype` is the compute dtype, `param_dtype` the storage dtype (default: `dtype`, else float32).
-    """
-    hf_config = transformers.T5Config(**hf.read_config(folder))
-    cfg = T5Config.from_hf(hf_config, **hf.dtypes(dtype, param_dtype))
-    return cfg, hf.load_params(folder, init_params, cfg, stored_keys, shardings)

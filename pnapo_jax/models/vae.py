@@ -2,7 +2,7 @@
 
 Module and parameter names follow diffusers' state dict (`decoder/up_blocks_0/resnets_1/conv1/kernel` is
 `decoder.up_blocks.0.resnets.1.conv1.weight` as [kh, kw, in, out]), so loading is a mechanical mapping
-(`vae_loading.py`). The module works on NHWC; `encode` / `decode` take and return NCHW like diffusers, with
+(pnapo_jax/convert/vae.py). The module works on NHWC; `encode` / `decode` take and return NCHW like diffusers, with
 FluxPipeline's latent normalisation (z - shift) * scale. GroupNorm statistics are computed in fp32. Channel
 axes carry the logical names `vae_in` / `vae_out` / `vae_norm`, which no default rule shards: the VAE is
 replicated.

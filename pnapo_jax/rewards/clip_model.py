@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import transformers
 
+from pnapo_jax.convert import hf as hf_files
 from pnapo_jax.models import clip, clip_vision, hf
 
 _BUFFERS = ("text_model.embeddings.position_ids", "vision_model.embeddings.position_ids")  # older checkpoints
@@ -72,6 +73,6 @@ def stored_keys(keys: Collection[str]) -> dict[str, str]:
 
 def load(folder: str | os.PathLike, dtype: Any = None, param_dtype: Any = None) -> tuple[CLIPConfig, dict[str, Any]]:
     """(config, params) from a transformers `CLIPModel` folder (config.json + model.safetensors, sharded or not)."""
-    hf_config = transformers.CLIPConfig(**hf.read_config(folder))
-    cfg = CLIPConfig.from_hf(hf_config, **hf.dtypes(dtype, param_dtype))
-    return cfg, hf.load_params(folder, init_params, cfg, stored_keys)
+    hf_config = transformers.CLIPConfig(**hf_files.read_config(folder))
+    cfg = CLIPConfig.from_hf(hf_config, **hf_files.dtypes(dtype, param_dtype))
+    return cfg, hf_files.load_params(folder, init_params, cfg, stored_keys)

@@ -22,9 +22,9 @@ import numpy as np
 import transformers
 from flax import traverse_util
 
-from pnapo_jax.convert import files
+from pnapo_jax.convert import files, hf
 from pnapo_jax.errors import UserError
-from pnapo_jax.models import clip, clip_vision, hf
+from pnapo_jax.models import clip, clip_vision
 from pnapo_jax.rewards.clip_model import CLIPConfig, init_params
 
 CONFIG_NAME = "open_clip_config.json"
