@@ -1,7 +1,7 @@
 """The real jitted PNAPO step on FLUX.1-dev-shaped models with random weights, on whatever accelerator JAX finds.
 
 Builds the model from configs/flux_tpu.py (TPU), configs/flux_gpu.py (GPU) or configs/flux_tpu.py with XLA
-attention (CPU) with random weights (no download), runs `train.jit_steps(setup)[0]` (policy forward + backward
+attention (CPU) with random weights (no download), runs `jit_steps(setup)[0]` (policy forward + backward
 on winner and loser, frozen reference forward, AdamW) and prints, per run: the median step time, the step's
 matmul FLOPs (`aot.matmul_flops` of the traced step: scan trips, remat recompute and the attention kernel
 included), model FLOPs utilisation against the device's peak bf16 rate, and the peak device memory. Runs: the
@@ -25,7 +25,9 @@ import jax
 import numpy as np
 from etils import epath
 
-from pnapo_jax import aot, train
+from pnapo_jax import aot
+from pnapo_jax.setup import base_params, init_state, make_setup
+from pnapo_jax.step import jit_steps
 
 CONFIGS = epath.Path(__file__).parent.parent / "configs"
 sys.path.insert(0, str(CONFIGS))
@@ -64,13 +66,13 @@ def peak_memory_gib() -> float | None:
 
 def run_step(config: Any, runs: int) -> dict[str, Any]:
     """Initialise on the devices, compile, warm up once, then time `runs` steps (each waited for)."""
-    setup = train.make_setup(config)
-    state, frozen = train.init_state(setup, train.base_params(setup))
+    setup = make_setup(config)
+    state, frozen = init_state(setup, base_params(setup))
     abstract = aot.abstract_batch(setup)
     rng = np.random.default_rng(0)
     batch = {k: jax.device_put(rng.standard_normal(s.shape).astype(np.float32), s.sharding)
              for k, s in abstract.items()}
-    step = train.jit_steps(setup)[0]
+    step = jit_steps(setup)[0]
     with setup.scope():
         flops = aot.matmul_flops(step.trace(state, frozen, batch).jaxpr.jaxpr)
         start = time.perf_counter()

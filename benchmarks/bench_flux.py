@@ -23,7 +23,6 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from diffusers import FluxTransformer2DModel  # noqa: E402
 
-from pnapo_jax import flow  # noqa: E402
 from pnapo_jax.convert import load_diffusers_transformer  # noqa: E402
 from pnapo_jax.models import flux  # noqa: E402
 
@@ -40,7 +39,7 @@ def _inputs(batch: int, seed: int = 0) -> dict[str, np.ndarray]:
                 encoder_hidden_states=normal(batch, TXT_LEN, MODEL["joint_attention_dim"]),
                 pooled_projections=normal(batch, MODEL["pooled_projection_dim"]),
                 timestep=rng.uniform(0, 1, batch).astype(np.float32),
-                img_ids=np.array(flow.img_ids(*IMG_HW)), txt_ids=np.array(flow.txt_ids(TXT_LEN)),
+                img_ids=np.array(flux.img_ids(*IMG_HW)), txt_ids=np.array(flux.txt_ids(TXT_LEN)),
                 guidance=np.full(batch, GUIDANCE, np.float32))
 
 

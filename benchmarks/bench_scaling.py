@@ -2,7 +2,7 @@
 
 For each model (configs/tiny.py, and the 36.5M-parameter FLUX-shaped model of bench_train_step.py) and each
 device count N in --devices, a subprocess with XLA_FLAGS=--xla_force_host_platform_device_count=N (the device
-count is fixed per process) builds the real train step (`train.jit_steps`, mesh fsdp=N: weights, optimizer
+count is fixed per process) builds the real train step (`jit_steps`, mesh fsdp=N: weights, optimizer
 state and the frozen reference sharded on their embed axis, the batch split N ways) and reports its compile
 time, XLA's per-device memory analysis (arguments, temporaries, outputs not aliased to donated inputs) and the
 median step time, wall and process CPU (all devices' threads). All N fake devices share this machine's cores:
@@ -54,12 +54,14 @@ def worker(name: str, runs: int) -> dict[str, Any]:
     import jax
     import numpy as np
 
-    from pnapo_jax import sharding, train
+    from pnapo_jax import sharding
     from pnapo_jax.data.pipeline import batch_keys
+    from pnapo_jax.setup import base_params, init_state, make_setup
+    from pnapo_jax.step import jit_steps
 
     config = make_config(name)
-    setup = train.make_setup(config)
-    state, frozen = train.init_state(setup, train.base_params(setup))
+    setup = make_setup(config)
+    state, frozen = init_state(setup, base_params(setup))
     m, d, b = config.model, config.data, config.train.global_batch_size
     image, text = (setup.image_tokens, m.in_channels), (d.text_len, m.joint_attention_dim)
     shapes = {"x0_w": image, "x0_l": image, "x1_w": image, "x1_l": image, "prompt_embeds": text,
@@ -72,7 +74,7 @@ def worker(name: str, runs: int) -> dict[str, Any]:
 
     start = time.perf_counter()
     with setup.scope():
-        compiled = train.jit_steps(setup)[0].lower(state, frozen, batch).compile()
+        compiled = jit_steps(setup)[0].lower(state, frozen, batch).compile()
     compile_s = time.perf_counter() - start
     ma = compiled.memory_analysis()
     for _ in range(2):  # warm-up

@@ -1,6 +1,6 @@
 """Our full PNAPO train step vs the Diffusion-DPO / Flow-DPO step users run today (diffusers + torch), CPU fp32.
 
-Ours: `train.jit_steps` (policy forward + backward on winner and loser in one [2B] batch, frozen reference
+Ours: `jit_steps` (policy forward + backward on winner and loser in one [2B] batch, frozen reference
 forward, global-norm clip + AdamW, donated state). Theirs: diffusers' `FluxTransformer2DModel` in eager torch
 with the loss of diffusers' examples/research_projects/diffusion_dpo/train_diffusion_dpo.py (policy forward on
 [w; l], reference forward under no_grad on a frozen copy, per-example MSE, logits = ref_diff - model_diff,
@@ -44,10 +44,12 @@ from diffusers import FluxTransformer2DModel  # noqa: E402
 from machine import describe  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
-from pnapo_jax import flow, train  # noqa: E402
 from pnapo_jax.config import defaults  # noqa: E402
 from pnapo_jax.convert import load_diffusers_transformer  # noqa: E402
+from pnapo_jax.models import flux  # noqa: E402
 from pnapo_jax.models.flux import FluxTransformer, scan_params  # noqa: E402
+from pnapo_jax.setup import init_state, make_setup  # noqa: E402
+from pnapo_jax.step import jit_steps  # noqa: E402
 
 MODEL = dict(patch_size=1, in_channels=64, num_layers=2, num_single_layers=4, attention_head_dim=64,
              num_attention_heads=8, joint_attention_dim=256, pooled_projection_dim=128, guidance_embeds=True,
@@ -133,15 +135,15 @@ def make_batch(seed: int = 0) -> dict[str, np.ndarray]:
 
 
 def model_inputs(batch: dict[str, np.ndarray], t_B: np.ndarray) -> tuple[dict[str, np.ndarray], np.ndarray]:
-    """The [2B] transformer inputs and velocity targets pnapo.pair_loss builds (recorded noises, shared t)."""
+    """The [2B] transformer inputs and velocity targets objective.pair_loss builds (recorded noises, shared t)."""
     cat = lambda w, l: np.concatenate([w, l], axis=0)
     t2 = cat(t_B, t_B)[:, None, None]
     x0, x1 = cat(batch["x0_w"], batch["x0_l"]), cat(batch["x1_w"], batch["x1_l"])
     inputs = dict(hidden_states=(1 - t2) * x0 + t2 * x1,
                   encoder_hidden_states=cat(batch["prompt_embeds"], batch["prompt_embeds"]),
                   pooled_projections=cat(batch["pooled_prompt_embeds"], batch["pooled_prompt_embeds"]),
-                  timestep=cat(t_B, t_B), img_ids=np.array(flow.img_ids(*IMG_HW)),
-                  txt_ids=np.array(flow.txt_ids(TXT_LEN)), guidance=np.full(2 * PAIRS, GUIDANCE, np.float32))
+                  timestep=cat(t_B, t_B), img_ids=np.array(flux.img_ids(*IMG_HW)),
+                  txt_ids=np.array(flux.txt_ids(TXT_LEN)), guidance=np.full(2 * PAIRS, GUIDANCE, np.float32))
     return {k: v.astype(np.float32) for k, v in inputs.items()}, (x1 - x0).astype(np.float32)
 
 
@@ -149,13 +151,13 @@ class Ours:
     """Our jitted train step on a 1-device mesh, plus its parts compiled separately."""
 
     def __init__(self, params: Any, args: argparse.Namespace):
-        self.setup = setup = train.make_setup(our_config(args), jax.devices()[:1])
+        self.setup = setup = make_setup(our_config(args), jax.devices()[:1])
         if args.scan_layers:
             params = scan_params(params, setup.model_cfg)
         params = jax.tree.map(jnp.array, params)  # own buffers: the state is donated every step
-        self.state, self.frozen = train.init_state(setup, params)
+        self.state, self.frozen = init_state(setup, params)
         self.batch = jax.device_put({k: jnp.asarray(v) for k, v in make_batch().items()})
-        self.jitted = train.jit_steps(setup)[0]
+        self.jitted = jit_steps(setup)[0]
 
     def compile_step(self) -> Any:
         with self.setup.scope():
@@ -211,8 +213,8 @@ class Torch:
                                      weight_decay=WEIGHT_DECAY)
         self.batch_np = batch
         self.b = {k: torch.from_numpy(v) for k, v in batch.items()}
-        self.img_ids = torch.from_numpy(np.array(flow.img_ids(*IMG_HW)))
-        self.txt_ids = torch.from_numpy(np.array(flow.txt_ids(TXT_LEN)))
+        self.img_ids = torch.from_numpy(np.array(flux.img_ids(*IMG_HW)))
+        self.txt_ids = torch.from_numpy(np.array(flux.txt_ids(TXT_LEN)))
 
     def inputs(self, t_B: torch.Tensor, noise: tuple[torch.Tensor, torch.Tensor]) -> tuple[dict, torch.Tensor]:
         b = self.b

@@ -35,7 +35,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c = defaults()
 
     # The world's shipped base model: a ~2.3M-parameter FLUX (same code as FLUX.1-dev), pixel-space latents.
-    for k, v in base.flux_config().to_diffusers().items():
+    for k, v in base.demo_model_config().to_diffusers().items():
         if k in c.model:
             c.model[k] = v
     c.model.pretrained = str(base.DEFAULT_BASE)  # a diffusers transformer folder inside the package

@@ -5,7 +5,7 @@ per-chip HBM, FLOPs per step, a step-time lower bound, and the largest global ba
     python -m pnapo_jax.aot --config=configs/flux_tpu.py:lora --topology=v6e-8 --find_max_batch
     python -m pnapo_jax.aot --config=configs/flux_tpu.py --topology=v5p-16 --config.train.global_batch_size=32
 
-The step is `train.jit_steps(setup)[0]` traced on abstract inputs with training's shardings, so what fits here
+The step is `step.jit_steps(setup)[0]` traced on abstract inputs with training's shardings, so what fits here
 is what `pnapo_jax.main` runs. The last stdout line is one JSON object; the exit status is 1 when the step does
 not fit. Needs libtpu (`pip install .[aot]`, or `.[tpu]`); runs on the CPU backend (JAX_PLATFORMS=cpu unless set).
 """
@@ -29,11 +29,12 @@ from jax.experimental import topologies
 from jax.extend import core as jcore
 from ml_collections import config_flags
 
-from pnapo_jax import cli, sharding, train
-from pnapo_jax.data.batch import LATENT_KEYS, NOISE_KEYS, REWARD_KEYS
+from pnapo_jax import cli, sharding
+from pnapo_jax.data.batch import REWARD_KEYS
 from pnapo_jax.data.pipeline import batch_keys
 from pnapo_jax.errors import UserError
-from pnapo_jax.models.flux import FluxTransformer, dummy_inputs
+from pnapo_jax.setup import Setup, make_setup
+from pnapo_jax.step import jit_steps
 
 GiB = 2**30
 _GRIDS_2D = {4: "2x2", 8: "2x4", 16: "4x4", 32: "4x8", 64: "8x8", 128: "8x16", 256: "16x16"}
@@ -80,14 +81,10 @@ def tpu_devices(desc_name: str) -> list:
     return topologies.get_topology_desc(platform="tpu", topology_name=desc_name).devices
 
 
-def abstract_batch(setup: train.Setup) -> dict[str, jax.ShapeDtypeStruct]:
+def abstract_batch(setup: Setup) -> dict[str, jax.ShapeDtypeStruct]:
     """The global batch the loader feeds (pnapo_jax/data/batch.py), batch-sharded as in training."""
     c = setup.config
-    m, d = c.model, c.data
-    image = (setup.image_tokens, m.in_channels)
-    trailing = {**dict.fromkeys(LATENT_KEYS + NOISE_KEYS, image), **dict.fromkeys(REWARD_KEYS, ()),
-                "prompt_embeds": (d.text_len, m.joint_attention_dim),
-                "pooled_prompt_embeds": (m.pooled_projection_dim,)}
+    trailing = {**setup.record_spec.array_shapes(), **dict.fromkeys(REWARD_KEYS, ())}
     sh = sharding.batch_sharding(setup.mesh)
     return {k: jax.ShapeDtypeStruct((c.train.global_batch_size, *trailing[k]), jnp.float32, sharding=sh)
             for k in batch_keys(c.pnapo.noise_mode)}
@@ -118,12 +115,12 @@ def matmul_flops(jaxpr: jcore.Jaxpr) -> int:
     return total
 
 
-def forward_flops_per_image(setup: train.Setup) -> int:
+def forward_flops_per_image(setup: Setup) -> int:
     """Matmul FLOPs of one transformer forward on one image (the unit the step's count is a multiple of)."""
-    inputs = dummy_inputs(setup.model_cfg, img_len=setup.image_tokens, txt_len=setup.config.data.text_len)
-    model = FluxTransformer(setup.model_cfg)
+    d = setup.config.data
+    inputs = setup.backbone.dummy_inputs(setup.model_cfg, d.latent_h_tokens, d.latent_w_tokens, d.text_len, 1)
     with setup.scope():
-        jaxpr = jax.make_jaxpr(lambda v, kw: model.apply(v, **kw))(train.abstract_variables(setup), inputs)
+        jaxpr = jax.make_jaxpr(setup.velocity)(setup.abstract_variables, *inputs)
     return matmul_flops(jaxpr.jaxpr)
 
 
@@ -151,11 +148,11 @@ def analyze(config: ml_collections.ConfigDict, topology: str, hbm_gib: float | N
     """Compile the train step of `config` for `topology`; the figures as a JSON-able dict."""
     gen, chip, desc, chips = resolve_topology(topology)
     capacity = chip.hbm_gib if hbm_gib is None else hbm_gib
-    setup = train.make_setup(config, devices=tpu_devices(desc))
-    args = (train.abstract_state(setup), train.abstract_frozen(setup), abstract_batch(setup))
+    setup = make_setup(config, devices=tpu_devices(desc))
+    args = (setup.abstract_state, setup.abstract_frozen, abstract_batch(setup))
     start = time.perf_counter()
     with setup.scope():
-        traced = train.jit_steps(setup)[0].trace(*args)
+        traced = jit_steps(setup)[0].trace(*args)
     compiled, hbm, oom = _hbm(lambda: traced.lower().compile(), args)
     compile_s = time.perf_counter() - start
     total = None if None in hbm.values() else sum(hbm.values())

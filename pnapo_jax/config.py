@@ -8,7 +8,7 @@ import dataclasses
 import ml_collections
 
 from pnapo_jax.models.flux import FluxConfig
-from pnapo_jax.pnapo import LossConfig
+from pnapo_jax.objective import LossConfig
 
 # Logical axis -> mesh axes. Parameters are FSDP-sharded on their `embed` dimension and tensor-parallel on
 # heads / mlp / modulation; activations are batch-sharded over (data, fsdp).
@@ -73,8 +73,12 @@ def defaults() -> ml_collections.ConfigDict:
     c.lora.alpha = 0.0  # scale alpha / rank; 0 means alpha = rank (diffusers' default)
     c.lora.targets = FluxConfig.lora_targets  # Dense layers with adapters, by diffusers name; --config.lora.targets=a,b
 
-    # The PNAPO loss (pnapo_jax.pnapo.LossConfig): beta, convention, noise mode, dynamic beta.
+    # The PNAPO loss (pnapo_jax.objective.LossConfig): beta, convention, noise mode, dynamic beta.
     c.pnapo = ml_collections.ConfigDict(dataclasses.asdict(LossConfig()))
+    # The guidance input of guidance-distilled models (FLUX.1-dev) while training: part of the model's conditioning
+    # (pnapo_jax.backbones.flux), not of the loss; models without guidance embeds ignore it. diffusers' FLUX
+    # DreamBooth README trains with --guidance_scale=1 (the scripts' argparse default is 3.5).
+    c.pnapo.guidance = 1.0
 
     # Training t ~ kind; logit_normal is sigmoid(N(logit_mean, logit_std)); mode uses mode_scale.
     c.t_sampling = ml_collections.ConfigDict()

@@ -15,14 +15,15 @@ import ml_collections
 from etils import epath
 
 from pnapo_jax import config as config_lib
-from pnapo_jax import flow, pnapo, sharding
+from pnapo_jax import flow, objective, sharding
+from pnapo_jax.data.batch import NOISE_MODES
 from pnapo_jax.data.schema import ON_BAD_RECORD
 from pnapo_jax.errors import UserError
 from pnapo_jax.models import flux, layers
 
 ENUMS = {
-    "pnapo.noise_mode": pnapo.NOISE_MODES,
-    "pnapo.scale_convention": tuple(pnapo.SCALE_CONVENTIONS),
+    "pnapo.noise_mode": NOISE_MODES,
+    "pnapo.scale_convention": tuple(objective.SCALE_CONVENTIONS),
     "optim.schedule": config_lib.SCHEDULES,
     "model.remat_policy": flux.REMAT_POLICIES,
     "model.attention_impl": tuple(layers.ATTENTION_IMPLS),

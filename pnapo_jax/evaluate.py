@@ -20,27 +20,25 @@ Reward alone is easy to hack by drifting away from valid images, so every eval l
 import dataclasses
 import pathlib
 import sys
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import ml_collections
 import numpy as np
 
-if TYPE_CHECKING:  # the command does not import the training stack; SampleEval gets it from its caller
-    from pnapo_jax import generate, train
+from pnapo_jax.sampling import Sampler, World
+from pnapo_jax.setup import Setup
 
 
 @dataclasses.dataclass
 class SampleEval:
     """Fixed prompts and noises; the base's samples and scores are computed once."""
 
-    setup: "train.Setup"
-    world: "generate.World"
+    setup: Setup
+    world: World
     cfg: ml_collections.ConfigDict  # config.eval
     base_variables: Any
 
     def __post_init__(self):
-        from pnapo_jax import generate
-
         prompts = self.world.prompts(self.cfg.split)[: self.cfg.num_prompts]
         self.prompts = [p for p in prompts for _ in range(self.cfg.samples_per_prompt)]
         gen = ml_collections.ConfigDict(dict(self.setup.config.generate))
@@ -48,7 +46,7 @@ class SampleEval:
         self._gen = gen
         embeds, pooled = self.world.encode_prompts(self.prompts)
         self._inputs = (embeds, pooled)
-        self._noises = generate.Sampler(self.setup, self.base_variables, gen).noises(np.arange(len(self.prompts)))
+        self._noises = Sampler(self.setup, self.base_variables, gen).noises(np.arange(len(self.prompts)))
         self.base_images = self._sample(self.base_variables)
         self.base_rewards = np.asarray(self.world.reward(self.base_images, self.prompts))
         self.base_fidelity = self._fidelity(self.base_images)
@@ -59,9 +57,7 @@ class SampleEval:
         return None if fidelity is None else np.asarray(fidelity(images, self.prompts))
 
     def _sample(self, variables: Any) -> np.ndarray:
-        from pnapo_jax import generate
-
-        sampler = generate.Sampler(self.setup, variables, self._gen)
+        sampler = Sampler(self.setup, variables, self._gen)
         images = []
         for s in range(0, len(self.prompts), self.cfg.batch_size):
             sl = slice(s, s + self.cfg.batch_size)

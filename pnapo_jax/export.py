@@ -15,9 +15,10 @@ import ml_collections
 from absl import flags
 from etils import epath
 
-from pnapo_jax import cli, config_check, convert, reference, train
+from pnapo_jax import cli, config_check, reference
 from pnapo_jax.checkpoint import Checkpointer
 from pnapo_jax.errors import UserError
+from pnapo_jax.setup import Setup, base_params, make_setup
 
 FORMATS = ("diffusers", "bfl", "lora")
 
@@ -36,7 +37,7 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
     return config
 
 
-def restore_params(setup: train.Setup, workdir: str, step: int | None = None) -> tuple[int, Any]:
+def restore_params(setup: Setup, workdir: str, step: int | None = None) -> tuple[int, Any]:
     """(step, trainable params) of a checkpoint, default the newest that restores; optimizer state is not read.
     The workdir is only read (a run may be training in it): nothing there is deleted or written."""
     directory = epath.Path(workdir) / "checkpoints"
@@ -47,7 +48,7 @@ def restore_params(setup: train.Setup, workdir: str, step: int | None = None) ->
         steps = ckpt.all_steps()
         if step is not None and step not in steps:
             raise UserError(f"no checkpoint for step {step} in {directory}; available steps: {steps}")
-        return ckpt.restore_params(step, train.abstract_state(setup)["params"])
+        return ckpt.restore_params(step, setup.abstract_params)
     finally:
         ckpt.close()
 
@@ -60,21 +61,20 @@ def export(workdir: str, out: str, fmt: str, step: int | None = None, devices: l
         out += ".safetensors"
     config = load_config(workdir)
     reference.refuse_overwrite(out, config, workdir)
-    setup = train.make_setup(config, devices)
+    setup = make_setup(config, devices)
     if fmt == "lora" and not setup.lora:
         raise UserError(f"--format=lora: {workdir} is a full fine-tune (config.lora.rank=0): it has no adapters; "
                          "export it with --format=diffusers or --format=bfl")
     step, params = restore_params(setup, workdir, step)
     print(f"restored step {step} from {workdir}", flush=True)
-    cfg = setup.model_cfg
+    cfg, backbone = setup.model_cfg, setup.backbone
     if fmt == "lora":
-        convert.save_lora(cfg, params, out)
+        backbone.save_lora(cfg, params, out)
     else:
         if setup.lora:
             print("rebuilding the base weights to merge the adapters into", flush=True)
-            params = convert.merge_lora(cfg, train.base_params(setup), params)
-        save = convert.save_diffusers_transformer if fmt == "diffusers" else convert.save_bfl_transformer
-        save(cfg, params, out)
+            params = backbone.merge_lora(cfg, base_params(setup), params)
+        backbone.save(cfg, params, out, fmt)
     print(f"wrote {fmt} to {out}", flush=True)
     return step
 

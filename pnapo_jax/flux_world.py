@@ -1,5 +1,5 @@
-"""The FLUX world: `generate.World` for FLUX.1, from a diffusers pipeline folder's text encoders and VAE and a
-CLIP-based reward (PickScore, HPSv2, CLIP score or the LAION aesthetic predictor, pnapo_jax.rewards).
+"""The FLUX world: a `pnapo_jax.sampling.World` for FLUX.1, from a diffusers pipeline folder's text encoders and
+VAE and a CLIP-based reward (PickScore, HPSv2, CLIP score or the LAION aesthetic predictor, pnapo_jax.rewards).
 
 Prompts are encoded once, CLIP's pooled output and T5's hidden states over config.data.text_len tokens (FluxPipeline's
 max_sequence_length), and the records carry the embeddings: training never runs T5. Samples are decoded as
@@ -24,10 +24,11 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from pnapo_jax import flow, generate, rewards, sample, text, train
+from pnapo_jax import rewards, sampling, text
+from pnapo_jax.backbones import flux as backbone_flux
 from pnapo_jax.convert import files
 from pnapo_jax.convert.vae import VAE_SUBFOLDER, load_vae
-from pnapo_jax.models import vae
+from pnapo_jax.models import flux, vae
 
 PIPELINE_SUBFOLDERS = (text.CLIP_SUBFOLDER, text.T5_SUBFOLDER, text.CLIP_TOKENIZER_SUBFOLDER,
                        text.T5_TOKENIZER_SUBFOLDER, VAE_SUBFOLDER)
@@ -51,7 +52,7 @@ def pipeline_dir(config: ml_collections.ConfigDict) -> pathlib.Path:
 
 
 @dataclasses.dataclass
-class FluxWorld:
+class FluxWorld:  # a pnapo_jax.sampling.World
     """FLUX.1's prompt encoding, decoding and a reward for `config` (see the module docstring)."""
 
     config: ml_collections.ConfigDict
@@ -76,7 +77,7 @@ class FluxWorld:
         folder, dtype = pipeline_dir(self.config), self.config.model.dtype
         encoders = text.load_text_encoders(folder, dtype)
         vae_cfg, vae_params = load_vae(folder, dtype)
-        sample._check_fits(train.flux_config(self.config), encoders, vae_cfg)
+        backbone_flux.check_fits(backbone_flux.model_config(self.config), encoders, vae_cfg)
         return encoders, vae_cfg, vae_params
 
     @functools.cached_property
@@ -98,7 +99,7 @@ class FluxWorld:
         """Packed latents -> images [B, H, W, 3] in [0, 1], FluxPipeline's postprocessing. The latents come to the
         host first: the sampler leaves them sharded over the mesh, the VAE's params are on one device."""
         _, vae_cfg, vae_params = self._loaded
-        z = flow.unpack_latents(jnp.asarray(np.asarray(latents_BxIxC)), 2 * self.latent_h_tokens,
+        z = flux.unpack_latents(jnp.asarray(np.asarray(latents_BxIxC)), 2 * self.latent_h_tokens,
                                 2 * self.latent_w_tokens)
         images = vae.decode(vae_params, vae_cfg, z, batch_chunk=DECODE_BATCH_CHUNK)
         return np.asarray(jnp.clip(images / 2 + 0.5, 0, 1).transpose(0, 2, 3, 1))
@@ -109,4 +110,4 @@ class FluxWorld:
         if not path:
             raise ValueError("the flux world has no built-in prompts: set config.generate.prompts_file (one prompt "
                              "a line; '{split}' in the path is replaced by the split)")
-        return generate.read_prompts(path.replace("{split}", split))
+        return sampling.read_prompts(path.replace("{split}", split))

@@ -18,73 +18,20 @@ import json
 import logging
 import shutil
 from collections.abc import Callable, Sequence
-from typing import Any, Protocol
+from typing import Any
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import tqdm
 from etils import epath
 
-from pnapo_jax import flow, sharding, train
+from pnapo_jax import worlds
 from pnapo_jax.config import PAIR_MODES
 from pnapo_jax.data.builder import write_dataset
-from pnapo_jax.data.schema import SextupleSpec
 from pnapo_jax.errors import UserError
-from pnapo_jax.models.flux import apply_fn
-
-
-class World(Protocol):
-    """What generation needs to know of a text-to-image world: text in, latents out, images scored."""
-
-    latent_h_tokens: int
-    latent_w_tokens: int
-    patch_pixels: int  # image pixels per token side
-    model_id: str
-
-    def encode_prompts(self, prompts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
-        """-> (prompt_embeds [B, T, D], pooled [B, P])."""
-
-    def decode(self, latents_BxIxC: jax.Array) -> np.ndarray:
-        """Packed latents -> images [B, H, W, 3] in [0, 1]."""
-
-    def reward(self, images_BxHxWx3: np.ndarray, prompts: Sequence[str]) -> np.ndarray:
-        """-> scores [B], higher is preferred."""
-
-
-def make_world(config: ml_collections.ConfigDict) -> World:
-    """The world of config.generate.world: `demo` is the embedded one (pnapo_jax.world), `flux` FLUX.1 from a
-    pipeline folder and a reward (pnapo_jax.flux_world). The whole config, not only its generate section: a
-    FLUX world takes its shapes from config.data and its dtype and model id from config.model."""
-    name = config.generate.world
-    if name == "demo":
-        from pnapo_jax import world
-
-        return world.components()
-    if name == "flux":
-        from pnapo_jax import flux_world
-
-        return flux_world.FluxWorld(config)
-    raise ValueError(f"config.generate.world={name!r}: known worlds are ('demo', 'flux')")
-
-
-def read_prompts(path: str) -> list[str]:
-    """One prompt a line (UTF-8); blank lines are refused (they would shift every later prompt's seed), and so
-    is a file without prompts."""
-    try:
-        lines = epath.Path(path).read_text(encoding="utf-8").splitlines()
-    except (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError) as e:
-        raise UserError(f"prompts file {path}: cannot read it ({e.strerror or e})") from None
-    except UnicodeDecodeError as e:
-        line = e.object[:e.start].count(b"\n") + 1
-        raise UserError(f"prompts file {path}: line {line} is not UTF-8 text ({e.reason})") from None
-    blank = [i + 1 for i, line in enumerate(lines) if not line.strip()]
-    if blank:
-        raise UserError(f"prompts file {path}: blank prompt on line(s) {blank[:5]}")
-    if not lines:
-        raise UserError(f"prompts file {path}: no prompts (one a line)")
-    return [line.strip() for line in lines]
+from pnapo_jax.sampling import Sampler, World, read_prompts
+from pnapo_jax.setup import base_params, make_setup
 
 
 def select_pairs(rewards_K: np.ndarray, mode: str, min_gap: float) -> list[tuple[int, int]]:
@@ -99,42 +46,6 @@ def select_pairs(rewards_K: np.ndarray, mode: str, min_gap: float) -> list[tuple
         return [(i, j) for i in range(K) for j in range(K)
                 if rewards_K[i] > rewards_K[j] and rewards_K[i] - rewards_K[j] >= min_gap]
     raise ValueError(f"config.generate.pairs={mode!r}: choose from {PAIR_MODES}")
-
-
-@dataclasses.dataclass
-class Sampler:
-    """Jitted, batched sampling on the mesh. `variables` = {"params": ...} (and "lora" for a LoRA policy)."""
-
-    setup: train.Setup
-    variables: Any
-    gen: ml_collections.ConfigDict
-
-    def __post_init__(self):
-        d = self.setup.config.data
-        self.apply = apply_fn(self.setup.model_cfg)  # cached: evals make a Sampler per call
-        self.img_ids = flow.img_ids(d.latent_h_tokens, d.latent_w_tokens)
-        self.txt_ids = flow.txt_ids(d.text_len)
-        self.shape_IxC = (d.latent_h_tokens * d.latent_w_tokens, self.setup.model_cfg.in_channels)
-        self.batch_sharding = sharding.batch_sharding(self.setup.mesh)
-
-    def noises(self, seeds_N: np.ndarray) -> jax.Array:
-        return flow.seeded_noise(self.gen.seed, seeds_N, self.shape_IxC)
-
-    def __call__(self, noise_NxIxC: jax.Array, embeds_NxTxD: np.ndarray, pooled_NxP: np.ndarray) -> jax.Array:
-        """Final latents [N, I, C]; N is padded up to a multiple of the mesh's batch shards and cut back."""
-        N = noise_NxIxC.shape[0]
-        shards = self.setup.mesh.shape["data"] * self.setup.mesh.shape["fsdp"]
-        pad = -N % shards
-
-        def put(x):
-            x = jnp.asarray(x, jnp.float32)
-            return jax.device_put(jnp.pad(x, [(0, pad)] + [(0, 0)] * (x.ndim - 1)), self.batch_sharding)
-
-        with self.setup.scope():  # the mesh: the splash kernel runs per device on its batch shard (shard_map)
-            x0 = flow.euler_sample(self.apply, self.variables, put(noise_NxIxC), put(embeds_NxTxD),
-                                   put(pooled_NxP), self.gen.num_steps, self.gen.guidance_scale, self.img_ids,
-                                   self.txt_ids, mu=self.gen.shift_mu)
-        return x0[:N]
 
 
 def _records_of_prompt(prompt: str, seeds_K: np.ndarray, x1_KxIxC: np.ndarray, x0_KxIxC: np.ndarray,
@@ -185,9 +96,9 @@ def run(config: ml_collections.ConfigDict, prompts_file: str, out: str, show_pro
     out_dir = epath.Path(out)
     if out_dir.exists() and not out_dir.is_dir():
         raise UserError(f"--out={out} is a file; generate writes a dataset folder there")
-    setup = train.make_setup(config)
-    world = make_world(config)
-    sampler = Sampler(setup, {"params": train.base_params(setup)}, gen)
+    setup = make_setup(config)
+    world = worlds.make_world(config)
+    sampler = Sampler(setup, {"params": base_params(setup)}, gen)
     out_dir.mkdir(parents=True, exist_ok=True)
     n = gen.prompts_per_chunk
     mine = {c: prompts[c * n:(c + 1) * n] for c in range(-(-len(prompts) // n))
@@ -195,9 +106,7 @@ def run(config: ml_collections.ConfigDict, prompts_file: str, out: str, show_pro
     todo = [c for c in mine if not (out_dir / f"chunk_{c:05d}").exists()]
     if len(todo) < len(mine):
         logging.warning("resuming: %d of %d chunks already written", len(mine) - len(todo), len(mine))
-    d, m = config.data, setup.model_cfg
-    spec = SextupleSpec(d.latent_h_tokens * d.latent_w_tokens, m.in_channels, d.text_len, m.joint_attention_dim,
-                        m.pooled_projection_dim, patch_pixels=world.patch_pixels)
+    spec = dataclasses.replace(setup.record_spec, patch_pixels=world.patch_pixels)
     pairs = 0
     done = sum(len(mine[c]) for c in mine if c not in todo)
     with tqdm.tqdm(total=sum(map(len, mine.values())), initial=done, unit="prompt", disable=not show_progress,

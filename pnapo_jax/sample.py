@@ -24,11 +24,10 @@ gives the noise explicitly, [N, C, H/f, W/f] or packed [N, I, 4C], e.g. to match
 """
 
 import dataclasses
-import functools
 import math
 import os
 import pathlib
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import jax
@@ -37,6 +36,7 @@ import numpy as np
 from PIL import Image
 
 from pnapo_jax import convert, flow, text
+from pnapo_jax.backbones import flux as backbone_flux
 from pnapo_jax.convert import files
 from pnapo_jax.convert.vae import load_vae
 from pnapo_jax.errors import UserError
@@ -58,29 +58,20 @@ class Pipeline:
     vae: vae.VAEConfig | None  # None: the latents are the pixels (the demo world)
     vae_params: Any
     scheduler: dict[str, Any]  # scheduler/scheduler_config.json
-    apply_fn: Callable[..., jax.Array]  # one object for the pipeline's life: euler_sample recompiles for a new one
+    timestep_scale: float  # the transformer's t as FluxPipeline passes it: sigma * num_train_timesteps / 1000
     size: int = 1024  # default image height and width in pixels
 
 
 def checkpoint_policy(workdir: str, step: int | None = None) -> tuple[flux.FluxConfig, dict[str, Any]]:
     """(model config, policy variables) of a training checkpoint (default: the latest step). A LoRA run's base
     is rebuilt as training built it (config.model.pretrained, or the seeded init): checkpoints never hold it."""
-    from pnapo_jax import export, train  # orbax and the training stack only when a checkpoint is sampled
+    from pnapo_jax import export  # orbax and the mesh only when a checkpoint is sampled
+    from pnapo_jax import setup as setup_lib
 
-    setup = train.make_setup(export.load_config(workdir))
+    setup = setup_lib.make_setup(export.load_config(workdir))
     _, trained = export.restore_params(setup, workdir, step)
-    frozen = {"base": train.base_params(setup)} if setup.lora else {}
-    return setup.model_cfg, train.policy_variables(setup, {"params": trained}, frozen)
-
-
-def _check_fits(cfg: flux.FluxConfig, encoders: text.TextEncoders, vae_cfg: vae.VAEConfig) -> None:
-    """A transformer from another model family would fail deep inside the first call; say which sizes differ."""
-    expected = {"in_channels": 4 * vae_cfg.latent_channels, "joint_attention_dim": encoders.t5_config.d_model,
-                "pooled_projection_dim": encoders.clip_config.hidden_size}
-    wrong = {k: (getattr(cfg, k), v) for k, v in expected.items() if getattr(cfg, k) != v}
-    if wrong:
-        raise UserError(f"the transformer does not fit the pipeline's VAE and text encoders (transformer's, "
-                         f"expected): {wrong}")
+    frozen = {"base": setup_lib.base_params(setup)} if setup.lora else {}
+    return setup.model_cfg, setup_lib.policy_variables(setup, {"params": trained}, frozen)
 
 
 def load_pipeline(path: str | os.PathLike, workdir: str | None = None, step: int | None = None,
@@ -103,10 +94,10 @@ def load_pipeline(path: str | os.PathLike, workdir: str | None = None, step: int
     cfg = dataclasses.replace(cfg, dtype=dtype, param_dtype=dtype)
     encoders = text.load_text_encoders(path, dtype)
     vae_cfg, vae_params = load_vae(path, dtype)
-    _check_fits(cfg, encoders, vae_cfg)
+    backbone_flux.check_fits(cfg, encoders, vae_cfg)
     scheduler = files.read_json(path / SCHEDULER_CONFIG)
     return Pipeline(encoders, cfg, variables, vae_cfg, vae_params, scheduler,
-                    pipeline_apply(flux.FluxTransformer(cfg).apply, scheduler))
+                    timestep_scale(scheduler))
 
 
 def load_demo_pipeline(path: str | os.PathLike | None = None, workdir: str | None = None, step: int | None = None,
@@ -138,7 +129,7 @@ def load_demo_pipeline(path: str | os.PathLike | None = None, workdir: str | Non
     cfg = dataclasses.replace(cfg, dtype=dtype, param_dtype=dtype)
     # FLUX's default scheduler (the resolution shift generate and the sampling eval use), or the run's fixed mu.
     scheduler = {"use_dynamic_shifting": True} if mu is None else {"shift": math.exp(mu)}
-    return Pipeline(None, cfg, variables, None, None, scheduler, flux.apply_fn(cfg),
+    return Pipeline(None, cfg, variables, None, None, scheduler, 1.0,
                     size=latents.LATENT_H_TOKENS * latents.PATCH_PIXELS)
 
 
@@ -151,16 +142,10 @@ def _encode(pipeline: Pipeline, prompts: Sequence[str], max_sequence_length: int
     return text.encode_prompts(prompts, pipeline.encoders, max_sequence_length=max_sequence_length)
 
 
-def pipeline_apply(apply: Callable[..., jax.Array], scheduler: dict[str, Any]) -> Callable[..., jax.Array]:
-    """The transformer as FluxPipeline calls it: with timestep = sigma * num_train_timesteps / 1000 (the
-    scheduler's timesteps are sigma * N, the pipeline divides by 1000), which is sigma for FLUX's N = 1000."""
-    scale = scheduler.get("num_train_timesteps", 1000) / 1000
-    return apply if scale == 1 else functools.partial(_timestep_scaled, apply, scale)
-
-
-def _timestep_scaled(apply: Callable[..., jax.Array], scale: float, variables: Any, *, timestep: jax.Array,
-                     **inputs: Any) -> jax.Array:
-    return apply(variables, timestep=timestep * scale, **inputs)
+def timestep_scale(scheduler: dict[str, Any]) -> float:
+    """The transformer's timestep as FluxPipeline passes it is sigma * num_train_timesteps / 1000 (the scheduler's
+    timesteps are sigma * N, the pipeline divides by 1000): sigma times this, 1 for FLUX's N = 1000."""
+    return scheduler.get("num_train_timesteps", 1000) / 1000
 
 
 def schedule_mu(scheduler: dict[str, Any], image_seq_len: int) -> float:
@@ -179,13 +164,6 @@ def schedule_mu(scheduler: dict[str, Any], image_seq_len: int) -> float:
                               scheduler.get("max_shift", 1.15))
 
 
-def initial_noise(seed: int, indices: Sequence[int], shape_CxHxW: tuple[int, int, int]) -> jax.Array:
-    """[N, C, H, W] unpacked noises; that of image i is normal(fold_in(PRNGKey(seed), i), shape)."""
-    key = jax.random.PRNGKey(seed)
-    keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.asarray(indices, jnp.uint32))
-    return jax.vmap(lambda k: jax.random.normal(k, shape_CxHxW, jnp.float32))(keys)
-
-
 def _noise_tokens(noise: np.ndarray, n: int, shape_CxHxW: tuple[int, int, int]) -> jax.Array:
     """Explicit noise as packed tokens [n, I, 4C], from the unpacked or the packed layout."""
     C, H, W = shape_CxHxW
@@ -193,7 +171,7 @@ def _noise_tokens(noise: np.ndarray, n: int, shape_CxHxW: tuple[int, int, int]) 
     if noise.shape not in ((n, *shape_CxHxW), packed):
         raise UserError(f"--noise has shape {noise.shape}; expected {(n, *shape_CxHxW)} or packed {packed}")
     noise = jnp.asarray(noise, jnp.float32)
-    return flow.pack_latents(noise) if noise.ndim == 4 else noise
+    return flux.pack_latents(noise) if noise.ndim == 4 else noise
 
 
 def _negatives(negative_prompt: str | Sequence[str] | None, n: int) -> list[str] | None:
@@ -211,7 +189,7 @@ def iter_images(pipeline: Pipeline, prompts: str | Sequence[str], noise: np.ndar
                 max_sequence_length: int = 512, batch_size: int | None = None) -> Iterator[np.ndarray]:
     """Images [b, H, W, 3] in [0, 1] for `prompts`, `batch_size` at a time (default: all at once).
 
-    `noise`: the initial noises of all prompts (see the module docstring), default `initial_noise(seed, ...)`.
+    `noise`: the initial noises of all prompts (see the module docstring), default `flow.seeded_noise(seed, ...)`.
     `true_cfg_scale` > 1 needs `negative_prompt` (one for all, or one per prompt; "" is the empty prompt).
     `height` and `width` default to the pipeline's size (1024 for FLUX, 32 for the demo world).
     """
@@ -225,19 +203,19 @@ def iter_images(pipeline: Pipeline, prompts: str | Sequence[str], noise: np.ndar
         raise UserError(f"--height and --width must be multiples of {2 * f}, got {height} x {width}")
     shape_CxHxW = (pipeline.transformer.in_channels // 4, height // f, width // f)
     tokens = _noise_tokens(np.asarray(noise), len(prompts), shape_CxHxW) if noise is not None else None
-    img_ids = flow.img_ids(height // (2 * f), width // (2 * f))
-    mu = schedule_mu(pipeline.scheduler, img_ids.shape[0])
+    h_tokens, w_tokens = height // (2 * f), width // (2 * f)
+    velocity = flux.Velocity(pipeline.transformer, h_tokens, w_tokens, pipeline.timestep_scale)
+    mu = schedule_mu(pipeline.scheduler, h_tokens * w_tokens)
     step = batch_size or len(prompts)
     for start in range(0, len(prompts), step):
         stop = min(start + step, len(prompts))
-        x1 = tokens[start:stop] if tokens is not None else flow.pack_latents(
-            initial_noise(seed, range(start, stop), shape_CxHxW))
-        embeds, pooled = _encode(pipeline, prompts[start:stop], max_sequence_length)
-        negative = (None, None) if true_cfg_scale <= 1 else _encode(pipeline, negatives[start:stop],
-                                                                     max_sequence_length)
-        x0 = flow.euler_sample(pipeline.apply_fn, pipeline.variables, x1, embeds, pooled, num_steps, guidance_scale,
-                               img_ids, flow.txt_ids(embeds.shape[1]), true_cfg_scale, *negative, mu=mu)
-        images = flow.unpack_latents(x0, *shape_CxHxW[1:])  # the demo world's latents are its pixels
+        x1 = tokens[start:stop] if tokens is not None else flux.pack_latents(
+            flow.seeded_noise(seed, range(start, stop), shape_CxHxW))
+        cond = flux.conditioning(*_encode(pipeline, prompts[start:stop], max_sequence_length), guidance_scale)
+        negative = None if true_cfg_scale <= 1 else flux.conditioning(
+            *_encode(pipeline, negatives[start:stop], max_sequence_length), guidance_scale)
+        x0 = flow.euler_sample(velocity, pipeline.variables, x1, cond, num_steps, true_cfg_scale, negative, mu=mu)
+        images = flux.unpack_latents(x0, *shape_CxHxW[1:])  # the demo world's latents are its pixels
         if pipeline.vae is not None:
             images = vae.decode(pipeline.vae_params, pipeline.vae, images)
         yield np.asarray(jnp.clip(images / 2 + 0.5, 0, 1).transpose(0, 2, 3, 1))
@@ -258,7 +236,7 @@ def save_png(image_HxWx3: np.ndarray, path: str | os.PathLike) -> None:
 if __name__ == "__main__":
     from absl import flags
 
-    from pnapo_jax import cli, generate
+    from pnapo_jax import cli, sampling
 
     _PIPELINE = flags.DEFINE_string("pipeline", None, "Local diffusers FLUX pipeline folder; or a bare transformer "
                                     "folder of the demo world (default: the shipped demo base).")
@@ -311,7 +289,7 @@ if __name__ == "__main__":
             raise UserError(f"--noise={_NOISE.value}: cannot load it as .npy ({e})") from None
 
     def _main(argv: list[str]) -> None:
-        prompts = [_PROMPT.value] if _PROMPTS.value is None else generate.read_prompts(_PROMPTS.value)
+        prompts = [_PROMPT.value] if _PROMPTS.value is None else sampling.read_prompts(_PROMPTS.value)
         _check_flags()
         noise = _load_noise()
         out = pathlib.Path(_OUT.value)

@@ -8,7 +8,7 @@ array is materialised to learn its sharding.
 import logging
 import math
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -77,15 +77,6 @@ def rules_from_config(rules_cfg: Sequence[Sequence[Any]]) -> tuple[tuple[str, An
 def logical_shardings(abstract_boxed: Any, mesh: Mesh, rules: Rules) -> Any:
     """NamedShardings for a pytree of nn.LogicallyPartitioned leaves (unboxed leaves are replicated)."""
     return nn.logical_to_mesh_sharding(nn.get_partition_spec(abstract_boxed), mesh, rules)
-
-
-def init_sharded(init_fn: Callable[[], Any], mesh: Mesh, rules: Rules) -> tuple[Any, Any]:
-    """Run `init_fn` (returning boxed params) jitted straight into its shardings; returns (params, shardings)."""
-    abstract = jax.eval_shape(init_fn)
-    shardings = logical_shardings(abstract, mesh, rules)
-    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-        params = jax.jit(lambda: nn.meta.unbox(init_fn()), out_shardings=shardings)()
-    return params, shardings
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:

@@ -22,7 +22,7 @@ LAYERS = {
     "pnapo_jax.cli": 1, "pnapo_jax.sharding": 1, "pnapo_jax.metrics": 1, "pnapo_jax.workdir": 1,
     "pnapo_jax.checkpoint": 1, "pnapo_jax.data": 1,
     # models know nothing of files or training; weight files for every model live in convert/
-    "pnapo_jax.models": 2, "pnapo_jax.loss": 2,
+    "pnapo_jax.models": 2, "pnapo_jax.objective": 2,
     "pnapo_jax.convert": 3,
     "pnapo_jax.config": 4, "pnapo_jax.text": 4, "pnapo_jax.rewards": 4, "pnapo_jax.reference": 4,
     "pnapo_jax.world": 4,
@@ -30,7 +30,7 @@ LAYERS = {
     "pnapo_jax.config_check": 6,
     # what every command builds on
     "pnapo_jax.setup": 7,
-    "pnapo_jax.sampling": 8,
+    "pnapo_jax.sampling": 8, "pnapo_jax.step": 8,
     "pnapo_jax.flux_world": 9, "pnapo_jax.worlds": 10, "pnapo_jax.report": 10,
     # commands, beside each other and under the loop
     "pnapo_jax.generate": 11, "pnapo_jax.evaluate": 11, "pnapo_jax.export": 11, "pnapo_jax.sample": 11,
@@ -108,7 +108,7 @@ def imports_of(module: str, known: dict[str, pathlib.Path]) -> set[str]:
 
 def graph() -> dict[str, set[str]]:
     known = modules()
-    return {m: imports_of(m, known) - {PACKAGE} for m in known}
+    return {m: imports_of(m, known) - {PACKAGE} for m in known if m != PACKAGE}  # its __init__ is empty
 
 
 def layer(module: str) -> int | None:

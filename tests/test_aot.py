@@ -11,8 +11,9 @@ import jax.numpy as jnp
 import pytest
 from etils import epath
 
-from pnapo_jax import aot, train
+from pnapo_jax import aot
 from pnapo_jax.errors import UserError
+from pnapo_jax.setup import make_setup
 
 ROOT = epath.Path(__file__).parent.parent
 sys.path.insert(0, str(ROOT / "configs"))
@@ -53,7 +54,7 @@ def test_forward_flops_do_not_depend_on_scanning():
     for scan in (True, False):
         config = tiny.get_config()
         config.model.scan_layers = scan
-        flops[scan] = aot.forward_flops_per_image(train.make_setup(config))
+        flops[scan] = aot.forward_flops_per_image(make_setup(config))
     assert flops[True] == flops[False] > 0
 
 

@@ -10,10 +10,12 @@ import numpy as np
 import pytest
 from etils import epath
 
-from pnapo_jax import aot, sharding, train
+from pnapo_jax import aot, sharding
+from pnapo_jax.backbones import flux as backbone_flux
 from pnapo_jax.config import DEFAULT_RULES
 from pnapo_jax.errors import UserError
 from pnapo_jax.models import layers, splash
+from pnapo_jax.setup import make_setup
 
 sys.path.insert(0, str(epath.Path(__file__).parent.parent / "configs"))
 import flux_gpu  # noqa: E402
@@ -103,12 +105,12 @@ def test_accelerator_configs_stop_at_setup_on_cpu(config, impl):
     c = config.get_config("lora")
     assert c.model.attention_impl == impl
     with pytest.raises(UserError, match=f"config.model.attention_impl='{impl}' cannot run on the cpu backend"):
-        train.make_setup(c, jax.devices("cpu"))
+        make_setup(c, jax.devices("cpu"))
 
 
 def test_flux_gpu_is_flux_tpu_but_the_kernel():
     for arg in ("", "lora", "lora,independent"):
         gpu, tpu = flux_gpu.get_config(arg), flux_tpu.get_config(arg)
-        assert train.flux_config(gpu) == train.flux_config(tpu).__class__(
-            **{**train.flux_config(tpu).__dict__, "attention_impl": "cudnn"})
+        assert backbone_flux.model_config(gpu) == backbone_flux.model_config(tpu).__class__(
+            **{**backbone_flux.model_config(tpu).__dict__, "attention_impl": "cudnn"})
         assert gpu.pnapo == tpu.pnapo and gpu.optim == tpu.optim and gpu.lora == tpu.lora

@@ -17,7 +17,7 @@ from test_flow import FLUX_SCHEDULER
 from test_rewards import VISION_TINY
 from test_sample import OPTIONS, PROMPTS, _diffusers, _train, _with_transformer
 
-from pnapo_jax import export, rewards, sample
+from pnapo_jax import export, flow, rewards
 from pnapo_jax.bench import benchmark, sampling
 from pnapo_jax.errors import UserError
 
@@ -58,7 +58,7 @@ def _pngs(out, model: str) -> np.ndarray:
 def test_flux_models_match_diffusers_on_the_recorded_noises(flux_bench):
     pipe, tmp, opts, summary = flux_bench
     out = tmp / "out"
-    noise = np.asarray(sample.initial_noise(SEED, [0, 1], (16, OPTIONS["height"] // 8, OPTIONS["width"] // 8)))
+    noise = np.asarray(flow.seeded_noise(SEED, [0, 1], (16, OPTIONS["height"] // 8, OPTIONS["width"] // 8)))
     atol = 0.5 / 255 + 1e-4  # PNG pixels are round(255 x)
     np.testing.assert_allclose(_pngs(out, "base"), _diffusers(pipe, noise), atol=atol)
     exported = _with_transformer(pipe, FluxTransformer2DModel.from_pretrained(tmp / "exported"))

@@ -15,6 +15,7 @@ from etils import epath
 
 from pnapo_jax import checkpoint, export, train
 from pnapo_jax.errors import UserError
+from pnapo_jax.setup import make_setup
 
 ROOT = epath.Path(__file__).parent.parent
 sys.path.insert(0, str(ROOT / "configs"))
@@ -42,11 +43,11 @@ def run(pristine, tmp_path) -> epath.Path:
 
 def _params(run: epath.Path, step: int):
     """Checkpoint `step`'s trained params, read with the whole train state as training reads it."""
-    setup = train.make_setup(_config(), jax.devices()[:1])
+    setup = make_setup(_config(), jax.devices()[:1])
     ckpt = checkpoint.Checkpointer(str(run / "checkpoints"), setup.config.checkpoint, handle_sigterm=False,
                                   read_only=True)
     try:
-        state = ckpt.restore(step, train.abstract_state(setup), None)
+        state = ckpt.restore(step, setup.abstract_state, None)
         assert int(state["step"]) == step
         return jax.device_get(state["params"])
     finally:
@@ -93,7 +94,7 @@ def test_export_falls_back_to_the_newest_checkpoint_that_restores(pristine, run,
     good = _params(run, 1)
     _damage(run / "checkpoints" / "2", how)
     before = _tree(run)
-    setup = train.make_setup(export.load_config(str(run)), jax.devices()[:1])
+    setup = make_setup(export.load_config(str(run)), jax.devices()[:1])
     step, params = export.restore_params(setup, str(run))
     # Export restores the params alone: without _METADATA they still read (step 2); otherwise step 1.
     assert step == (2 if how == "no_METADATA" else 1)

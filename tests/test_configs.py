@@ -9,7 +9,10 @@ from etils import epath
 from ml_collections import config_flags
 
 from pnapo_jax import config_check, train
+from pnapo_jax.backbones import flux as backbone_flux
 from pnapo_jax.errors import UserError
+from pnapo_jax.setup import make_setup
+from pnapo_jax.step import jit_steps
 
 CONFIGS = epath.Path(__file__).parent.parent / "configs"
 sys.path.insert(0, str(CONFIGS))
@@ -20,7 +23,7 @@ import tiny  # noqa: E402
 @pytest.mark.parametrize("arg", ["", "lora", "independent", "static_beta", "lora,independent"])
 def test_flux_tpu_variants(arg):
     c = flux_tpu.get_config(arg)
-    cfg = train.flux_config(c)
+    cfg = backbone_flux.model_config(c)
     assert (cfg.num_layers, cfg.num_single_layers, cfg.inner_dim, cfg.guidance_embeds) == (19, 38, 3072, True)
     assert c.pnapo.beta == 2000.0 and c.optim.lr == (1e-5 if "lora" in arg else 1e-6)
     assert (cfg.lora_rank > 0) == ("lora" in arg)
@@ -51,7 +54,7 @@ def test_demo_cpu_variants_match_the_shipped_base(arg):
 
     c = demo_cpu.get_config(arg)
     assert epath.Path(c.model.pretrained, "config.json").exists()  # the base ships inside the package
-    assert train.flux_config(c).in_channels == 12 and c.data.source == "generate"
+    assert backbone_flux.model_config(c).in_channels == 12 and c.data.source == "generate"
     assert c.pnapo.noise_mode == ("independent" if "independent" in arg else "recorded")
 
 
@@ -78,7 +81,7 @@ def test_a_bad_field_is_named_before_any_work(overrides, field):
     c = tiny.get_config()
     c.update_from_flattened_dict(overrides)
     with pytest.raises(UserError, match=re.escape(field)) as e:
-        train.jit_steps(train.make_setup(c))  # make_setup checks the fields, jit_steps the batch on the mesh
+        jit_steps(make_setup(c))  # make_setup checks the fields, jit_steps the batch on the mesh
     assert "\n" not in str(e.value)
 
 
@@ -109,8 +112,8 @@ def test_lora_targets_from_the_command_line(monkeypatch):
     values = flags.FlagValues()
     config_flags.DEFINE_config_file("config", None, "", flag_values=values, lock_config=True)
     values(argv)
-    assert train.flux_config(values.config).lora_targets == ("to_q", "proj_out")
-    assert train.flux_config(tiny.get_config("lora")).lora_targets[:2] == ("to_q", "to_k")  # configs' lists
+    assert backbone_flux.model_config(values.config).lora_targets == ("to_q", "proj_out")
+    assert backbone_flux.model_config(tiny.get_config("lora")).lora_targets[:2] == ("to_q", "to_k")  # configs' lists
 
 
 def _finished_run(tmp_path: epath.Path) -> epath.Path:

@@ -20,30 +20,31 @@ from flux_testing import random_inputs, torch_forward
 from pnapo_jax import checkpoint, convert, export, train
 from pnapo_jax.errors import UserError
 from pnapo_jax.models import flux
+from pnapo_jax.setup import Setup, base_params, make_setup
 
 ROOT = epath.Path(__file__).parent.parent
 sys.path.insert(0, str(ROOT / "configs"))
 import tiny  # noqa: E402
 
 
-def _train(workdir: epath.Path, variant: str = "") -> train.Setup:
+def _train(workdir: epath.Path, variant: str = "") -> Setup:
     """Two steps on one device, a checkpoint after each; the setup export rebuilds from config.json."""
     config = tiny.get_config(variant)
     config.train.num_steps, config.train.eval_every, config.checkpoint.every_steps = 2, 0, 1
     config.optim.warmup_steps = 0  # lr 0 at step 0 would leave the LoRA adapters at B = 0
     train.train_and_evaluate(config, str(workdir), devices=jax.devices()[:1], show_progress=False)
-    return train.make_setup(export.load_config(str(workdir)), jax.devices()[:1])
+    return make_setup(export.load_config(str(workdir)), jax.devices()[:1])
 
 
-def _checkpoint_params(setup: train.Setup, workdir: epath.Path, step: int = 2):
+def _checkpoint_params(setup: Setup, workdir: epath.Path, step: int = 2):
     """The trained params as training restores them (the whole train state), independently of export."""
     ckpt = checkpoint.Checkpointer(str(workdir / "checkpoints"), setup.config.checkpoint)
-    state = ckpt.restore(step, train.abstract_state(setup), None)
+    state = ckpt.restore(step, setup.abstract_state, None)
     ckpt.close()
     return jax.device_get(state["params"])
 
 
-def _forward(setup: train.Setup, variables: dict) -> tuple[dict[str, np.ndarray], np.ndarray]:
+def _forward(setup: Setup, variables: dict) -> tuple[dict[str, np.ndarray], np.ndarray]:
     """(inputs, our model's output) on a fixed random batch."""
     inputs = random_inputs(setup.model_cfg, batch=2, h=4, w=4, txt_len=8)
     return inputs, np.asarray(jax.jit(flux.FluxTransformer(setup.model_cfg).apply)(variables, **inputs))
@@ -87,7 +88,7 @@ def test_lora_file_loads_into_diffusers_and_merged_export_matches(tmp_path):
     setup = _train(run, "lora")
     cfg, lora = setup.model_cfg, _checkpoint_params(setup, run)
     assert max(np.abs(b).max() for p, b in traverse_util.flatten_dict(lora).items() if p[-1] == "lora_b") > 0
-    base = jax.device_get(train.base_params(setup))
+    base = jax.device_get(base_params(setup))
     inputs, policy = _forward(setup, {"params": base, "lora": lora})
 
     export.export(str(run), str(tmp_path / "lora"), "lora")

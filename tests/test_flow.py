@@ -115,10 +115,10 @@ def test_t_bucket():
 
 def test_pack_unpack_match_flux_pipeline():
     x = np.random.default_rng(0).standard_normal((2, 16, 6, 10)).astype(np.float32)
-    packed = flow.pack_latents(jnp.asarray(x))
+    packed = flux.pack_latents(jnp.asarray(x))
     ref = FluxPipeline._pack_latents(torch.from_numpy(x), 2, 16, 6, 10).numpy()
     np.testing.assert_array_equal(packed, ref)
-    unpacked = flow.unpack_latents(packed, 6, 10)
+    unpacked = flux.unpack_latents(packed, 6, 10)
     ref_un = FluxPipeline._unpack_latents(torch.from_numpy(ref), height=6 * 8, width=10 * 8, vae_scale_factor=8)
     np.testing.assert_array_equal(unpacked, ref_un.numpy())
     np.testing.assert_array_equal(unpacked, x)
@@ -126,10 +126,10 @@ def test_pack_unpack_match_flux_pipeline():
 
 def test_ids_match_flux_pipeline():
     ref = FluxPipeline._prepare_latent_image_ids(1, 3, 5, "cpu", torch.float32).numpy()
-    ids = flow.img_ids(3, 5)
+    ids = flux.img_ids(3, 5)
     assert ids.dtype == jnp.float32
     np.testing.assert_array_equal(ids, ref)
-    np.testing.assert_array_equal(flow.txt_ids(7), np.zeros((7, 3)))
+    np.testing.assert_array_equal(flux.txt_ids(7), np.zeros((7, 3)))
 
 
 @pytest.mark.parametrize("num_steps,seq_len", [(28, 4096), (50, 1024), (4, 16)])
@@ -157,13 +157,17 @@ def test_euler_matches_diffusers(case):
             inputs["img_ids"], inputs["txt_ids"], true_cfg_scale,
             negative.get("encoder_hidden_states"), negative.get("pooled_projections"))
 
-    apply_fn = flux.FluxTransformer(cfg).apply
-    ours = flow.euler_sample(apply_fn, {"params": params}, *args, return_trajectory=True)
+    velocity = flux.Velocity(cfg, 4, 4)
+    cond = flux.conditioning(inputs["encoder_hidden_states"], inputs["pooled_projections"], 3.5)
+    negative_cond = flux.conditioning(negative["encoder_hidden_states"], negative["pooled_projections"],
+                                      3.5) if negative else None
+    ours_args = (inputs["hidden_states"], cond, 6, true_cfg_scale, negative_cond)
+    ours = flow.euler_sample(velocity, {"params": params}, *ours_args, return_trajectory=True)
     ref = diffusers_euler(model, *(a if a is None or np.isscalar(a) else torch.from_numpy(a) for a in args))
     assert ours.shape == ref.shape == (7, 2, 16, cfg.in_channels)
     assert _rel_err(ours, ref) <= 1e-4, _rel_err(ours, ref)
     assert _rel_err(ours[-1], ref[-1]) <= 1e-4, _rel_err(ours[-1], ref[-1])
     np.testing.assert_array_equal(ours[0], inputs["hidden_states"])
     if not case:  # the plain output is the trajectory's end
-        final = flow.euler_sample(apply_fn, {"params": params}, *args)
+        final = flow.euler_sample(velocity, {"params": params}, *ours_args)
         np.testing.assert_allclose(final, ours[-1], rtol=1e-6, atol=1e-6)

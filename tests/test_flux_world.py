@@ -16,12 +16,13 @@ import transformers
 from etils import epath
 from flux_testing import clip_tokenizer, randomize, tiny_flux_pipeline
 
-from pnapo_jax import evaluate, flow, generate, rewards, text, train
+from pnapo_jax import evaluate, generate, rewards, text, train, worlds
 from pnapo_jax.convert.vae import load_vae
 from pnapo_jax.data.source import open_written
 from pnapo_jax.flux_world import FluxWorld
-from pnapo_jax.models import vae
+from pnapo_jax.models import flux, vae
 from pnapo_jax.models.flux import FluxConfig
+from pnapo_jax.setup import base_params, make_setup
 
 sys.path.insert(0, str(epath.Path(__file__).parent.parent / "configs"))
 import tiny  # noqa: E402
@@ -86,7 +87,7 @@ def test_flux_pairs_hold_the_worlds_computations_and_train(folders, tmp_path):
         for side in "wl":
             noise = jax.random.normal(jax.random.fold_in(key, r[f"seed_{side}"]), (H_TOKENS * W_TOKENS, 64))
             np.testing.assert_array_equal(r[f"x1_{side}"], noise)
-        latents = flow.unpack_latents(np.stack([r["x0_w"], r["x0_l"]]), 2 * H_TOKENS, 2 * W_TOKENS)
+        latents = flux.unpack_latents(np.stack([r["x0_w"], r["x0_l"]]), 2 * H_TOKENS, 2 * W_TOKENS)
         images = np.clip(np.asarray(vae.decode(vae_params, vae_cfg, latents)) / 2 + 0.5, 0, 1).transpose(0, 2, 3, 1)
         assert images.shape == (2, 32, 48, 3)
         np.testing.assert_allclose([r["reward_w"], r["reward_l"]], reward(images, [r["prompt"]] * 2), rtol=1e-4,
@@ -105,9 +106,9 @@ def test_sample_eval_without_fidelity(folders, tmp_path):
     config = _config(*folders, tmp_path)
     (tmp_path / "prompts_heldout.txt").write_text("\n".join(PROMPTS[:2]))
     config.eval.num_prompts, config.eval.samples_per_prompt, config.eval.num_steps = 2, 1, 2
-    setup = train.make_setup(config, jax.devices()[:1])
-    base = {"params": train.base_params(setup)}
-    metrics, images, scores = evaluate.SampleEval(setup, generate.make_world(config), config.eval, base)(base)
+    setup = make_setup(config, jax.devices()[:1])
+    base = {"params": base_params(setup)}
+    metrics, images, scores = evaluate.SampleEval(setup, worlds.make_world(config), config.eval, base)(base)
     assert set(metrics) == {"eval/reward_mean", "eval/reward_base_mean", "eval/win_rate_vs_base"}
     assert metrics["eval/win_rate_vs_base"] == 0.5  # the policy is the base
     assert images.shape == (2, 32, 48, 3) and scores.shape == (2,)
@@ -129,4 +130,4 @@ def test_errors(folders, tmp_path):
         FluxWorld(config).encode_prompts(["a cat"])
     config.generate.world = "sd3"
     with pytest.raises(ValueError, match=r"known worlds are \('demo', 'flux'\)"):
-        generate.make_world(config)
+        worlds.make_world(config)

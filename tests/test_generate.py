@@ -10,9 +10,11 @@ import numpy as np
 import pytest
 from etils import epath
 
-from pnapo_jax import flow, generate, train
+from pnapo_jax import generate, sampling, train
 from pnapo_jax.data.source import open_written
 from pnapo_jax.errors import UserError
+from pnapo_jax.models import flux
+from pnapo_jax.setup import base_params, make_setup
 
 sys.path.insert(0, str(epath.Path(__file__).parent.parent / "configs"))
 import tiny  # noqa: E402
@@ -33,7 +35,7 @@ class BrightnessWorld:
                 np.stack([r.standard_normal((16,), np.float32) for r in rngs]))
 
     def decode(self, latents):
-        images = np.asarray(flow.unpack_latents(latents, 8, 8))[:, :3].transpose(0, 2, 3, 1)
+        images = np.asarray(flux.unpack_latents(latents, 8, 8))[:, :3].transpose(0, 2, 3, 1)
         return 1 / (1 + np.exp(-images))
 
     def prompts(self, split):
@@ -90,8 +92,8 @@ def test_pairs_carry_their_real_noises_and_rewards(tmp_path, world):
     assert summary["pairs_written_now"] == 10 and summary["chunks_written_now"] == 3
     records = _records(tmp_path / "out")
     assert [r["prompt"] for r in records] == [f"prompt number {i}" for i in range(10)]
-    setup = train.make_setup(config)
-    sampler = generate.Sampler(setup, {"params": train.base_params(setup)}, config.generate)
+    setup = make_setup(config)
+    sampler = sampling.Sampler(setup, {"params": base_params(setup)}, config.generate)
     for p, r in [(0, records[0]), (7, records[7])]:
         assert {r["seed_w"], r["seed_l"]} <= set(range(3 * p, 3 * p + 3))
         np.testing.assert_array_equal(r["x1_w"], np.asarray(sampler.noises(np.array([r["seed_w"]])))[0])
@@ -140,7 +142,7 @@ def test_blank_prompt_lines_are_refused(tmp_path):
     path = tmp_path / "p.txt"
     path.write_text("a\n\nb\n")
     with pytest.raises(UserError, match="blank prompt on line"):
-        generate.read_prompts(str(path))
+        sampling.read_prompts(str(path))
 
 
 def test_main_job_generates_trains_and_evaluates_by_sampling(tmp_path, world):

@@ -19,6 +19,7 @@ import pytest
 from etils import epath
 
 from pnapo_jax import train
+from pnapo_jax.setup import make_setup
 
 sys.path.insert(0, str(epath.Path(__file__).parent.parent / "configs"))
 import tiny  # noqa: E402
@@ -36,7 +37,7 @@ def _config():
 def _host(process_id: int, port: int, workdir: str) -> None:
     jax.config.update("jax_num_cpu_devices", DEVICES_PER_HOST)
     jax.distributed.initialize(f"127.0.0.1:{port}", HOSTS, process_id)
-    mesh = train.make_setup(_config()).mesh
+    mesh = make_setup(_config()).mesh
     assert {d.process_index for d in mesh.devices.flat} == set(range(HOSTS)), mesh  # the mesh spans both hosts
     train.train_and_evaluate(_config(), workdir, show_progress=False)
 

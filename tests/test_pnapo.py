@@ -6,10 +6,11 @@ import numpy as np
 import pytest
 from flux_testing import params_from_torch, random_inputs, torch_flux
 
-from pnapo_jax import pnapo
+from pnapo_jax import objective
 from pnapo_jax.models import flux
 
 B, H, W, T = 4, 4, 4, 8
+GUIDANCE = 1.0  # config.pnapo.guidance's default: the guidance input the train step conditions FLUX.1-dev on
 
 
 def _np_log_sigmoid(x):
@@ -64,9 +65,9 @@ def test_preference_loss_and_grad_match_numpy(convention, per_example_beta):
     beta = rng.uniform(500, 3000, 16).astype(np.float32) if per_example_beta else 2000.0
     errs = tuple(jnp.asarray(a) for a in (err_w, err_l, ref_w, ref_l))
 
-    (loss, metrics), grads = jax.value_and_grad(pnapo.preference_loss, argnums=(0, 1, 2, 3), has_aux=True)(
+    (loss, metrics), grads = jax.value_and_grad(objective.preference_loss, argnums=(0, 1, 2, 3), has_aux=True)(
         *errs, beta, convention)
-    loss_B, want, want_grads = _np_preference(err_w, err_l, ref_w, ref_l, beta, pnapo.SCALE_CONVENTIONS[convention])
+    loss_B, want, want_grads = _np_preference(err_w, err_l, ref_w, ref_l, beta, objective.SCALE_CONVENTIONS[convention])
     assert 0 < want["rewards/accuracies"] < 1  # both signs present
     np.testing.assert_allclose(float(loss), loss_B.mean(), rtol=1e-5)
     _assert_metrics(metrics, want, rtol=1e-5)
@@ -76,18 +77,18 @@ def test_preference_loss_and_grad_match_numpy(convention, per_example_beta):
 
 def test_half_beta_convention_is_beta_halved():
     errs = [jnp.asarray(a, jnp.float32) for a in ([1.0, 2.0], [1.5, 1.0], [1.2, 2.1], [1.4, 1.2])]
-    a, _ = pnapo.preference_loss(*errs, 4.0, "half_beta")
-    b, _ = pnapo.preference_loss(*errs, 2.0, "beta")
+    a, _ = objective.preference_loss(*errs, 4.0, "half_beta")
+    b, _ = objective.preference_loss(*errs, 2.0, "beta")
     np.testing.assert_allclose(a, b, rtol=1e-7)
     with pytest.raises(ValueError, match="scale_convention"):
-        pnapo.preference_loss(*errs, 1.0, "0.5")
+        objective.preference_loss(*errs, 1.0, "0.5")
 
 
 @pytest.mark.parametrize("use_gap,use_schedule", [(True, True), (False, True), (True, False), (False, False)])
 def test_dynamic_beta_matches_numpy(use_gap, use_schedule):
-    cfg = pnapo.LossConfig(use_gap=use_gap, use_schedule=use_schedule, tau=0.7, n1=100, n2=300)
+    cfg = objective.LossConfig(use_gap=use_gap, use_schedule=use_schedule, tau=0.7, n1=100, n2=300)
     gap = np.array([0.0, 0.05, 0.5, 3.0, 40.0], np.float32)
-    fn = jax.jit(lambda step: pnapo.dynamic_beta(2000.0, gap, step, cfg))
+    fn = jax.jit(lambda step: objective.dynamic_beta(2000.0, gap, step, cfg))
     for step in (0, 99, 100, 101, 200, 299, 300, 301, 10_000):
         want = _np_dynamic_beta(2000.0, gap, step, use_gap, cfg.tau, use_schedule, cfg.n1, cfg.n2)
         np.testing.assert_allclose(np.asarray(fn(jnp.asarray(step, jnp.int32))), want, rtol=1e-5, atol=1e-3,
@@ -96,14 +97,14 @@ def test_dynamic_beta_matches_numpy(use_gap, use_schedule):
 
 def test_dynamic_beta_needs_n2_after_n1():
     with pytest.raises(ValueError, match="n2 > n1"):
-        pnapo.dynamic_beta(1.0, jnp.ones(2), 0, pnapo.LossConfig(n1=5, n2=5))
+        objective.dynamic_beta(1.0, jnp.ones(2), 0, objective.LossConfig(n1=5, n2=5))
 
 
 def test_tie_has_zero_gradient():
-    beta_B = pnapo.dynamic_beta(2000.0, jnp.zeros(3), 0, pnapo.LossConfig())
+    beta_B = objective.dynamic_beta(2000.0, jnp.zeros(3), 0, objective.LossConfig())
     np.testing.assert_array_equal(np.asarray(beta_B), 0.0)
     errs = [jnp.asarray(a, jnp.float32) for a in ([1.0, 2.0, 3.0], [1.5, 1.0, 0.2], [1.2, 2.1, 3.0], [1.4, 1, 1])]
-    grads = jax.grad(lambda *e: pnapo.preference_loss(*e, beta_B)[0], argnums=(0, 1))(*errs)
+    grads = jax.grad(lambda *e: objective.preference_loss(*e, beta_B)[0], argnums=(0, 1))(*errs)
     for g in grads:
         np.testing.assert_array_equal(np.asarray(g), 0.0)
 
@@ -122,7 +123,7 @@ def _pair_batch(cfg: flux.FluxConfig, seed: int = 0, with_noise: bool = True) ->
 def test_recorded_noise_uses_each_images_own_noise():
     batch = _pair_batch(flux.FluxConfig.from_diffusers(torch_flux().config))
     t = np.array([0.0, 0.25, 0.6, 1.0], np.float32)
-    pair = pnapo.make_pair_inputs(batch, t, None, "recorded")
+    pair = objective.make_pair_inputs(batch, t, None, "recorded")
     tt = t[:, None, None]
     for s in ("w", "l"):
         x0, x1 = np.asarray(batch[f"x0_{s}"]), np.asarray(batch[f"x1_{s}"])
@@ -137,7 +138,7 @@ def test_independent_noise_is_fresh_and_shared_by_the_pair():
     batch = _pair_batch(cfg)
     t = np.array([0.1, 0.25, 0.6, 0.9], np.float32)
     key = jax.random.key(3)
-    pair = pnapo.make_pair_inputs(batch, t, key, "independent")
+    pair = objective.make_pair_inputs(batch, t, key, "independent")
     noise_w = np.asarray(pair.target_w + batch["x0_w"])
     noise_l = np.asarray(pair.target_l + batch["x0_l"])
     np.testing.assert_allclose(noise_w, noise_l, atol=1e-5)  # one noise for both images
@@ -145,31 +146,31 @@ def test_independent_noise_is_fresh_and_shared_by_the_pair():
     tt = t[:, None, None]
     np.testing.assert_allclose(pair.xt_l, (1 - tt) * batch["x0_l"] + tt * noise_w, rtol=1e-5, atol=1e-5)
     # the recorded noises are ignored: same result without them, a new key gives a new noise
-    no_noise = pnapo.make_pair_inputs(_pair_batch(cfg, with_noise=False), t, key, "independent")
+    no_noise = objective.make_pair_inputs(_pair_batch(cfg, with_noise=False), t, key, "independent")
     jax.tree.map(np.testing.assert_array_equal, no_noise, pair)
-    other = pnapo.make_pair_inputs(batch, t, jax.random.key(4), "independent")
+    other = objective.make_pair_inputs(batch, t, jax.random.key(4), "independent")
     assert np.abs(np.asarray(other.xt_w) - np.asarray(pair.xt_w)).min() > 0
 
 
 def test_recorded_mode_without_noise_points_to_independent():
     batch = _pair_batch(flux.FluxConfig.from_diffusers(torch_flux().config), with_noise=False)
     with pytest.raises(KeyError, match="noise_mode='independent'"):
-        pnapo.make_pair_inputs(batch, jnp.full((B,), 0.5), None, "recorded")
+        objective.make_pair_inputs(batch, jnp.full((B,), 0.5), None, "recorded")
     with pytest.raises(ValueError, match="noise_mode"):
-        pnapo.make_pair_inputs(batch, jnp.full((B,), 0.5), jax.random.key(0), "fresh")
+        objective.make_pair_inputs(batch, jnp.full((B,), 0.5), jax.random.key(0), "fresh")
     with pytest.raises(ValueError, match="rng"):
-        pnapo.make_pair_inputs(batch, jnp.full((B,), 0.5), None, "independent")
+        objective.make_pair_inputs(batch, jnp.full((B,), 0.5), None, "independent")
 
 
 def test_reference_gets_no_gradient():
     """The reference errors sit under stop_gradient even when both models share params (toy linear model)."""
-    apply = lambda p, hidden_states, **_: hidden_states * p
+    velocity = lambda p, x_t, t, cond: x_t * p
     batch = _pair_batch(flux.FluxConfig.from_diffusers(torch_flux().config))
-    cfg = pnapo.LossConfig(beta=10.0, guidance=None)
+    cfg = objective.LossConfig(beta=10.0)
 
     def loss(policy, ref):
-        return pnapo.pair_loss(policy, batch, jnp.full((B,), 0.5), None, 0, policy_apply=apply, ref_apply=apply,
-                               ref_params=ref, img_ids=None, txt_ids=None, cfg=cfg)[0]
+        return objective.pair_loss(policy, batch, jnp.full((B,), 0.5), None, 0, policy_velocity=velocity,
+                                   ref_velocity=velocity, ref_params=ref, cond={}, cfg=cfg)[0]
 
     g_policy, g_ref = jax.grad(loss, argnums=(0, 1))(jnp.float32(0.3), jnp.float32(0.2))
     assert g_ref == 0 and g_policy != 0
@@ -184,8 +185,9 @@ def tiny():
     ids = random_inputs(cfg, B, H, W, T)
     out = dict(cfg=cfg, apply=apply, policy=params_from_torch(torch_flux(seed=0), cfg),
                ref=params_from_torch(torch_flux(seed=1), cfg), batch=_pair_batch(cfg, seed=5),
-               img_ids=jnp.asarray(ids["img_ids"]), txt_ids=jnp.asarray(ids["txt_ids"]))
-    e2e_cfg = pnapo.LossConfig(beta=50.0, use_gap=False, use_schedule=False, noise_mode="independent")
+               img_ids=jnp.asarray(ids["img_ids"]), txt_ids=jnp.asarray(ids["txt_ids"]),
+               velocity=lambda p, x_t, t, cond: flux.Velocity(cfg, H, W)({"params": p}, x_t, t, cond))
+    e2e_cfg = objective.LossConfig(beta=50.0, use_gap=False, use_schedule=False, noise_mode="independent")
     e2e_loss = _loss_fn(out, e2e_cfg, jnp.array([0.2, 0.4, 0.6, 0.8]), rng=jax.random.key(1))
     return dict(out, value_and_grad=jax.jit(jax.value_and_grad(e2e_loss, has_aux=True)))
 
@@ -193,14 +195,15 @@ def tiny():
 def _loss_fn(tiny, cfg, t, rng=None, step=0):
     """pair_loss as a function of (policy params, reference params), with everything else fixed."""
     def loss(policy, ref):
-        return pnapo.pair_loss(policy, tiny["batch"], t, rng, step, policy_apply=tiny["apply"],
-                               ref_apply=tiny["apply"], ref_params=ref, img_ids=tiny["img_ids"],
-                               txt_ids=tiny["txt_ids"], cfg=cfg)
+        batch = tiny["batch"]
+        cond = flux.conditioning(batch["prompt_embeds"], batch["pooled_prompt_embeds"], GUIDANCE)
+        return objective.pair_loss(policy, batch, t, rng, step, policy_velocity=tiny["velocity"],
+                                   ref_velocity=tiny["velocity"], ref_params=ref, cond=cond, cfg=cfg)
     return loss
 
 
 def test_pair_loss_metrics_match_numpy(tiny):
-    cfg = pnapo.LossConfig(beta=3.0, scale_convention="half_beta", tau=0.5, n1=10, n2=30, num_t_buckets=4)
+    cfg = objective.LossConfig(beta=3.0, scale_convention="half_beta", tau=0.5, n1=10, n2=30, num_t_buckets=4)
     t = np.array([0.1, 0.3, 0.35, 0.9], np.float32)  # bucket 2 stays empty
     step = 17
     _, metrics = jax.jit(_loss_fn(tiny, cfg, t, step=step))(tiny["policy"], tiny["ref"])
@@ -213,7 +216,7 @@ def test_pair_loss_metrics_match_numpy(tiny):
         v = apply(params, hidden_states=(1 - tt) * batch[f"x0_{s}"] + tt * batch[f"x1_{s}"],
                   encoder_hidden_states=batch["prompt_embeds"], pooled_projections=batch["pooled_prompt_embeds"],
                   timestep=t, img_ids=tiny["img_ids"], txt_ids=tiny["txt_ids"],
-                  guidance=np.full(B, cfg.guidance, np.float32))
+                  guidance=np.full(B, GUIDANCE, np.float32))
         return ((batch[f"x1_{s}"] - batch[f"x0_{s}"] - np.asarray(v, np.float64)) ** 2).mean(axis=(1, 2))
 
     beta = _np_dynamic_beta(cfg.beta, batch["reward_gap"], step, True, cfg.tau, True, cfg.n1, cfg.n2)

@@ -15,6 +15,7 @@ from etils import epath
 
 from pnapo_jax import convert, export, reference, train
 from pnapo_jax.errors import UserError
+from pnapo_jax.setup import make_setup
 
 ROOT = epath.Path(__file__).parent.parent
 sys.path.insert(0, str(ROOT / "configs"))
@@ -30,8 +31,8 @@ def _config(pretrained: str, num_steps: int):
 
 def _save_weights(config, folder, seed: int) -> None:
     """Random weights for the tiny model as a diffusers pipeline folder (transformer/ inside)."""
-    setup = train.make_setup(config, jax.devices()[:1])
-    abstract = train.abstract_variables(setup)["params"]
+    setup = make_setup(config, jax.devices()[:1])
+    abstract = setup.abstract_variables["params"]
     rng = np.random.default_rng(seed)
     params = jax.tree.map(lambda s: (rng.standard_normal(s.shape) * 0.02).astype(s.dtype), abstract)
     convert.save_diffusers_transformer(setup.model_cfg, params, epath.Path(folder) / "transformer")

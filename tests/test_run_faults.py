@@ -16,6 +16,7 @@ from etils import epath
 
 from pnapo_jax import checkpoint, metrics, report, train
 from pnapo_jax.errors import UserError
+from pnapo_jax.setup import make_setup
 
 ROOT = epath.Path(__file__).parent.parent
 sys.path.insert(0, str(ROOT / "configs"))
@@ -36,10 +37,10 @@ def _steps(workdir) -> list[int]:
 
 
 def _restore(config, workdir, step):
-    setup = train.make_setup(config, jax.devices()[:1])
+    setup = make_setup(config, jax.devices()[:1])
     ckpt = checkpoint.Checkpointer(str(epath.Path(workdir) / "checkpoints"), config.checkpoint)
     try:
-        return jax.device_get(ckpt.restore(step, train.abstract_state(setup), None))
+        return jax.device_get(ckpt.restore(step, setup.abstract_state, None))
     finally:
         ckpt.close()
 

@@ -22,6 +22,7 @@ from test_flow import FLUX_SCHEDULER
 
 from pnapo_jax import export, flow, sample, train
 from pnapo_jax.errors import UserError
+from pnapo_jax.models import flux
 from pnapo_jax.models.flux import FluxConfig
 
 ROOT = epath.Path(__file__).parent.parent
@@ -89,8 +90,8 @@ def test_matches_flux_pipeline(pipeline, ours, case):
 
 def test_seeded_noise_rule(ours):
     """Image i's noise depends on the seed and i only, not on the batch it is drawn in."""
-    noise = sample.initial_noise(5, range(2), NOISE_SHAPE[1:])
-    np.testing.assert_array_equal(sample.initial_noise(5, [1], NOISE_SHAPE[1:])[0], noise[1])
+    noise = flow.seeded_noise(5, range(2), NOISE_SHAPE[1:])
+    np.testing.assert_array_equal(flow.seeded_noise(5, [1], NOISE_SHAPE[1:])[0], noise[1])
     np.testing.assert_array_equal(noise[0], jax.random.normal(jax.random.fold_in(jax.random.PRNGKey(5), 0),
                                                               NOISE_SHAPE[1:]))
     np.testing.assert_array_equal(sample.sample_images(ours, PROMPTS, seed=5, **OPTIONS),
@@ -189,7 +190,7 @@ def test_demo_base_samples_as_the_world_samples_it():
 
     demo = sample.load_pipeline(None)
     assert demo.size == 32
-    noise_NxIxC = np.asarray(flow.pack_latents(sample.initial_noise(3, range(2), (3, 32, 32))))
+    noise_NxIxC = np.asarray(flux.pack_latents(flow.seeded_noise(3, range(2), (3, 32, 32))))
     images = sample.sample_images(demo, DEMO_PROMPTS, seed=3, num_steps=6)
     assert images.shape == (2, 32, 32, 3)
     cfg, params = base.load_base()

@@ -6,7 +6,6 @@ import subprocess
 import sys
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from pnapo_jax import flow
@@ -19,12 +18,11 @@ def test_a_field_constant_along_straight_lines_has_no_gap():
     """v(x, t) = (x - a) / t is the exact flow of straight lines into the point a, and Euler follows it exactly."""
     a_BxIxC = jax.random.normal(jax.random.key(0), (3, 4, 2))
 
-    def apply_fn(variables, hidden_states, timestep, **_):
-        return (hidden_states - variables) / timestep[:, None, None]
+    def velocity(variables, x_t, t, cond):
+        return (x_t - variables) / t[:, None, None]
 
     noise = jax.random.normal(jax.random.key(1), a_BxIxC.shape)
-    traj = flow.euler_sample(apply_fn, a_BxIxC, noise, jnp.zeros((3, 1, 1)), jnp.zeros((3, 1)), 8, 0.0,
-                             jnp.zeros((4, 3)), jnp.zeros((1, 3)), return_trajectory=True)
+    traj = flow.euler_sample(velocity, a_BxIxC, noise, {}, 8, return_trajectory=True)
     np.testing.assert_allclose(traj[-1], a_BxIxC, atol=1e-5)
     gap = straightness.path_gap(np.asarray(traj), np.asarray(flow.flux_sigmas(8, 4)))
     for k in ("rel_distance", "rms_distance", "velocity_deviation"):
@@ -81,6 +79,6 @@ def test_reflow_writes_a_loadable_base_that_straightness_measures(tmp_path):
 
 def test_shipped_reflowed_base_loads_and_records_how_it_was_made():
     cfg, _ = base.load_base(reflow.SHIPPED)
-    assert cfg == base.flux_config()
+    assert cfg == base.demo_model_config()
     info = json.loads((reflow.SHIPPED / reflow.REFLOW_INFO).read_text())
     assert (info["base"], info["pairs"], info["steps"], info["seed"]) == (base.MODEL_ID, 540, 120, 0)

@@ -17,6 +17,8 @@ from etils import epath
 from pnapo_jax import checkpoint, sharding, train
 from pnapo_jax.data.pipeline import global_batch
 from pnapo_jax.errors import UserError
+from pnapo_jax.setup import base_params, init_state, make_setup
+from pnapo_jax.step import jit_steps
 
 ROOT = epath.Path(__file__).parent.parent
 sys.path.insert(0, str(ROOT / "configs"))
@@ -32,9 +34,9 @@ def _train_losses(workdir) -> dict[int, float]:
 
 
 def _restored_params(config, workdir, step):
-    setup = train.make_setup(config)
+    setup = make_setup(config)
     ckpt = checkpoint.Checkpointer(str(epath.Path(workdir) / "checkpoints"), config.checkpoint)
-    state = ckpt.restore(step, train.abstract_state(setup), None)
+    state = ckpt.restore(step, setup.abstract_state, None)
     ckpt.close()
     return jax.device_get(state["params"])
 
@@ -138,8 +140,8 @@ def test_mesh_with_data_fsdp_and_tensor_axes(tmp_path):
     config = tiny.get_config()
     config.mesh.data, config.mesh.fsdp, config.mesh.tensor = 2, 2, 2
     config.train.num_steps, config.train.eval_every = 2, 0
-    setup = train.make_setup(config)
-    state, _ = train.init_state(setup, train.base_params(setup))
+    setup = make_setup(config)
+    state, _ = init_state(setup, base_params(setup))
     kernel = state["params"]["transformer_blocks_0"]["attn"]["to_q"]["kernel"]
     assert kernel.sharding.spec == jax.sharding.PartitionSpec("fsdp", "tensor")
     mu = state["opt_state"].inner_state[1][0].mu["transformer_blocks_0"]["attn"]["to_q"]["kernel"]
@@ -147,13 +149,13 @@ def test_mesh_with_data_fsdp_and_tensor_axes(tmp_path):
 
 
 def _step(config, batch_edit=None):
-    setup = train.make_setup(config)
-    state, frozen = train.init_state(setup, train.base_params(setup))
+    setup = make_setup(config)
+    state, frozen = init_state(setup, base_params(setup))
     batch = _one_batch(config, setup)
     if batch_edit:
         batch = batch_edit(batch)
-    step_fn, _ = train.jit_steps(setup)
-    with jax.set_mesh(setup.mesh), train.nn.logical_axis_rules(setup.rules):
+    step_fn, _ = jit_steps(setup)
+    with setup.scope():
         before = jax.device_get(state["params"])
         new_state, metrics = step_fn(state, frozen, batch)
     return before, jax.device_get(new_state["params"]), jax.device_get(metrics), jax.device_get(frozen)
@@ -208,8 +210,8 @@ def test_bad_mesh_and_batch_configs_fail_clearly():
     config = tiny.get_config()
     config.mesh.data, config.mesh.fsdp = 3, -1
     with pytest.raises(UserError, match="do not divide"):
-        train.make_setup(config)
+        make_setup(config)
     config = tiny.get_config()
     config.train.grad_accum_steps = 3
     with pytest.raises(UserError, match="grad_accum_steps"):
-        train.make_setup(config)
+        make_setup(config)

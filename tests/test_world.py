@@ -118,7 +118,7 @@ def test_fidelity_is_zero_on_the_data_and_large_off_it():
 
 
 def test_pretrain_reproduces_its_weights_and_saves_a_loadable_folder(tmp_path):
-    cfg = dataclasses.replace(base.flux_config(), num_layers=1, num_single_layers=1, num_attention_heads=1)
+    cfg = dataclasses.replace(base.demo_model_config(), num_layers=1, num_single_layers=1, num_attention_heads=1)
     runs = [pretrain.pretrain(cfg, steps=2, batch=2, lr=1e-3, seed=3, log_every=2) for _ in range(2)]
     for a, b in zip(jax.tree.leaves(runs[0][0]), jax.tree.leaves(runs[1][0]), strict=True):
         np.testing.assert_array_equal(a, b)
@@ -133,7 +133,7 @@ def test_pretrain_reproduces_its_weights_and_saves_a_loadable_folder(tmp_path):
 def test_shipped_base_loads_and_samples_follow_prompts():
     world = components()
     cfg, params = world.load_base()
-    assert cfg == base.flux_config()
+    assert cfg == base.demo_model_config()
     assert (cfg.in_channels, cfg.joint_attention_dim, cfg.pooled_projection_dim) == (
         world.in_channels, world.text_dim, world.pooled_dim)
     texts = TRAIN[::17] + HELDOUT[::11]  # 8 + 5 prompts

@@ -77,7 +77,7 @@ def _flux_loaders(opts: Options, specs: list[models.ModelSpec]) -> dict[str, Any
     import functools
 
     from pnapo_jax import sample
-    from pnapo_jax.models import flux
+    from pnapo_jax.backbones import flux as backbone_flux
 
     folder = opts.pipeline or next((m.path for m in specs if m.kind == "pipeline"), "")
     if not folder:
@@ -100,9 +100,8 @@ def _flux_loaders(opts: Options, specs: list[models.ModelSpec]) -> dict[str, Any
             return sampling.FluxGenerator(shared(), opts.seed, options)
         cfg, variables = models.load_transformer(spec, opts.dtype)
         base = shared()
-        sample._check_fits(cfg, base.encoders, base.vae)
-        pipeline = dataclasses.replace(base, transformer=cfg, variables=variables,
-                                       apply_fn=flux.FluxTransformer(cfg).apply)
+        backbone_flux.check_fits(cfg, base.encoders, base.vae)
+        pipeline = dataclasses.replace(base, transformer=cfg, variables=variables)
         return sampling.FluxGenerator(pipeline, opts.seed, options)
 
     return {m.name: functools.partial(load, m) for m in specs}

@@ -3,11 +3,11 @@ file named by its prompt and seed, under its model's folder:
 
     OUT/images/MODEL/PPPPP_KK.png     prompt p (0-based, in the prompt set's order), seed k of N
 
-The noise of that image is the world's seeded noise of index p * N + k with --seed (embedded world:
-flow.seeded_noise, as pair generation draws it; FLUX: sample.initial_noise, as `python -m pnapo_jax.sample`
-draws it), so it depends on neither the batch nor the other prompts. A file is written to a temporary name
-and renamed, and existing files are skipped: a killed run continues without redoing or losing an image. With
-several JAX processes, process i samples the prompts p with p % count == i.
+The noise of that image is `flow.seeded_noise` of index p * N + k with --seed (embedded world: packed, as pair
+generation draws it; FLUX: over unpacked latents, as `python -m pnapo_jax.sample` draws it), so it depends on
+neither the batch nor the other prompts. A file is written to a temporary name and renamed, and existing files
+are skipped: a killed run continues without redoing or losing an image. With several JAX processes, process i
+samples the prompts p with p % count == i.
 """
 
 import dataclasses
@@ -23,6 +23,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from PIL import Image
 
 from pnapo_jax import flow
+from pnapo_jax.models import flux
 
 Generator = Callable[[Sequence[str], np.ndarray], np.ndarray]  # (prompts, noise indices) -> images [B, H, W, 3]
 
@@ -53,11 +54,10 @@ class WorldGenerator:
     seed: int
 
     def __post_init__(self):
-        from pnapo_jax.models.flux import apply_fn
         from pnapo_jax.world import latents, text
 
         self._text, self._latents = text, latents
-        self._apply = apply_fn(self.cfg)
+        self._velocity = flux.Velocity(self.cfg, latents.LATENT_H_TOKENS, latents.LATENT_W_TOKENS)
         self._mesh = Mesh(np.asarray(jax.local_devices()), ("batch",))
         self._batch = NamedSharding(self._mesh, PartitionSpec("batch"))
         self.variables = jax.device_put(self.variables, NamedSharding(self._mesh, PartitionSpec()))
@@ -69,9 +69,8 @@ class WorldGenerator:
         ids = np.concatenate([noise_ids_B, np.repeat(noise_ids_B[-1:], pad)])
         noise = flow.seeded_noise(self.seed, ids, self._shape)
         put = lambda x: jax.device_put(np.asarray(x, np.float32), self._batch)
-        x0 = flow.euler_sample(self._apply, self.variables, put(noise), put(embeds), put(pooled), self.num_steps,
-                               0.0, flow.img_ids(self._latents.LATENT_H_TOKENS, self._latents.LATENT_W_TOKENS),
-                               flow.txt_ids(self._text.TEXT_LEN))
+        cond = flux.conditioning(put(embeds), put(pooled), 0.0)
+        x0 = flow.euler_sample(self._velocity, self.variables, put(noise), cond, self.num_steps)
         return self._latents.decode(np.asarray(x0)[:B])
 
 
@@ -88,7 +87,7 @@ class FluxGenerator:
 
         f = self.pipeline.vae.downsample_factor
         shape = (self.pipeline.vae.latent_channels, self.options["height"] // f, self.options["width"] // f)
-        noise = np.asarray(sample.initial_noise(self.seed, noise_ids_B, shape))
+        noise = np.asarray(flow.seeded_noise(self.seed, noise_ids_B, shape))
         return np.concatenate(list(sample.iter_images(self.pipeline, list(prompts), noise, seed=self.seed,
                                                       **self.options)))
 

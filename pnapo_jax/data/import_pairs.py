@@ -34,7 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image, ImageOps
 
-from pnapo_jax import cli, flow
+from pnapo_jax import cli
 from pnapo_jax.convert.vae import load_vae
 from pnapo_jax.data.builder import write_dataset
 from pnapo_jax.data.schema import (
@@ -46,6 +46,7 @@ from pnapo_jax.data.schema import (
     validate_record,
 )
 from pnapo_jax.errors import UserError
+from pnapo_jax.models import flux
 from pnapo_jax.models import vae as vae_model
 
 TIE = 0.5
@@ -122,7 +123,7 @@ class ImageEncoder:
         with Image.open(path) as image:
             pixels = np.asarray(ImageOps.fit(image.convert("RGB"), self.size, Image.Resampling.BICUBIC))
         x = jnp.asarray(pixels.transpose(2, 0, 1)[None], jnp.float32) / 127.5 - 1
-        return np.asarray(flow.pack_latents(vae_model.encode(self.params, self.cfg, x))[0])
+        return np.asarray(flux.pack_latents(vae_model.encode(self.params, self.cfg, x))[0])
 
 
 def _load_latent(

@@ -27,14 +27,13 @@ from typing import Any
 import numpy as np
 from absl import logging
 
-from pnapo_jax.data.batch import NOISE_KEYS
+from pnapo_jax.data.batch import NOISE_KEYS, NOISE_MODES
 from pnapo_jax.errors import UserError
 
 ARRAY_DTYPE = np.dtype(np.float32)
 TEXT_FIELDS = ("prompt", "model_id")
 FLOAT_FIELDS = ("reward_w", "reward_l", "reward_gap", "guidance")
 INT_FIELDS = ("seed_w", "seed_l", "steps", "height", "width")
-NOISE_MODES = ("recorded", "independent")
 ON_BAD_RECORD = ("raise", "skip")
 FLUX_PATCH_PIXELS = 16  # VAE downsample 8 x 2x2 packing: one FLUX image token covers 16x16 pixels
 

@@ -7,8 +7,6 @@ Module and parameter names follow diffusers' state dict (`transformer_blocks_3/a
 """
 
 import dataclasses
-import functools
-from collections.abc import Callable
 from typing import Any
 
 import flax.linen as nn
@@ -321,6 +319,32 @@ class _TimeTextEmbed(nn.Module):
         return temb + emb("text_embedder")(pooled_BxP.astype(dt))
 
 
+# The token layout: VAE latents [B, C, H, W] become [B, (H/2)(W/2), 4C] tokens (2x2 patches), placed by RoPE ids.
+def img_ids(h_tokens: int, w_tokens: int) -> jax.Array:
+    """[h * w, 3] RoPE positions (0, row, col) of the packed image tokens, row-major like the packing."""
+    rows, cols = jnp.meshgrid(jnp.arange(h_tokens), jnp.arange(w_tokens), indexing="ij")
+    return jnp.stack([jnp.zeros_like(rows), rows, cols], -1).reshape(-1, 3).astype(jnp.float32)
+
+
+def txt_ids(txt_len: int) -> jax.Array:
+    """[T, 3] zeros: FLUX gives every text token the same (no) position."""
+    return jnp.zeros((txt_len, 3), jnp.float32)
+
+
+def pack_latents(x_BxCxHxW: jax.Array) -> jax.Array:
+    """VAE latents -> transformer tokens [B, (H/2)(W/2), 4C]: each 2x2 patch becomes one token, channel-major."""
+    B, C, H, W = x_BxCxHxW.shape
+    x = x_BxCxHxW.reshape(B, C, H // 2, 2, W // 2, 2).transpose(0, 2, 4, 1, 3, 5)
+    return x.reshape(B, (H // 2) * (W // 2), 4 * C)
+
+
+def unpack_latents(x_BxIxD: jax.Array, height: int, width: int) -> jax.Array:
+    """Inverse of `pack_latents`; height and width are the latent's (pixels / 8), not the image's."""
+    B, _, D = x_BxIxD.shape
+    x = x_BxIxD.reshape(B, height // 2, width // 2, D // 4, 2, 2).transpose(0, 3, 1, 4, 2, 5)
+    return x.reshape(B, D // 4, height, width)
+
+
 STACKS = ("transformer_blocks", "single_transformer_blocks")
 
 
@@ -339,11 +363,33 @@ def dummy_inputs(cfg: FluxConfig, batch: int = 1, img_len: int = 16, txt_len: in
     return out
 
 
-@functools.cache
-def apply_fn(cfg: FluxConfig) -> Callable[..., jax.Array]:
-    """One `FluxTransformer(cfg).apply` per config: jitted samplers take it as a static argument, and a new module
-    object (equal config or not) would compile them again."""
-    return FluxTransformer(cfg).apply
+@dataclasses.dataclass(frozen=True)
+class Velocity:
+    """The transformer as the velocity function v(variables, x_t [B, I, C], t [B], conditioning) of an h x w token
+    grid, what the loss and the samplers call (pnapo_jax.objective, flow.euler_sample). Hashable by value: jitted
+    samplers take it as a static argument, and an equal one reuses their compilation. `timestep_scale` multiplies t
+    (a scheduler with num_train_timesteps != 1000, as FluxPipeline passes it)."""
+
+    cfg: FluxConfig
+    h_tokens: int
+    w_tokens: int
+    timestep_scale: float = 1.0
+
+    def __call__(self, variables: Any, x_BxIxC: jax.Array, t_B: jax.Array, cond: dict[str, jax.Array]) -> jax.Array:
+        T = cond["encoder_hidden_states"].shape[1]
+        return FluxTransformer(self.cfg).apply(variables, hidden_states=x_BxIxC, timestep=t_B * self.timestep_scale,
+                                               img_ids=img_ids(self.h_tokens, self.w_tokens), txt_ids=txt_ids(T),
+                                               **cond)
+
+
+def conditioning(prompt_embeds_BxTxD: jax.Array, pooled_BxP: jax.Array, guidance: float | None = None
+                 ) -> dict[str, jax.Array]:
+    """FLUX's conditioning of B images: T5 states, CLIP pooled output and (guidance-distilled models) the guidance
+    input, each [B, ...]; None leaves guidance out (a model with guidance embeds then refuses it)."""
+    cond = {"encoder_hidden_states": prompt_embeds_BxTxD, "pooled_projections": pooled_BxP}
+    if guidance is not None:
+        cond["guidance"] = jnp.full((pooled_BxP.shape[0],), guidance, jnp.float32)
+    return cond
 
 
 def init_params(cfg: FluxConfig, rng: jax.Array) -> dict[str, Any]:

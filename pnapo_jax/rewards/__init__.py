@@ -18,7 +18,7 @@
   pools another token.
 - "aesthetic": the LAION aesthetic predictor (rewards/aesthetic.py); the prompt is not used.
 
-Images are [B, H, W, 3] floats in [0, 1] (generate.World.decode's output), prompts one per image. Scoring is
+Images are [B, H, W, 3] floats in [0, 1] (pnapo_jax.sampling.World.decode's output), prompts one per image. Scoring is
 jitted and runs `batch_size` images at a time (the last batch padded), so one compilation serves each
 image size.
 """

@@ -4,7 +4,7 @@ Prompts come from a grammar (`grammar`), images are procedural renderings (`rend
 (`latents`), the text encoder is a fixed table (`text`), the base model is a small FLUX transformer pretrained
 on the train prompts (`base`, `pretrain`), and `reward` / `fidelity` score samples. `straightness` measures
 how far the base's ODE paths bend away from the straight interpolation PNAPO assumes, and `reflow` straightens
-them. `components()` is what a generic pair generator needs, without knowing any of this.
+them. `components()` is the world as generation sees one (a `pnapo_jax.sampling.World`), plus the rest of it.
 """
 
 import dataclasses
@@ -14,8 +14,9 @@ from pnapo_jax.world import base, fidelity, grammar, latents, render, reward, te
 
 
 @dataclasses.dataclass(frozen=True)
-class World:
-    """The world's functions (numpy in, numpy out) and the shapes a model config must match."""
+class DemoWorld:
+    """The world's functions (numpy in, numpy out) and the shapes a model config must match: a
+    `pnapo_jax.sampling.World` with fidelity, plus its renderer, encoder and shipped base."""
 
     encode_prompts: Callable  # texts -> (prompt_embeds [B, text_len, text_dim], pooled [B, pooled_dim])
     encode: Callable  # images [B, 32, 32, 3] in [0, 1] -> packed latents [B, 256, 12]
@@ -35,7 +36,7 @@ class World:
     pooled_dim: int = text.POOLED_DIM
 
 
-def components() -> World:
-    return World(encode_prompts=text.encode_prompts, encode=latents.encode, decode=latents.decode,
+def components() -> DemoWorld:
+    return DemoWorld(encode_prompts=text.encode_prompts, encode=latents.encode, decode=latents.decode,
                  render=render.render, reward=reward.reward, fidelity=fidelity.fidelity, prompts=grammar.prompts,
                  load_base=base.load_base)

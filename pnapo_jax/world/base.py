@@ -16,7 +16,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from pnapo_jax import convert, flow
-from pnapo_jax.models.flux import FluxConfig, apply_fn
+from pnapo_jax.models import flux
+from pnapo_jax.models.flux import FluxConfig
 from pnapo_jax.world import latents, text
 
 DEFAULT_BASE = pathlib.Path(__file__).parent.parent / "assets" / "demo_base"
@@ -26,7 +27,7 @@ PRETRAIN_INFO = "pretrain.json"
 LATENT_SHAPE = (latents.LATENT_H_TOKENS * latents.LATENT_W_TOKENS, latents.IN_CHANNELS)  # one sample's [I, C]
 
 
-def flux_config() -> FluxConfig:
+def demo_model_config() -> FluxConfig:
     """About 2.3M parameters: 2 double-stream + 4 single-stream blocks, 4 heads of 32."""
     return FluxConfig(in_channels=latents.IN_CHANNELS, num_layers=2, num_single_layers=4, attention_head_dim=32,
                       num_attention_heads=4, joint_attention_dim=text.TEXT_DIM, pooled_projection_dim=text.POOLED_DIM,
@@ -49,10 +50,10 @@ def sample_latents(cfg: FluxConfig, params: Any, prompts: Sequence[str], noise_B
                    guidance: float = 0.0, return_trajectory: bool = False) -> jax.Array:
     """Final latents [B, I, C] from the given noise by `flow.euler_sample` (FluxPipeline schedule), or with
     `return_trajectory` every solver state [num_steps + 1, B, I, C] at the noise levels of `flow.flux_sigmas`."""
-    embeds, pooled = text.encode_prompts(prompts)
-    return flow.euler_sample(apply_fn(cfg), {"params": params}, noise_BxIxC, embeds, pooled, num_steps, guidance,
-                             flow.img_ids(latents.LATENT_H_TOKENS, latents.LATENT_W_TOKENS),
-                             flow.txt_ids(text.TEXT_LEN), return_trajectory=return_trajectory)
+    velocity = flux.Velocity(cfg, latents.LATENT_H_TOKENS, latents.LATENT_W_TOKENS)
+    cond = flux.conditioning(*text.encode_prompts(prompts), guidance)
+    return flow.euler_sample(velocity, {"params": params}, noise_BxIxC, cond, num_steps,
+                             return_trajectory=return_trajectory)
 
 
 def sample(cfg: FluxConfig, params: Any, prompts: Sequence[str], seed: int, num_steps: int = 20) -> np.ndarray:

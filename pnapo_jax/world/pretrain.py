@@ -22,6 +22,7 @@ from flax import linen as nn
 
 from pnapo_jax import cli, flow
 from pnapo_jax.errors import UserError
+from pnapo_jax.models import flux
 from pnapo_jax.models.flux import FluxConfig, FluxTransformer, init_params
 from pnapo_jax.world import base, grammar, latents, render, text
 
@@ -52,7 +53,7 @@ def train_step(model: FluxTransformer, tx: optax.GradientTransformation, params:
     noise_key, t_key = jax.random.split(rng)
     x1 = batch["x1"] if "x1" in batch else jax.random.normal(noise_key, x0.shape)
     t_B = flow.sample_t(t_key, x0.shape[0], **T_SAMPLER)
-    ids_img, ids_txt = flow.img_ids(latents.LATENT_H_TOKENS, latents.LATENT_W_TOKENS), flow.txt_ids(text.TEXT_LEN)
+    ids_img, ids_txt = flux.img_ids(latents.LATENT_H_TOKENS, latents.LATENT_W_TOKENS), flux.txt_ids(text.TEXT_LEN)
 
     def loss_fn(p):
         v = model.apply({"params": p}, flow.interpolate(x0, x1, t_B), batch["embeds"], batch["pooled"], t_B,
@@ -95,7 +96,7 @@ def _main(argv: list[str]) -> None:
     for name in ("steps", "batch"):
         if f[name].value < 1:
             raise UserError(f"--{name}={f[name].value}: must be >= 1")
-    cfg = base.flux_config()
+    cfg = base.demo_model_config()
     params, info = pretrain(cfg, f.steps, f.batch, f.lr, f.seed)
     base.save_base(f.out, cfg, params, info)
     print(f"wrote {f.out}", flush=True)

@@ -103,7 +103,3 @@ def reward(images_BxHxWx3: np.ndarray, prompts: Sequence[str]) -> np.ndarray:
     t = score_table(images_BxHxWx3, prompts)
     return t["follow"] * (1 - PREFERENCE_WEIGHT + PREFERENCE_WEIGHT * t["size"])
 
-
-def preference_satisfied(images_BxHxWx3: np.ndarray, prompts: Sequence[str]) -> np.ndarray:
-    """[B] bool: the shapes are big enough to count as satisfying the preference."""
-    return score_table(images_BxHxWx3, prompts)["size"] >= SATISFIED_SIZE

@@ -8,9 +8,11 @@ For a pair (winner w, loser l) and one t shared by both images,
 
 PNAPO takes x1 = the recorded noise each image was generated from (`noise_mode="recorded"`); the
 Diffusion-DPO / Flow-DPO baseline draws one fresh Gaussian shared by the pair (`noise_mode="independent"`).
-β_eff = β f(reward gap) g(step) is PNAPO's dynamic regularisation (`dynamic_beta`). See /work/shared/PNAPO.md.
+β_eff = β f(reward gap) g(step) is PNAPO's dynamic regularisation (`dynamic_beta`).
 
-Every config argument is read by attribute (`LossConfig`, an ml_collections ConfigDict, ...).
+The model is a velocity function v(params, x_t, t, conditioning) (pnapo_jax.backbones makes one per backbone): the
+loss knows nothing of a model's inputs beyond the noisy latent and t. Every config argument is read by attribute
+(`LossConfig`, an ml_collections ConfigDict, ...).
 """
 
 import dataclasses
@@ -22,17 +24,16 @@ import jax
 import jax.numpy as jnp
 
 from pnapo_jax import flow
-from pnapo_jax.data.batch import NOISE_KEYS
+from pnapo_jax.data.batch import NOISE_KEYS, NOISE_MODES
 
 # β_scale / β: diffusers' research DPO script and PNAPO use β itself; Salesforce Diffusion-DPO writes
 # `inside = -0.5 * beta * (model_diff - ref_diff)`, so its β is twice ours for the same loss.
 SCALE_CONVENTIONS = {"beta": 1.0, "half_beta": 0.5}
-NOISE_MODES = ("recorded", "independent")
 
 Metrics = dict[str, jax.Array]
-# apply_fn(params, **model_inputs) -> predicted velocity [N, I, C]; for our Flax FLUX:
-# `lambda p, **kw: FluxTransformer(cfg).apply({"params": p}, **kw)`.
-ApplyFn = Callable[..., jax.Array]
+# velocity(params, x_t [N, I, C], t [N], conditioning) -> predicted velocity [N, I, C]; the conditioning is a pytree
+# of [N, ...] arrays (for FLUX: text embeddings and the guidance input, pnapo_jax.backbones.flux).
+VelocityFn = Callable[[Any, jax.Array, jax.Array, Any], jax.Array]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,9 +43,6 @@ class LossConfig:
     beta: float = 2000.0  # the paper's β for FLUX (5000 for SD3-M), in the "beta" convention
     scale_convention: str = "beta"  # "beta" | "half_beta" (see SCALE_CONVENTIONS)
     noise_mode: str = "recorded"  # "recorded" (PNAPO) | "independent" (Diffusion-DPO / Flow-DPO)
-    # FLUX.1-dev is guidance-distilled and needs a guidance value; diffusers' FLUX DreamBooth README trains
-    # with --guidance_scale=1 (the scripts' argparse default is 3.5). None for models without guidance embeds.
-    guidance: float | None = 1.0
     use_gap: bool = True  # f(gap) = 2σ(gap/τ) - 1; False -> f = 1
     tau: float = 1.0  # reward-gap scale, in the reward's own units
     use_schedule: bool = True  # g(step): cosine from 1 (step <= n1) to 1/2 (step > n2); False -> g = 1
@@ -142,10 +140,10 @@ def make_pair_inputs(batch: Mapping[str, jax.Array], t_B: jax.Array, rng: jax.Ar
                       flow.velocity_target(x0_w, x1_w), flow.velocity_target(x0_l, x1_l))
 
 
-def _velocity_errors(apply_fn: ApplyFn, params: Any, model_inputs: dict[str, jax.Array],
+def _velocity_errors(velocity: VelocityFn, params: Any, xt_2BxIxC: jax.Array, t_2B: jax.Array, cond_2B: Any,
                      target_2BxIxC: jax.Array) -> tuple[jax.Array, jax.Array]:
     """Per-example mean squared velocity error (float32) of one [2B] forward, split into (winner, loser)."""
-    v = apply_fn(params, **model_inputs).astype(jnp.float32)
+    v = velocity(params, xt_2BxIxC, t_2B, cond_2B).astype(jnp.float32)
     err_2B = jnp.mean(jnp.square(target_2BxIxC.astype(jnp.float32) - v), axis=tuple(range(1, v.ndim)))
     return jnp.split(err_2B, 2)
 
@@ -163,31 +161,23 @@ def _t_bucket_metrics(loss_B: jax.Array, t_B: jax.Array, num_buckets: int) -> Me
 
 
 def pair_loss(policy_params: Any, batch: Mapping[str, jax.Array], t_B: jax.Array, rng: jax.Array | None,
-              step: jax.Array | int, *, policy_apply: ApplyFn, ref_apply: ApplyFn, ref_params: Any,
-              img_ids: jax.Array, txt_ids: jax.Array, cfg: Any) -> tuple[jax.Array, Metrics]:
+              step: jax.Array | int, *, policy_velocity: VelocityFn, ref_velocity: VelocityFn, ref_params: Any,
+              cond: Any, cfg: Any) -> tuple[jax.Array, Metrics]:
     """The PNAPO loss of a batch of pairs and its metrics; differentiable in `policy_params` (first argument,
     for `jax.value_and_grad(pair_loss, has_aux=True)`).
 
     Winner and loser go through each model in one [2B] forward (winner rows first). The reference output is
-    under stop_gradient. t_B [B] in [0, 1], rng feeds the independent noise, step the β schedule.
+    under stop_gradient. t_B [B] in [0, 1], rng feeds the independent noise, step the β schedule; `cond` is the
+    pair's conditioning (a pytree of [B, ...] arrays, shared by winner and loser).
     """
     pair = make_pair_inputs(batch, t_B, rng, cfg.noise_mode)
     cat = lambda w, l: jnp.concatenate([w, l], axis=0)  # winner rows, then loser rows
     t_B = jnp.asarray(t_B, jnp.float32)
-    model_inputs = dict(
-        hidden_states=cat(pair.xt_w, pair.xt_l),
-        encoder_hidden_states=cat(batch["prompt_embeds"], batch["prompt_embeds"]),
-        pooled_projections=cat(batch["pooled_prompt_embeds"], batch["pooled_prompt_embeds"]),
-        timestep=cat(t_B, t_B),
-        img_ids=img_ids,
-        txt_ids=txt_ids,
-    )
-    if cfg.guidance is not None:
-        model_inputs["guidance"] = jnp.full((2 * t_B.shape[0],), cfg.guidance, jnp.float32)
+    inputs = (cat(pair.xt_w, pair.xt_l), cat(t_B, t_B), jax.tree.map(lambda c: cat(c, c), cond))
     target = cat(pair.target_w, pair.target_l)
 
-    err_w_B, err_l_B = _velocity_errors(policy_apply, policy_params, model_inputs, target)
-    ref_err_w_B, ref_err_l_B = jax.lax.stop_gradient(_velocity_errors(ref_apply, ref_params, model_inputs, target))
+    err_w_B, err_l_B = _velocity_errors(policy_velocity, policy_params, *inputs, target)
+    ref_err_w_B, ref_err_l_B = jax.lax.stop_gradient(_velocity_errors(ref_velocity, ref_params, *inputs, target))
     beta_B = dynamic_beta(cfg.beta, batch["reward_gap"], step, cfg)
     loss_B, metrics = _preference_terms(err_w_B, err_l_B, ref_err_w_B, ref_err_l_B, beta_B, cfg.scale_convention)
     return loss_B.mean(), {**metrics, **_t_bucket_metrics(loss_B, t_B, cfg.num_t_buckets)}

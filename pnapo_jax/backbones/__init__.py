@@ -1,0 +1,20 @@
+"""The model families a run can train (config.model.backbone, default flux): name -> Backbone."""
+
+import ml_collections
+
+from pnapo_jax.backbones import flux
+from pnapo_jax.backbones.interface import Backbone, record_conditioning
+from pnapo_jax.errors import UserError
+
+BACKBONES = {"flux": flux.BACKBONE}
+
+
+def backbone_of(config: ml_collections.ConfigDict) -> Backbone:
+    """The run's backbone; configs written before backbones had names are FLUX's."""
+    name = config.model.get("backbone", "flux")
+    if name not in BACKBONES:
+        raise UserError(f"config.model.backbone={name!r}; known backbones: {', '.join(BACKBONES)}")
+    return BACKBONES[name]
+
+
+__all__ = ["BACKBONES", "Backbone", "backbone_of", "record_conditioning"]

@@ -1,0 +1,91 @@
+"""FLUX.1 as a backbone (pnapo_jax.backbones.interface): the Flax port (pnapo_jax.models.flux) with its diffusers and
+BFL weights (pnapo_jax.convert), configured by config.model and config.lora."""
+
+import dataclasses
+from typing import Any
+
+import jax
+import ml_collections
+
+from pnapo_jax import convert, text
+from pnapo_jax.backbones.interface import Backbone
+from pnapo_jax.config import name_list
+from pnapo_jax.data.schema import SextupleSpec
+from pnapo_jax.errors import UserError
+from pnapo_jax.models import flux, vae
+from pnapo_jax.models.layers import check_attention_impl
+
+
+def model_config(config: ml_collections.ConfigDict) -> flux.FluxConfig:
+    """The model config: config.model's FluxConfig fields plus config.lora."""
+    names = {f.name for f in dataclasses.fields(flux.FluxConfig)}
+    kw = {k: tuple(v) if isinstance(v, list | tuple) else v for k, v in config.model.items() if k in names}
+    return flux.FluxConfig(**kw, lora_rank=config.lora.rank, lora_alpha=config.lora.alpha,
+                           lora_targets=name_list(config.lora.targets))
+
+
+def init(cfg: flux.FluxConfig, rng: jax.Array) -> dict[str, Any]:
+    """Boxed variables {"params", "lora"?} (parameter shapes do not depend on the sequence lengths)."""
+    return flux.FluxTransformer(cfg).init(rng, **flux.dummy_inputs(cfg))
+
+
+def record_spec(config: ml_collections.ConfigDict) -> SextupleSpec:
+    """Packed latents of config.data's token grid, T5 states of config.data.text_len tokens, CLIP pooled."""
+    d, m = config.data, config.model
+    return SextupleSpec(d.latent_h_tokens * d.latent_w_tokens, m.in_channels, d.text_len, m.joint_attention_dim,
+                        m.pooled_projection_dim)
+
+
+def dummy_inputs(cfg: flux.FluxConfig, h_tokens: int, w_tokens: int, text_len: int, batch: int = 1
+                 ) -> tuple[jax.Array, jax.Array, dict[str, jax.Array]]:
+    zeros = flux.dummy_inputs(cfg, batch, h_tokens * w_tokens, text_len)
+    guidance = 1.0 if cfg.guidance_embeds else None
+    return (zeros["hidden_states"], zeros["timestep"],
+            flux.conditioning(zeros["encoder_hidden_states"], zeros["pooled_projections"], guidance))
+
+
+def check_platform(cfg: flux.FluxConfig, platform: str) -> None:
+    check_attention_impl(cfg.attention_impl, platform)
+
+
+def load_pretrained(config: ml_collections.ConfigDict, cfg: flux.FluxConfig, shardings: Any) -> Any:
+    """config.model.pretrained placed straight into `shardings`; the file's architecture must match the config."""
+    m = config.model
+    dtype = cfg.param_dtype
+    if m.pretrained_format == "bfl":
+        return convert.load_bfl_transformer(m.pretrained, cfg, dtype=dtype, shardings=shardings)
+    if m.pretrained_format != "diffusers":
+        raise ValueError(f"config.model.pretrained_format must be 'diffusers' or 'bfl', got {m.pretrained_format!r}")
+    loaded_cfg, params = convert.load_diffusers_transformer(m.pretrained, dtype=dtype, shardings=shardings,
+                                                            scan_layers=cfg.scan_layers)
+    mismatch = {k: (v, getattr(cfg, k)) for k, v in loaded_cfg.to_diffusers().items()
+                if k != "_class_name" and v != flux.FluxConfig.to_diffusers(cfg)[k]}
+    if mismatch:
+        raise ValueError(f"{m.pretrained}: config.json differs from config.model (file, config): {mismatch}")
+    return params
+
+
+def save(cfg: flux.FluxConfig, params: Any, out: str, fmt: str) -> None:
+    """diffusers: a FluxTransformer2DModel folder; bfl: one original-layout .safetensors file."""
+    if fmt not in SAVE_FORMATS:
+        raise UserError(f"--format must be one of {SAVE_FORMATS}, got {fmt!r}")
+    (convert.save_diffusers_transformer if fmt == "diffusers" else convert.save_bfl_transformer)(cfg, params, out)
+
+
+def check_fits(cfg: flux.FluxConfig, encoders: text.TextEncoders, vae_cfg: vae.VAEConfig) -> None:
+    """A transformer from another model family would fail deep inside the first call; say which sizes differ."""
+    expected = {"in_channels": 4 * vae_cfg.latent_channels, "joint_attention_dim": encoders.t5_config.d_model,
+                "pooled_projection_dim": encoders.clip_config.hidden_size}
+    wrong = {k: (getattr(cfg, k), v) for k, v in expected.items() if getattr(cfg, k) != v}
+    if wrong:
+        raise UserError(f"the transformer does not fit the pipeline's VAE and text encoders (transformer's, "
+                         f"expected): {wrong}")
+
+
+SAVE_FORMATS = ("diffusers", "bfl")
+
+BACKBONE = Backbone(
+    name="flux", model_config=model_config, init=init, velocity=flux.Velocity, conditioning=flux.conditioning,
+    record_spec=record_spec, dummy_inputs=dummy_inputs, check_platform=check_platform,
+    load_pretrained=load_pretrained, save_formats=SAVE_FORMATS, save=save, merge_lora=convert.merge_lora,
+    save_lora=convert.save_lora)

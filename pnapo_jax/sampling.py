@@ -1,0 +1,91 @@
+"""Sampling on the mesh, shared by pair generation, the sampling eval and the benchmark: the world protocol (text
+in, latents out, images scored), the prompt reader, and the batched sampler. Image n's noise follows the one
+seeded-noise rule, `flow.seeded_noise(seed, n, shape)`."""
+
+import dataclasses
+from collections.abc import Sequence
+from typing import Any, Protocol
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from etils import epath
+
+from pnapo_jax import flow, sharding
+from pnapo_jax.errors import UserError
+from pnapo_jax.setup import Setup
+
+
+class World(Protocol):
+    """A text-to-image world: what generation, the sampling eval and the benchmark call. The embedded demo world
+    (pnapo_jax.world.DemoWorld) and FLUX.1 (pnapo_jax.flux_world.FluxWorld) are the two; a world may also have
+    `fidelity(images, prompts) -> [B]` (distance to the data, lower is better), which the sampling eval reports."""
+
+    latent_h_tokens: int
+    latent_w_tokens: int
+    patch_pixels: int  # image pixels per token side
+    model_id: str  # names the base that sampled, in every record
+
+    def encode_prompts(self, prompts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        """-> (prompt_embeds [B, T, D], pooled [B, P])."""
+
+    def decode(self, latents_BxIxC: jax.Array) -> np.ndarray:
+        """Packed latents -> images [B, H, W, 3] in [0, 1]."""
+
+    def reward(self, images_BxHxWx3: np.ndarray, prompts: Sequence[str]) -> np.ndarray:
+        """-> scores [B], higher is preferred."""
+
+    def prompts(self, split: str) -> list[str]:
+        """The prompts of a split ("train", "heldout", ...)."""
+
+
+def read_prompts(path: str) -> list[str]:
+    """One prompt a line (UTF-8); blank lines are refused (they would shift every later prompt's seed), and so
+    is a file without prompts."""
+    try:
+        lines = epath.Path(path).read_text(encoding="utf-8").splitlines()
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError) as e:
+        raise UserError(f"prompts file {path}: cannot read it ({e.strerror or e})") from None
+    except UnicodeDecodeError as e:
+        line = e.object[:e.start].count(b"\n") + 1
+        raise UserError(f"prompts file {path}: line {line} is not UTF-8 text ({e.reason})") from None
+    blank = [i + 1 for i, line in enumerate(lines) if not line.strip()]
+    if blank:
+        raise UserError(f"prompts file {path}: blank prompt on line(s) {blank[:5]}")
+    if not lines:
+        raise UserError(f"prompts file {path}: no prompts (one a line)")
+    return [line.strip() for line in lines]
+
+
+@dataclasses.dataclass
+class Sampler:
+    """Jitted, batched sampling on the mesh. `variables` = {"params": ...} (and "lora" for a LoRA policy); `gen`
+    reads seed, num_steps, guidance_scale and shift_mu (config.generate's names)."""
+
+    setup: Setup
+    variables: Any
+    gen: ml_collections.ConfigDict
+
+    def __post_init__(self):
+        self.shape_IxC = (self.setup.image_tokens, self.setup.record_spec.channels)
+        self.batch_sharding = sharding.batch_sharding(self.setup.mesh)
+
+    def noises(self, seeds_N: np.ndarray) -> jax.Array:
+        return flow.seeded_noise(self.gen.seed, seeds_N, self.shape_IxC)
+
+    def __call__(self, noise_NxIxC: jax.Array, embeds_NxTxD: np.ndarray, pooled_NxP: np.ndarray) -> jax.Array:
+        """Final latents [N, I, C]; N is padded up to a multiple of the mesh's batch shards and cut back."""
+        N = noise_NxIxC.shape[0]
+        shards = self.setup.mesh.shape["data"] * self.setup.mesh.shape["fsdp"]
+        pad = -N % shards
+
+        def put(x):
+            x = jnp.asarray(x, jnp.float32)
+            return jax.device_put(jnp.pad(x, [(0, pad)] + [(0, 0)] * (x.ndim - 1)), self.batch_sharding)
+
+        cond = self.setup.backbone.conditioning(put(embeds_NxTxD), put(pooled_NxP), self.gen.guidance_scale)
+        with self.setup.scope():  # the mesh: the splash kernel runs per device on its batch shard (shard_map)
+            x0 = flow.euler_sample(self.setup.velocity, self.variables, put(noise_NxIxC), cond, self.gen.num_steps,
+                                   mu=self.gen.shift_mu)
+        return x0[:N]

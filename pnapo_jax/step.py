@@ -1,0 +1,102 @@
+"""The pure PNAPO step: the loss of a batch through the backbone's velocity function, one optimizer update (in
+`grad_accum_steps` micro-batches), an eval step, and both jitted with training's shardings. `pnapo_jax.train`
+loops over it; `pnapo_jax.aot` compiles it for a TPU topology."""
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from pnapo_jax import config_check, flow, objective, sharding
+from pnapo_jax.backbones import record_conditioning
+from pnapo_jax.setup import Setup, State, learning_rate
+
+Metrics = dict[str, jax.Array]
+
+
+def _loss_fn(setup: Setup, frozen: Any) -> Callable:
+    """(trainable params, batch, t_B, rng, step) -> (loss, metrics): the policy and the frozen reference."""
+    velocity = setup.velocity
+    if setup.lora:
+        policy = lambda lora, x, t, c: velocity({"params": frozen["base"], "lora": lora}, x, t, c)
+    else:
+        policy = lambda p, x, t, c: velocity({"params": p}, x, t, c)
+    ref = lambda p, x, t, c: velocity({"params": p}, x, t, c)
+    cfg = setup.config.pnapo
+    return lambda params, batch, t_B, rng, step: objective.pair_loss(
+        params, batch, t_B, rng, step, policy_velocity=policy, ref_velocity=ref,
+        ref_params=frozen[setup.frozen_key], cond=record_conditioning(setup.backbone, batch, cfg.guidance), cfg=cfg)
+
+
+def _sample_t(setup: Setup, rng: jax.Array, batch: int) -> jax.Array:
+    t = setup.config.t_sampling
+    mu = flow.resolution_mu(setup.image_tokens) if t.resolution_shift else None
+    return flow.sample_t(rng, batch, kind=t.kind, logit_mean=t.logit_mean, logit_std=t.logit_std,
+                         mode_scale=t.mode_scale, shift_mu=mu)
+
+
+def _split_micro(x_BxN: jax.Array, k: int) -> jax.Array:
+    """[B, ...] -> [k, B/k, ...] taking every k-th row, so each micro-batch keeps the batch sharding's layout."""
+    return x_BxN.reshape(x_BxN.shape[0] // k, k, *x_BxN.shape[1:]).swapaxes(0, 1)
+
+
+def train_step(setup: Setup, state: State, frozen: Any, batch: dict[str, jax.Array]) -> tuple[State, Metrics]:
+    """One optimizer update on a global batch of pairs (in `grad_accum_steps` micro-batches). Pure."""
+    step = state["step"]
+    t_rng, noise_rng = jax.random.split(jax.random.fold_in(state["rng"], step))
+    B = batch["x0_w"].shape[0]
+    t_B = _sample_t(setup, t_rng, B)
+    grad_fn = jax.value_and_grad(_loss_fn(setup, frozen), has_aux=True)
+    k = setup.config.train.grad_accum_steps
+    if k == 1:
+        (_, metrics), grads = grad_fn(state["params"], batch, t_B, noise_rng, step)
+    else:
+        micro = (jax.tree.map(lambda x: _split_micro(x, k), batch), _split_micro(t_B, k),
+                 jax.random.split(noise_rng, k))
+
+        def accumulate(acc, xs):
+            (_, m), g = grad_fn(state["params"], *xs, step)
+            return jax.tree.map(jnp.add, acc, (g, m)), None
+
+        shapes = jax.eval_shape(lambda: grad_fn(state["params"], *jax.tree.map(lambda x: x[0], micro), step))
+        zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), (shapes[1], shapes[0][1]))
+        (grads, metrics), _ = jax.lax.scan(accumulate, zeros, micro)
+        grads, metrics = jax.tree.map(lambda x: x / k, (grads, metrics))
+    updates, opt_state = setup.tx.update(grads, state["opt_state"], state["params"])
+    params = optax.apply_updates(state["params"], updates)
+    metrics = {**metrics, "grad_norm": optax.global_norm(grads),
+               "lr": learning_rate(setup.config.optim, setup.config.train.num_steps)(step),
+               "skipped_updates": opt_state.total_notfinite, "nonfinite_streak": opt_state.notfinite_count}
+    return {"step": step + 1, "params": params, "opt_state": opt_state, "rng": state["rng"]}, metrics
+
+
+def eval_step(setup: Setup, state: State, frozen: Any, batch: dict[str, jax.Array]) -> Metrics:
+    """Loss and reward metrics on held-out pairs, with a fixed t / noise draw so evals are comparable."""
+    rng = jax.random.fold_in(jax.random.PRNGKey(setup.config.seed), 2**31 - 1)
+    t_rng, noise_rng = jax.random.split(rng)
+    t_B = _sample_t(setup, t_rng, batch["x0_w"].shape[0])
+    _, metrics = _loss_fn(setup, frozen)(state["params"], batch, t_B, noise_rng, state["step"])
+    return metrics
+
+
+def jit_steps(setup: Setup) -> tuple[Callable, Callable]:
+    """(train_step, eval_step) jitted with in/out shardings; the train state is donated."""
+    config_check.check(setup.config, setup.mesh.devices.size)  # the global batch against this mesh
+    state_sh, frozen_sh = setup.state_shardings, setup.frozen_shardings
+    batch_sh = sharding.batch_sharding(setup.mesh)
+    rep = sharding.replicated(setup.mesh)
+    step = jax.jit(lambda s, f, b: train_step(setup, s, f, b), in_shardings=(state_sh, frozen_sh, batch_sh),
+                   out_shardings=(state_sh, rep), donate_argnums=0)
+    evaluate = jax.jit(lambda s, f, b: eval_step(setup, s, f, b), in_shardings=(state_sh, frozen_sh, batch_sh),
+                       out_shardings=rep)
+    return step, evaluate
+
+
+def with_rules(setup: Setup, fn: Callable) -> Callable:
+    """Run `fn` (tracing included) under the mesh and the logical axis rules."""
+    def wrapped(*args):
+        with setup.scope():
+            return fn(*args)
+    return wrapped

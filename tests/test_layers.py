@@ -1,0 +1,30 @@
+"""The package's layers point down only (issue 15): read from the source with `ast` (tests/import_map.py), counting
+function-local imports too. `python -m tests.import_map` prints the map these assertions are about."""
+
+import import_map
+
+
+def test_every_module_has_a_layer():
+    g = import_map.graph()
+    assert [m for m in g if import_map.layer(m) is None] == []
+
+
+def test_no_import_circle():
+    assert import_map.cycles(import_map.graph()) == []
+
+
+def test_no_arrow_points_up():
+    assert import_map.upward(import_map.graph()) == []
+
+
+def test_models_load_no_files_and_no_command_imports_the_loop():
+    assert import_map.crossings(import_map.graph()) == []
+
+
+def test_function_local_and_relative_imports_count():
+    """The map sees an import inside a function (train's lazy `from pnapo_jax import report`) and skips
+    `if TYPE_CHECKING:` blocks."""
+    known = import_map.modules()
+    assert "pnapo_jax.report" in import_map.imports_of("pnapo_jax.train", known)
+    assert "pnapo_jax.train" not in import_map.imports_of("pnapo_jax.evaluate", known) or (
+        "TYPE_CHECKING" not in known["pnapo_jax.evaluate"].read_text())
