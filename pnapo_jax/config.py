@@ -75,10 +75,8 @@ def defaults() -> ml_collections.ConfigDict:
 
     # The PNAPO loss (pnapo_jax.objective.LossConfig): beta, convention, noise mode, dynamic beta.
     c.pnapo = ml_collections.ConfigDict(dataclasses.asdict(LossConfig()))
-    # The guidance input of guidance-distilled models (FLUX.1-dev) while training: part of the model's conditioning
-    # (pnapo_jax.backbones.flux), not of the loss; models without guidance embeds ignore it. diffusers' FLUX
-    # DreamBooth README trains with --guidance_scale=1 (the scripts' argparse default is 3.5).
-    c.pnapo.guidance = 1.0
+    # diffusers' FLUX DreamBooth README trains with --guidance_scale=1 (the scripts' argparse default is 3.5).
+    c.pnapo.guidance = 1.0  # guidance input of guidance-distilled models in training (the model's conditioning)
 
     # Training t ~ kind; logit_normal is sigmoid(N(logit_mean, logit_std)); mode uses mode_scale.
     c.t_sampling = ml_collections.ConfigDict()

@@ -16,24 +16,20 @@ from ml_collections import config_flags
 from pnapo_jax import cli, config_check, train
 from pnapo_jax import workdir as run_dir
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py[:variant]).", lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Checkpoints, metrics.jsonl, TensorBoard (local path or gs://).")
-_PROGRESS = flags.DEFINE_bool("progress", True, "Show a progress bar.")
-flags.mark_flags_as_required(["config", "workdir"])
-
 
 def main(argv: list[str]) -> None:
     del argv  # cli.run refuses extra arguments
-    config_check.check(_CONFIG.value, paths=True)  # the local inputs too, before pairs or weights
+    f = flags.FLAGS
+    config_check.check(f.config, paths=True)  # the local inputs too, before pairs or weights
     try:
-        line = train.train_and_evaluate(_CONFIG.value, _WORKDIR.value, show_progress=_PROGRESS.value)
+        line = train.train_and_evaluate(f.config, f.workdir, show_progress=f.progress)
     except train.Stopped as e:
         print(f"{e}; resume with: {resume_command(sys.argv)}", flush=True)
         sys.exit(train.Stopped.EXIT_CODE)
     if line:
         print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in line.items()))
     if "eval/reward_mean" in line:
-        print(summary(line, _WORKDIR.value))
+        print(summary(line, f.workdir))
 
 
 def summary(line: dict, workdir: str) -> str:
@@ -48,7 +44,7 @@ def summary(line: dict, workdir: str) -> str:
 
 def resume_command(argv: list[str]) -> str:
     """The command that resumes this run from any directory: this one, with the workdir made absolute."""
-    args, workdir = [], str(run_dir.resolve(_WORKDIR.value))
+    args, workdir = [], str(run_dir.resolve(flags.FLAGS.workdir))
     for i, a in enumerate(argv[1:]):
         if a.startswith("--workdir="):
             a = f"--workdir={workdir}"
@@ -59,6 +55,12 @@ def resume_command(argv: list[str]) -> str:
 
 
 def run() -> None:
+    """The command. Flags are defined here, not at import, as in every command: importing a command's module
+    (from a notebook, a test or another command) defines none."""
+    config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py[:variant]).", lock_config=True)
+    flags.DEFINE_string("workdir", None, "Checkpoints, metrics.jsonl, TensorBoard (local path or gs://).")
+    flags.DEFINE_bool("progress", True, "Show a progress bar.")
+    flags.mark_flags_as_required(["config", "workdir"])
     cli.run(main)
 
 

@@ -233,7 +233,8 @@ def save_png(image_HxWx3: np.ndarray, path: str | os.PathLike) -> None:
     Image.fromarray((image_HxWx3 * 255).round().astype(np.uint8)).save(path, format="PNG")
 
 
-if __name__ == "__main__":
+def run() -> None:
+    """The command; flags are defined here, not at import (every command does so)."""
     from absl import flags
 
     from pnapo_jax import cli, sampling
@@ -309,3 +310,7 @@ if __name__ == "__main__":
             print(f"wrote {done}/{len(paths)}: {path}", flush=True)
 
     cli.run(_main)
+
+
+if __name__ == "__main__":
+    run()

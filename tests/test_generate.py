@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from etils import epath
 
-from pnapo_jax import generate, sampling, train
+from pnapo_jax import generate, sampling, train, worlds
 from pnapo_jax.data.source import open_written
 from pnapo_jax.errors import UserError
 from pnapo_jax.models import flux
@@ -74,7 +74,7 @@ def _records(out):
 @pytest.fixture
 def world(monkeypatch):
     w = BrightnessWorld()
-    monkeypatch.setattr(generate, "make_world", lambda config: w)
+    monkeypatch.setattr(worlds, "make_world", lambda config: w)
     return w
 
 
@@ -110,17 +110,17 @@ def test_pairs_carry_their_real_noises_and_rewards(tmp_path, world):
 def test_crash_then_resume_equals_straight_run(tmp_path, monkeypatch):
     config = _config()
     straight = BrightnessWorld()
-    monkeypatch.setattr(generate, "make_world", lambda config: straight)
+    monkeypatch.setattr(worlds, "make_world", lambda config: straight)
     generate.run(config, _prompts(tmp_path), str(tmp_path / "straight"), show_progress=False)
 
     crashing = BrightnessWorld(fail_on_call=4)  # dies in the second chunk's second batch
-    monkeypatch.setattr(generate, "make_world", lambda config: crashing)
+    monkeypatch.setattr(worlds, "make_world", lambda config: crashing)
     with pytest.raises(RuntimeError, match="simulated crash"):
         generate.run(config, _prompts(tmp_path), str(tmp_path / "resumed"), show_progress=False)
     assert sorted(p.name for p in (tmp_path / "resumed").iterdir()) == ["chunk_00000"]
     (tmp_path / "resumed" / ".tmp_chunk_00001").mkdir()  # as if it had died while writing
     resumed = BrightnessWorld()
-    monkeypatch.setattr(generate, "make_world", lambda config: resumed)
+    monkeypatch.setattr(worlds, "make_world", lambda config: resumed)
     summary = generate.run(config, _prompts(tmp_path), str(tmp_path / "resumed"), show_progress=False)
     assert summary["chunks_written_now"] == 2
     a, b = _records(tmp_path / "straight"), _records(tmp_path / "resumed")

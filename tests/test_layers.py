@@ -28,3 +28,10 @@ def test_function_local_and_relative_imports_count():
     assert "pnapo_jax.report" in import_map.imports_of("pnapo_jax.train", known)
     assert "pnapo_jax.train" not in import_map.imports_of("pnapo_jax.evaluate", known) or (
         "TYPE_CHECKING" not in known["pnapo_jax.evaluate"].read_text())
+
+
+def test_no_source_cites_a_path_outside_the_repository():
+    """The package's text names files by their place in the repository, never a machine's (/work/..., /home/...)."""
+    cited = [f"{m}: {word}" for m, path in import_map.modules().items() for word in path.read_text().split()
+             if word.strip("`'\"(),.").startswith(("/work/", "/home/", "/Users/", "/root/"))]
+    assert cited == []

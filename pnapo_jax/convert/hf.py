@@ -118,15 +118,20 @@ def check_keys(folder: pathlib.Path, where: Mapping[str, str], stored: Mapping[s
         raise ValueError(f"{folder} does not match the model config: " + "; ".join(problems))
 
 
+def _load(folder: str | os.PathLike, hf_config_cls: type, config_cls: type, model: Any, dtype: Any,
+          param_dtype: Any, shardings: Any) -> tuple[Any, dict[str, Any]]:
+    """(config, params) of one of our ports (`model`: its module, with init_params and stored_keys)."""
+    cfg = config_cls.from_hf(hf_config_cls(**read_config(folder)), **dtypes(dtype, param_dtype))
+    return cfg, load_params(folder, model.init_params, cfg, model.stored_keys, shardings)
+
+
 def load_t5(folder: str | os.PathLike, dtype: Any = None, param_dtype: Any = None, shardings: Any = None
             ) -> tuple[t5.T5Config, dict[str, Any]]:
     """(config, params) from a transformers `T5EncoderModel` folder (config.json + safetensors, sharded or not).
 
     `dtype` is the compute dtype, `param_dtype` the storage dtype (default: `dtype`, else float32).
     """
-    hf_config = transformers.T5Config(**read_config(folder))
-    cfg = t5.T5Config.from_hf(hf_config, **dtypes(dtype, param_dtype))
-    return cfg, load_params(folder, t5.init_params, cfg, t5.stored_keys, shardings)
+    return _load(folder, transformers.T5Config, t5.T5Config, t5, dtype, param_dtype, shardings)
 
 
 def load_clip_text(folder: str | os.PathLike, dtype: Any = None, param_dtype: Any = None, shardings: Any = None
@@ -135,6 +140,4 @@ def load_clip_text(folder: str | os.PathLike, dtype: Any = None, param_dtype: An
 
     `dtype` is the compute dtype, `param_dtype` the storage dtype (default: `dtype`, else float32).
     """
-    hf_config = transformers.CLIPTextConfig(**read_config(folder))
-    cfg = clip.CLIPTextConfig.from_hf(hf_config, **dtypes(dtype, param_dtype))
-    return cfg, load_params(folder, clip.init_params, cfg, clip.stored_keys, shardings)
+    return _load(folder, transformers.CLIPTextConfig, clip.CLIPTextConfig, clip, dtype, param_dtype, shardings)
