@@ -17,6 +17,7 @@
   clip.tokenize) does, keeping its end-of-text token, which CLIP pools; torchmetrics slices the ids instead and
   pools another token.
 - "aesthetic": the LAION aesthetic predictor (rewards/aesthetic.py); the prompt is not used.
+- "imagereward": ImageReward (rewards/image_reward.py): BLIP ViT-L/16 + BERT with cross-attention + its MLP.
 
 Images are [B, H, W, 3] floats in [0, 1] (generate.World.decode's output), prompts one per image. Scoring is
 jitted and runs `batch_size` images at a time (the last batch padded), so one compilation serves each
@@ -38,7 +39,7 @@ from pnapo_jax import text
 from pnapo_jax.rewards import clip_model, open_clip_layout
 from pnapo_jax.rewards.preprocess import preprocess
 
-KINDS = ("pickscore", "hpsv2", "clip_score", "aesthetic")
+KINDS = ("pickscore", "hpsv2", "clip_score", "aesthetic", "imagereward")
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 2))
@@ -101,4 +102,8 @@ def load_reward(kind: str, path: str | os.PathLike, dtype: Any = None, batch_siz
         from pnapo_jax.rewards import aesthetic
 
         return aesthetic.load(path, dtype, batch_size)
+    if kind == "imagereward":
+        from pnapo_jax.rewards import image_reward
+
+        return image_reward.load(path, dtype, batch_size)
     raise ValueError(f"reward kind {kind!r}: known kinds are {KINDS}")
