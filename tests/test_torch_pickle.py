@@ -20,7 +20,8 @@ def _state_dict() -> dict[str, torch.Tensor]:
     state = model.state_dict()  # an OrderedDict with `_metadata` (pickled with BUILD)
     base = torch.arange(24.0).reshape(4, 6)
     state |= {"view_T": base.T[1:], "view_slice": base[1:, 2:5], "same_storage": base,
-              "bf16": torch.randn(3, 2).to(torch.bfloat16), "fp16": torch.randn(5).half(), "f64": torch.randn(2, 2).double(),
+              "bf16": torch.randn(3, 2).to(torch.bfloat16), "fp16": torch.randn(5).half(),
+              "f64": torch.randn(2, 2).double(),
               "int64": torch.tensor([1, -2, 3]), "int32": torch.tensor([7], dtype=torch.int32),
               "uint8": torch.tensor([0, 255], dtype=torch.uint8), "bool": torch.tensor([True, False]),
               "scalar": torch.tensor(3.5), "empty": torch.zeros(0, 3),
@@ -97,7 +98,8 @@ def test_an_inst_opcode_is_refused(tmp_path):
     marker = tmp_path / "ran"
     path = tmp_path / "inst.pt"
     with zipfile.ZipFile(path, "w") as archive:
-        archive.writestr("inst/data.pkl", f"(S'touch {marker}'\nios\nsystem\n.".encode())
+        command = f"touch {marker}".encode()
+        archive.writestr("inst/data.pkl", b"(X" + len(command).to_bytes(4, "little") + command + b"ios\nsystem\n.")
     with pytest.raises(UserError, match=r"inst\.pt: not read as a state dict: it uses the pickle opcode INST"):
         torch_pickle.load_state_dict(path)
     assert not marker.exists()

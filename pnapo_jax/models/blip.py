@@ -106,8 +106,8 @@ class VisionTransformer(nn.Module):
             raise ValueError(f"images are {H}x{W}; the model takes {cfg.image_size}x{cfg.image_size}")
         dt, pdt = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
         patches = clip_vision.PatchEmbedding(cfg, name="patch_embed.proj")(pixels_BxHxWxC)
-        bias = self.param("patch_embed.proj.bias", nn.with_logical_partitioning(nn.initializers.zeros_init(), ("embed",)),
-                          (cfg.hidden_size,), pdt)
+        zeros = nn.with_logical_partitioning(nn.initializers.zeros_init(), ("embed",))
+        bias = self.param("patch_embed.proj.bias", zeros, (cfg.hidden_size,), pdt)
         init = lambda axes: nn.with_logical_partitioning(nn.initializers.normal(0.02), axes)
         cls = self.param("cls_token", init((None, None, "embed")), (1, 1, cfg.hidden_size), pdt)
         pos = self.param("pos_embed", init((None, None, "embed")), (1, cfg.num_positions, cfg.hidden_size), pdt)
