@@ -37,6 +37,7 @@ import transformers
 
 from pnapo_jax import text
 from pnapo_jax.rewards import clip_model, open_clip_layout
+from pnapo_jax.rewards.batching import in_batches
 from pnapo_jax.rewards.preprocess import preprocess
 
 KINDS = ("pickscore", "hpsv2", "clip_score", "aesthetic", "imagereward")
@@ -73,13 +74,8 @@ class Reward:
             raise ValueError(f"expected images [B, H, W, 3] and B prompts, got {images.shape} and {len(prompts)}")
         if not prompts:
             return np.zeros(0, np.float32)
-        ids = self.tokenize(prompts)
-        n = min(self.batch_size, len(images))
-        out = []
-        for start in range(0, len(images), n):
-            batch = np.arange(start, start + n).clip(max=len(images) - 1)  # the last batch repeats its last row
-            out.append(np.asarray(scores(self.cfg, self.mode, self.head, self.params, images[batch], ids[batch])))
-        return np.concatenate(out)[:len(images)]
+        score = functools.partial(scores, self.cfg, self.mode, self.head, self.params)
+        return in_batches(score, self.batch_size, images, self.tokenize(prompts))
 
 
 def load_reward(kind: str, path: str | os.PathLike, dtype: Any = None, batch_size: int = 16) -> Reward:

@@ -33,6 +33,7 @@ from flax import traverse_util
 from pnapo_jax.convert import files, torch_pickle
 from pnapo_jax.errors import UserError
 from pnapo_jax.models import blip, hf
+from pnapo_jax.rewards.batching import in_batches
 from pnapo_jax.rewards.preprocess import preprocess
 
 MEAN = 0.16717362830052426  # ImageReward's published normalization of the MLP's output
@@ -98,13 +99,8 @@ class ImageReward:
             raise ValueError(f"expected images [B, H, W, 3] and B prompts, got {images.shape} and {len(prompts)}")
         if not prompts:
             return np.zeros(0, np.float32)
-        ids, mask = self.tokenize(prompts)
-        n = min(self.batch_size, len(images))
-        out = []
-        for start in range(0, len(images), n):
-            batch = np.arange(start, start + n).clip(max=len(images) - 1)  # the last batch repeats its last row
-            out.append(np.asarray(scores(self.cfg, self.params, images[batch], ids[batch], mask[batch])))
-        return np.concatenate(out)[:len(images)]
+        return in_batches(functools.partial(scores, self.cfg, self.params), self.batch_size, images,
+                          *self.tokenize(prompts))
 
 
 def tokenize(tokenizer: Any, prompts: Sequence[str], max_length: int = MAX_LENGTH) -> tuple[np.ndarray, np.ndarray]:
