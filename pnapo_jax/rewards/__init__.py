@@ -37,7 +37,7 @@ import transformers
 
 from pnapo_jax import text
 from pnapo_jax.rewards import clip_model, open_clip_layout
-from pnapo_jax.rewards.batching import in_batches
+from pnapo_jax.rewards.batching import images_and_prompts, in_batches
 from pnapo_jax.rewards.preprocess import preprocess
 
 KINDS = ("pickscore", "hpsv2", "clip_score", "aesthetic", "imagereward")
@@ -69,9 +69,7 @@ class Reward:
     batch_size: int = 16
 
     def __call__(self, images_BxHxWx3: np.ndarray, prompts: Sequence[str]) -> np.ndarray:
-        images, prompts = np.asarray(images_BxHxWx3, np.float32), list(prompts)
-        if images.ndim != 4 or images.shape[-1] != 3 or len(images) != len(prompts):
-            raise ValueError(f"expected images [B, H, W, 3] and B prompts, got {images.shape} and {len(prompts)}")
+        images, prompts = images_and_prompts(images_BxHxWx3, prompts)
         if not prompts:
             return np.zeros(0, np.float32)
         score = functools.partial(scores, self.cfg, self.mode, self.head, self.params)

@@ -1,6 +1,6 @@
 """Scoring in fixed-size batches, so that one jit compilation serves every call of a reward at an image size."""
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
@@ -17,3 +17,11 @@ def in_batches(score: Callable[..., object], batch_size: int, *rows: np.ndarray)
         index = np.arange(start, start + n).clip(max=B - 1)
         out.append(np.asarray(score(*(x[index] for x in rows))))
     return np.concatenate(out)[:B]
+
+
+def images_and_prompts(images_BxHxWx3: np.ndarray, prompts: Sequence[str]) -> tuple[np.ndarray, list[str]]:
+    """A text-image reward's inputs as float32 images [B, H, W, 3] and B prompts, checked to match."""
+    images, prompts = np.asarray(images_BxHxWx3, np.float32), list(prompts)
+    if images.ndim != 4 or images.shape[-1] != 3 or len(images) != len(prompts):
+        raise ValueError(f"expected images [B, H, W, 3] and B prompts, got {images.shape} and {len(prompts)}")
+    return images, prompts

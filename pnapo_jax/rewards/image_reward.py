@@ -33,7 +33,7 @@ from flax import traverse_util
 from pnapo_jax.convert import files, torch_pickle
 from pnapo_jax.errors import UserError
 from pnapo_jax.models import blip, hf
-from pnapo_jax.rewards.batching import in_batches
+from pnapo_jax.rewards.batching import images_and_prompts, in_batches
 from pnapo_jax.rewards.preprocess import preprocess
 
 MEAN = 0.16717362830052426  # ImageReward's published normalization of the MLP's output
@@ -94,9 +94,7 @@ class ImageReward:
     batch_size: int = 16
 
     def __call__(self, images_BxHxWx3: np.ndarray, prompts: Sequence[str]) -> np.ndarray:
-        images, prompts = np.asarray(images_BxHxWx3, np.float32), list(prompts)
-        if images.ndim != 4 or images.shape[-1] != 3 or len(images) != len(prompts):
-            raise ValueError(f"expected images [B, H, W, 3] and B prompts, got {images.shape} and {len(prompts)}")
+        images, prompts = images_and_prompts(images_BxHxWx3, prompts)
         if not prompts:
             return np.zeros(0, np.float32)
         return in_batches(functools.partial(scores, self.cfg, self.params), self.batch_size, images,
