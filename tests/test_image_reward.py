@@ -25,9 +25,10 @@ import torch
 import transformers
 from PIL import Image
 
-from pnapo_jax.bench import scorers
+from pnapo_jax.bench import benchmark, sampling, scorers
 from pnapo_jax.errors import UserError
 from pnapo_jax.rewards import image_reward, load_reward
+from pnapo_jax.world import base, grammar
 
 VISION = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, image_size=32, patch_size=8)
 TEXT = dict(hidden_size=24, num_hidden_layers=2, num_attention_heads=4, intermediate_size=40,
@@ -172,3 +173,18 @@ def test_image_reward_weight_errors(tmp_path):
 def test_scorers_accept_an_image_reward_folder(tmp_path):
     folder = _folder(tmp_path, _imagereward_state_dict(*_reference()))
     assert scorers.parse(f"imagereward={folder}") == [("imagereward", str(folder))]
+
+
+def test_evaluate_scores_with_image_reward(tmp_path):
+    """The benchmark command's path: the embedded world's base sampled, its image files scored by ImageReward."""
+    folder = _folder(tmp_path / "ir", _imagereward_state_dict(*_reference()))
+    out = tmp_path / "out"
+    opts = benchmark.Options(models=f"base={base.DEFAULT_BASE}", prompts="world:heldout", out=str(out),
+                             scorers=f"world_reward,imagereward={folder}", seeds=1, max_prompts=2, num_steps=2,
+                             batch_size=2, show_progress=False)
+    summary = benchmark.run(opts)
+    prompts = grammar.prompts("heldout")[:2]
+    images = np.stack([sampling.load_png(sampling.image_path(out, "base", p, 0)) for p in range(2)])
+    expected = load_reward("imagereward", folder)(images, prompts)
+    assert summary["models"]["base"]["imagereward"]["value"] == pytest.approx(float(expected.mean()), rel=1e-5)
+    assert "imagereward" in (out / "results.md").read_text()
