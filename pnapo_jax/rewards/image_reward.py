@@ -110,9 +110,9 @@ def tokenize(tokenizer: Any, prompts: Sequence[str], max_length: int = MAX_LENGT
 def read_config(folder: pathlib.Path, dtype: Any = None) -> ImageRewardConfig:
     """The text tower from med_config.json, the vision tower from vision_config.json or ImageReward's ViT-L/16."""
     dtypes = hf.dtypes(dtype)
-    med = files.read_json(folder / "med_config.json") if (folder / "med_config.json").is_file() else None
-    if med is None:
+    if not (folder / "med_config.json").is_file():
         raise UserError(f"{folder}: no med_config.json (BLIP's BERT config, from THUDM/ImageReward)")
+    med = files.read_json(folder / "med_config.json")
     missing = [k for k in TEXT_FIELDS if k not in med]
     if missing:
         raise UserError(f"{folder / 'med_config.json'}: missing {missing}")
@@ -163,7 +163,7 @@ def params_from_state_dict(cfg: ImageRewardConfig, state: Mapping[str, np.ndarra
 
 
 def load(path: str | os.PathLike, dtype: Any = None, batch_size: int = 16) -> ImageReward:
-    """The scorer from a folder (layout above); `dtype` is BLIP's compute and storage dtype (the MLP is fp32)."""
+    """The scorer from a folder (layout above); `dtype`: BLIP's compute and storage dtype (the MLP computes in fp32)."""
     folder = pathlib.Path(path)
     cfg = read_config(folder, dtype)
     file, state = read_state_dict(folder)
