@@ -123,7 +123,7 @@ def defaults() -> ml_collections.ConfigDict:
     c.generate = ml_collections.ConfigDict()
     c.generate.world = "demo"  # text encoder, decoder and reward: demo (the embedded world) | flux (FLUX.1)
     c.generate.pipeline = ""  # flux: pipeline folder (text_encoder*, tokenizer*, vae); "" = model.pretrained's
-    c.generate.reward = "hpsv2"  # flux: hpsv2 | pickscore | clip_score | aesthetic (pnapo_jax.rewards)
+    c.generate.reward = "hpsv2"  # flux: hpsv2 | pickscore | clip_score | aesthetic | imagereward (pnapo_jax.rewards)
     c.generate.reward_path = ""  # flux: local folder of the reward's weights and tokenizer (required)
     c.generate.prompts_file = ""  # flux: the prompts of world.prompts(split), "{split}" in it replaced; "" = none
     c.generate.images_per_prompt = 4  # K samples per prompt, each from its own recorded noise

@@ -93,7 +93,7 @@ def run() -> None:
                     ".parquet rows) or world:SPLIT (the embedded world's train | heldout | all).")
     f.DEFINE_string("out", None, "Output folder; a rerun into it continues where the last one stopped.")
     f.DEFINE_string("scorers", "world_reward,world_fidelity", "NAME[=DIR],...: world_reward, world_fidelity, "
-                    "pickscore=DIR, hpsv2=DIR, clip_score=DIR, aesthetic=DIR.")
+                    "pickscore=DIR, hpsv2=DIR, clip_score=DIR, aesthetic=DIR, imagereward=DIR.")
     f.DEFINE_enum("world", "demo", list(benchmark.WORLDS), "demo: the embedded world; flux: FLUX.1 pipelines.")
     f.DEFINE_string("pipeline", "", "flux: pipeline folder of the text encoders and VAE (default: the first "
                     "pipeline among --models).")

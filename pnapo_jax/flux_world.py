@@ -1,5 +1,5 @@
 """The FLUX world: a `pnapo_jax.sampling.World` for FLUX.1, from a diffusers pipeline folder's text encoders and
-VAE and a CLIP-based reward (PickScore, HPSv2, CLIP score or the LAION aesthetic predictor, pnapo_jax.rewards).
+VAE and a reward (PickScore, HPSv2, CLIP score, the LAION aesthetic predictor or ImageReward, pnapo_jax.rewards).
 
 Prompts are encoded once, CLIP's pooled output and T5's hidden states over config.data.text_len tokens (FluxPipeline's
 max_sequence_length), and the records carry the embeddings: training never runs T5. Samples are decoded as

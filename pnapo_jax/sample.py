@@ -27,7 +27,7 @@ import dataclasses
 import math
 import os
 import pathlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import jax
@@ -186,12 +186,15 @@ def _negatives(negative_prompt: str | Sequence[str] | None, n: int) -> list[str]
 def iter_images(pipeline: Pipeline, prompts: str | Sequence[str], noise: np.ndarray | None = None, *,
                 height: int | None = None, width: int | None = None, num_steps: int = 28, guidance_scale: float = 3.5,
                 true_cfg_scale: float = 1.0, negative_prompt: str | Sequence[str] | None = None, seed: int = 0,
-                max_sequence_length: int = 512, batch_size: int | None = None) -> Iterator[np.ndarray]:
+                max_sequence_length: int = 512, batch_size: int | None = None,
+                place: Callable[[jax.Array], jax.Array] | None = None) -> Iterator[np.ndarray]:
     """Images [b, H, W, 3] in [0, 1] for `prompts`, `batch_size` at a time (default: all at once).
 
     `noise`: the initial noises of all prompts (see the module docstring), default `flow.seeded_noise(seed, ...)`.
     `true_cfg_scale` > 1 needs `negative_prompt` (one for all, or one per prompt; "" is the empty prompt).
     `height` and `width` default to the pipeline's size (1024 for FLUX, 32 for the demo world).
+    `place` puts each batch's noise and prompt embeddings where the batch runs (e.g. sharded over a mesh's data
+    axis; the computation follows them), default: where they are.
     """
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     negatives = _negatives(negative_prompt, len(prompts))
@@ -214,6 +217,8 @@ def iter_images(pipeline: Pipeline, prompts: str | Sequence[str], noise: np.ndar
         cond = flux.conditioning(*_encode(pipeline, prompts[start:stop], max_sequence_length), guidance_scale)
         negative = None if true_cfg_scale <= 1 else flux.conditioning(
             *_encode(pipeline, negatives[start:stop], max_sequence_length), guidance_scale)
+        if place is not None:
+            x1, cond, negative = place(x1), jax.tree.map(place, cond), jax.tree.map(place, negative)
         x0 = flow.euler_sample(velocity, pipeline.variables, x1, cond, num_steps, true_cfg_scale, negative, mu=mu)
         images = flux.unpack_latents(x0, *shape_CxHxW[1:])  # the demo world's latents are its pixels
         if pipeline.vae is not None:

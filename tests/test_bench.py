@@ -145,7 +145,10 @@ def test_model_kinds(tmp_path):
 
 def test_scorer_checks(tmp_path):
     assert scorers.parse("world_reward,world_fidelity") == [("world_reward", ""), ("world_fidelity", "")]
-    with pytest.raises(UserError, match=r"unknown scorer 'imagereward'"):
+    with pytest.raises(UserError, match=r"unknown scorer 'blipscore'"):
+        scorers.parse("blipscore=x")
+    with pytest.raises(UserError, match=r"imagereward=x: missing med_config.json, ImageReward.pt \(or "
+                                        r"ImageReward.safetensors\), the BERT tokenizer"):
         scorers.parse("imagereward=x")
     (tmp_path / "config.json").write_text("{}")
     with pytest.raises(UserError, match=r"hpsv2=.*: missing open_clip_config.json, open_clip_model.safetensors, "

@@ -86,8 +86,7 @@ def _flux_loaders(opts: Options, specs: list[models.ModelSpec]) -> dict[str, Any
     if models.kind(folder) != "pipeline":
         raise UserError(f"--pipeline={folder}: not a FLUX pipeline folder (model_index.json + transformer/)")
     options = dict(height=opts.height, width=opts.width, num_steps=opts.num_steps,
-                   guidance_scale=opts.guidance_scale, max_sequence_length=opts.max_sequence_length,
-                   batch_size=opts.batch_size)
+                   guidance_scale=opts.guidance_scale, max_sequence_length=opts.max_sequence_length)
 
     @functools.cache
     def shared():

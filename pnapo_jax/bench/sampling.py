@@ -8,9 +8,15 @@ generation draws it; FLUX: over unpacked latents, as `python -m pnapo_jax.sample
 neither the batch nor the other prompts. A file is written to a temporary name and renamed, and existing files
 are skipped: a killed run continues without redoing or losing an image. With several JAX processes, process i
 samples the prompts p with p % count == i.
+
+Both samplers shard each batch over a mesh of the process's devices (the batch axis; the weights replicated). A
+batch that the device count does not divide is padded with copies of its last row, which are dropped: the
+images do not depend on the padding (each row's noise is its own), only the wasted rows do, so a --batch_size
+that is a multiple of the device count wastes none but the last batch's.
 """
 
 import dataclasses
+import functools
 import os
 import pathlib
 from collections.abc import Callable, Sequence
@@ -44,6 +50,18 @@ def load_png(path: pathlib.Path) -> np.ndarray:
     return np.asarray(Image.open(path).convert("RGB"), np.float32) / 255
 
 
+def _data_mesh() -> tuple[Mesh, NamedSharding, NamedSharding]:
+    """(this process's devices on one "batch" axis, batch-sharded, replicated)."""
+    mesh = Mesh(np.asarray(jax.local_devices()), ("batch",))
+    return mesh, NamedSharding(mesh, PartitionSpec("batch")), NamedSharding(mesh, PartitionSpec())
+
+
+def _padded(prompts: Sequence[str], noise_ids_B: np.ndarray, multiple: int) -> tuple[list[str], np.ndarray]:
+    """Prompts and noise indices padded with their last row to a multiple of `multiple` rows."""
+    pad = -len(prompts) % multiple
+    return list(prompts) + [prompts[-1]] * pad, np.concatenate([noise_ids_B, np.repeat(noise_ids_B[-1:], pad)])
+
+
 @dataclasses.dataclass
 class WorldGenerator:
     """The embedded world's sampler for one transformer: Euler on a mesh of this process's devices."""
@@ -58,15 +76,14 @@ class WorldGenerator:
 
         self._text, self._latents = text, latents
         self._velocity = flux.Velocity(self.cfg, latents.LATENT_H_TOKENS, latents.LATENT_W_TOKENS)
-        self._mesh = Mesh(np.asarray(jax.local_devices()), ("batch",))
-        self._batch = NamedSharding(self._mesh, PartitionSpec("batch"))
-        self.variables = jax.device_put(self.variables, NamedSharding(self._mesh, PartitionSpec()))
+        self._mesh, self._batch, replicated = _data_mesh()
+        self.variables = jax.device_put(self.variables, replicated)
         self._shape = (latents.LATENT_H_TOKENS * latents.LATENT_W_TOKENS, latents.IN_CHANNELS)
 
     def __call__(self, prompts: Sequence[str], noise_ids_B: np.ndarray) -> np.ndarray:
-        B, pad = len(prompts), -len(prompts) % self._mesh.size
-        embeds, pooled = self._text.encode_prompts(list(prompts) + [prompts[-1]] * pad)
-        ids = np.concatenate([noise_ids_B, np.repeat(noise_ids_B[-1:], pad)])
+        B = len(prompts)
+        prompts, ids = _padded(prompts, noise_ids_B, self._mesh.size)
+        embeds, pooled = self._text.encode_prompts(prompts)
         noise = flow.seeded_noise(self.seed, ids, self._shape)
         put = lambda x: jax.device_put(np.asarray(x, np.float32), self._batch)
         cond = flux.conditioning(put(embeds), put(pooled), 0.0)
@@ -76,20 +93,30 @@ class WorldGenerator:
 
 @dataclasses.dataclass
 class FluxGenerator:
-    """FLUX through `pnapo_jax.sample` (FluxPipeline's computation), a pipeline whose transformer is the model's."""
+    """FLUX through `pnapo_jax.sample` (FluxPipeline's computation), a pipeline whose transformer is the model's;
+    each call is one batch, sharded over this process's devices (the transformer and VAE replicated)."""
 
     pipeline: Any  # sample.Pipeline
     seed: int
     options: dict[str, Any]  # sample.iter_images' keywords: height, width, num_steps, guidance_scale, ...
 
+    def __post_init__(self):
+        self._mesh, self._batch, replicated = _data_mesh()
+        put = functools.partial(jax.device_put, device=replicated)
+        self.pipeline = dataclasses.replace(self.pipeline, variables=put(self.pipeline.variables),
+                                            vae_params=put(self.pipeline.vae_params))
+
     def __call__(self, prompts: Sequence[str], noise_ids_B: np.ndarray) -> np.ndarray:
         from pnapo_jax import sample
 
+        B = len(prompts)
+        prompts, ids = _padded(prompts, noise_ids_B, self._mesh.size)
         f = self.pipeline.vae.downsample_factor
         shape = (self.pipeline.vae.latent_channels, self.options["height"] // f, self.options["width"] // f)
-        noise = np.asarray(flow.seeded_noise(self.seed, noise_ids_B, shape))
-        return np.concatenate(list(sample.iter_images(self.pipeline, list(prompts), noise, seed=self.seed,
-                                                      **self.options)))
+        noise = np.asarray(flow.seeded_noise(self.seed, ids, shape))
+        images = sample.sample_images(self.pipeline, prompts, noise, seed=self.seed,
+                                      place=lambda x: jax.device_put(x, self._batch), **self.options)
+        return images[:B]
 
 
 def my_prompts(num_prompts: int) -> list[int]:

@@ -2,11 +2,11 @@
 
     world_reward     the embedded world's reward (higher is better)
     world_fidelity   the embedded world's distance to the data (lower is better)
-    pickscore=DIR, hpsv2=DIR, clip_score=DIR, aesthetic=DIR    pnapo_jax.rewards, folder layouts there
+    pickscore=DIR, hpsv2=DIR, clip_score=DIR, aesthetic=DIR, imagereward=DIR    pnapo_jax.rewards, folder
+                     layouts there
 
 Every folder is checked for the files its layout needs before anything samples (one line naming the folder,
-the missing file and the layout), then loaded. ImageReward is not among them (see the README's evaluation
-section for why).
+the missing file and the layout), then loaded.
 """
 
 import dataclasses
@@ -20,10 +20,11 @@ from pnapo_jax.errors import UserError
 WORLD = ("world_reward", "world_fidelity")
 FILES = {"pickscore": ("config.json",), "clip_score": ("config.json",),
          "hpsv2": ("open_clip_config.json", "open_clip_model.safetensors"),
-         "aesthetic": ("config.json", "aesthetic_mlp.safetensors")}
+         "aesthetic": ("config.json", "aesthetic_mlp.safetensors"), "imagereward": ("med_config.json",)}
 NEEDS_TOKENIZER = ("pickscore", "clip_score", "hpsv2")
 LAYOUTS = {"pickscore": "transformers CLIPModel + CLIP tokenizer", "clip_score": "transformers CLIPModel + CLIP "
-           "tokenizer", "hpsv2": "open_clip conversion + CLIP tokenizer", "aesthetic": "CLIP ViT-L/14 + LAION MLP"}
+           "tokenizer", "hpsv2": "open_clip conversion + CLIP tokenizer", "aesthetic": "CLIP ViT-L/14 + LAION MLP",
+           "imagereward": "ImageReward.pt (or .safetensors) + med_config.json + BERT vocab.txt"}
 KINDS = (*WORLD, *FILES)
 
 
@@ -48,7 +49,12 @@ def parse(spec: str) -> list[tuple[str, str]]:
                 raise UserError(f"--scorers: {name} needs its weights folder: {name}=DIR ({LAYOUTS[name]})")
             folder = pathlib.Path(path)
             missing = [f for f in FILES[name] if not (folder / f).is_file()]
-            if name != "hpsv2" and not any(folder.glob("model*.safetensors")):
+            if name == "imagereward":
+                if not any((folder / f).is_file() for f in ("ImageReward.pt", "ImageReward.safetensors")):
+                    missing.append("ImageReward.pt (or ImageReward.safetensors)")
+                if not any((folder / f).is_file() for f in ("vocab.txt", "tokenizer.json")):
+                    missing.append("the BERT tokenizer (vocab.txt or tokenizer.json)")
+            elif name != "hpsv2" and not any(folder.glob("model*.safetensors")):
                 missing.append("model.safetensors")
             tokenizer = (folder / "tokenizer.json").is_file() or all((folder / f).is_file()
                                                                     for f in ("vocab.json", "merges.txt"))

@@ -17,6 +17,7 @@
   clip.tokenize) does, keeping its end-of-text token, which CLIP pools; torchmetrics slices the ids instead and
   pools another token.
 - "aesthetic": the LAION aesthetic predictor (rewards/aesthetic.py); the prompt is not used.
+- "imagereward": ImageReward (rewards/image_reward.py): BLIP ViT-L/16 + BERT with cross-attention + its MLP.
 
 Images are [B, H, W, 3] floats in [0, 1] (pnapo_jax.sampling.World.decode's output), prompts one per image. Scoring is
 jitted and runs `batch_size` images at a time (the last batch padded), so one compilation serves each
@@ -36,9 +37,10 @@ import transformers
 
 from pnapo_jax import text
 from pnapo_jax.rewards import clip_model, open_clip_layout
+from pnapo_jax.rewards.batching import images_and_prompts, in_batches
 from pnapo_jax.rewards.preprocess import preprocess
 
-KINDS = ("pickscore", "hpsv2", "clip_score", "aesthetic")
+KINDS = ("pickscore", "hpsv2", "clip_score", "aesthetic", "imagereward")
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 2))
@@ -67,18 +69,11 @@ class Reward:
     batch_size: int = 16
 
     def __call__(self, images_BxHxWx3: np.ndarray, prompts: Sequence[str]) -> np.ndarray:
-        images, prompts = np.asarray(images_BxHxWx3, np.float32), list(prompts)
-        if images.ndim != 4 or images.shape[-1] != 3 or len(images) != len(prompts):
-            raise ValueError(f"expected images [B, H, W, 3] and B prompts, got {images.shape} and {len(prompts)}")
+        images, prompts = images_and_prompts(images_BxHxWx3, prompts)
         if not prompts:
             return np.zeros(0, np.float32)
-        ids = self.tokenize(prompts)
-        n = min(self.batch_size, len(images))
-        out = []
-        for start in range(0, len(images), n):
-            batch = np.arange(start, start + n).clip(max=len(images) - 1)  # the last batch repeats its last row
-            out.append(np.asarray(scores(self.cfg, self.mode, self.head, self.params, images[batch], ids[batch])))
-        return np.concatenate(out)[:len(images)]
+        score = functools.partial(scores, self.cfg, self.mode, self.head, self.params)
+        return in_batches(score, self.batch_size, images, self.tokenize(prompts))
 
 
 def load_reward(kind: str, path: str | os.PathLike, dtype: Any = None, batch_size: int = 16) -> Reward:
@@ -101,4 +96,8 @@ def load_reward(kind: str, path: str | os.PathLike, dtype: Any = None, batch_siz
         from pnapo_jax.rewards import aesthetic
 
         return aesthetic.load(path, dtype, batch_size)
+    if kind == "imagereward":
+        from pnapo_jax.rewards import image_reward
+
+        return image_reward.load(path, dtype, batch_size)
     raise ValueError(f"reward kind {kind!r}: known kinds are {KINDS}")

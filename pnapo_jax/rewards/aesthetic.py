@@ -27,6 +27,7 @@ from safetensors.numpy import load_file
 from pnapo_jax.errors import UserError
 from pnapo_jax.models import clip_vision
 from pnapo_jax.rewards import clip_model
+from pnapo_jax.rewards.batching import in_batches
 from pnapo_jax.rewards.preprocess import preprocess
 
 MLP_FILE = "aesthetic_mlp.safetensors"
@@ -77,13 +78,7 @@ class Aesthetic:
         images = np.asarray(images_BxHxWx3, np.float32)
         if images.ndim != 4 or images.shape[-1] != 3:
             raise ValueError(f"expected images [B, H, W, 3], got {images.shape}")
-        if not len(images):
-            return np.zeros(0, np.float32)
-        n = min(self.batch_size, len(images))
-        out = [np.asarray(scores(self.cfg, self.params, self.mlp,
-                                 images[np.arange(s, s + n).clip(max=len(images) - 1)]))
-               for s in range(0, len(images), n)]
-        return np.concatenate(out)[:len(images)]
+        return in_batches(functools.partial(scores, self.cfg, self.params, self.mlp), self.batch_size, images)
 
 
 def load(path: str | os.PathLike, dtype: Any = None, batch_size: int = 16) -> Aesthetic:
