@@ -62,6 +62,7 @@ class Setup:
     model_cfg: Any
     mesh: Mesh
     rules: tuple
+    optimizer: optax.GradientTransformation | None = None  # None: config.optim's, built when first used
 
     @property
     def lora(self) -> bool:
@@ -84,7 +85,8 @@ class Setup:
 
     @functools.cached_property
     def tx(self) -> optax.GradientTransformation:
-        return make_optimizer(self.config.optim, self.config.train.num_steps)
+        """The optimizer; commands that never train never build it."""
+        return self.optimizer or make_optimizer(self.config.optim, self.config.train.num_steps)
 
     @functools.cached_property
     def _boxed(self) -> Any:
