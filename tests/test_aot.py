@@ -120,6 +120,7 @@ def test_cli_exits_nonzero_when_arguments_and_temporaries_outgrow_the_hbm():
     assert rc == 1 and not r["fits"] and r["compile_error"] is None and r["hbm_per_chip_gib"] > 0.01
 
 
+@pytest.mark.slow  # six compiles: 90 s on the shared 2-core box
 @needs_libtpu
 def test_pair_generation_compiles_for_v5p_8_with_the_splash_kernel(monkeypatch):
     # T5-XXL and FLUX's VAE at a small width (their full size compiles for minutes; the code path is the same)
