@@ -296,12 +296,14 @@ def _generation_report(name: str, builds: list[tuple[Any, tuple, int, int, Calla
 
 
 def analyze_generation(config: ml_collections.ConfigDict, topology: str, hbm_gib: float | None = None,
-                       batch: int = 0) -> dict[str, Any]:
+                       batch: int = 0, log: Callable[[str, dict[str, Any]], None] = lambda n, r: None
+                       ) -> dict[str, Any]:
     """Compile pair generation's programs for `topology` at `batch` images (default: prompts_per_batch x
     images_per_prompt; T5 gets batch / images_per_prompt prompts) and at twice that: per-chip HBM, FLOPs, the
     largest batch extrapolated from the two compiles' temporaries, and a roofline bound in images/s (an
     estimate: peak bf16 FLOPs, and every weight read from HBM once per call). The sampler runs on every chip;
-    T5 and the VAE on one, as generate runs them today (the others idle meanwhile)."""
+    T5 and the VAE on one, as generate runs them today (the others idle meanwhile). `log(name, report)` is
+    called as each program's compiles finish."""
     generation, chip, desc, chips = resolve_topology(topology)
     capacity = chip.hbm_gib if hbm_gib is None else hbm_gib
     setup = train.make_setup(config, devices=tpu_devices(desc))
@@ -317,8 +319,9 @@ def analyze_generation(config: ml_collections.ConfigDict, topology: str, hbm_gib
         per_call = batch // gen.images_per_prompt if name == "t5_encoder" else batch
         reports[name] = _generation_report(name, [build(b) for b in (per_call, 2 * per_call)], setup, chip,
                                            capacity, chips if name == "sampler" else 1)
-    if reports["sampler"]["max_batch_estimate"]:  # whole batch shards
-        reports["sampler"]["max_batch_estimate"] -= reports["sampler"]["max_batch_estimate"] % data_parallel
+        if name == "sampler" and reports[name]["max_batch_estimate"]:  # whole batch shards
+            reports[name]["max_batch_estimate"] -= reports[name]["max_batch_estimate"] % data_parallel
+        log(name, reports[name])
     per_image_s = sum(r["seconds_per_call_lower_bound"] / r["images_per_call"] for r in reports.values())
     return {"topology": topology, "topology_desc": desc, "chip": generation, "chips": chips,
             "mesh": dict(setup.mesh.shape), "hbm_capacity_gib": capacity, "image_tokens": setup.image_tokens,
@@ -368,9 +371,8 @@ def main(argv: list[str]) -> None:
         jax.config.update("jax_platforms", "cpu")  # the local backend only traces; a local TPU stays free
     show = lambda r: print(summary(r), flush=True)
     if _GENERATION.value:
-        report = analyze_generation(_CONFIG.value, _TOPOLOGY.value, _HBM.value, _GENERATION_BATCH.value)
-        for name, r in report["programs"].items():
-            print(generation_summary(name, r), flush=True)
+        report = analyze_generation(_CONFIG.value, _TOPOLOGY.value, _HBM.value, _GENERATION_BATCH.value,
+                                    log=lambda name, r: print(generation_summary(name, r), flush=True))
         print(f"pair generation: <= {report['images_per_s_upper_bound']} images/s on {_TOPOLOGY.value} "
               "(roofline estimate, the programs one after another)")
     elif _FIND.value:
