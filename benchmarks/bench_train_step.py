@@ -22,6 +22,7 @@ goes: the step's parts timed alone, a jax.profiler op-category profile, and its 
 
 import argparse
 import collections
+import dataclasses
 import glob
 import math
 import os
@@ -44,11 +45,12 @@ from diffusers import FluxTransformer2DModel  # noqa: E402
 from machine import describe  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
+from pnapo_jax import fused_adamw  # noqa: E402
 from pnapo_jax.config import defaults  # noqa: E402
 from pnapo_jax.convert import load_diffusers_transformer  # noqa: E402
 from pnapo_jax.models import flux  # noqa: E402
 from pnapo_jax.models.flux import FluxTransformer, scan_params  # noqa: E402
-from pnapo_jax.setup import init_state, make_setup  # noqa: E402
+from pnapo_jax.setup import init_state, learning_rate, make_setup  # noqa: E402
 from pnapo_jax.step import jit_steps  # noqa: E402
 
 MODEL = dict(patch_size=1, in_channels=64, num_layers=2, num_single_layers=4, attention_head_dim=64,
@@ -150,8 +152,13 @@ def model_inputs(batch: dict[str, np.ndarray], t_B: np.ndarray) -> tuple[dict[st
 class Ours:
     """Our jitted train step on a 1-device mesh, plus its parts compiled separately."""
 
-    def __init__(self, params: Any, args: argparse.Namespace):
-        self.setup = setup = make_setup(our_config(args), jax.devices()[:1])
+    def __init__(self, params: Any, args: argparse.Namespace, optax_chain: bool = False):
+        setup = make_setup(our_config(args), jax.devices()[:1])
+        if optax_chain:  # the step with optax's clip + AdamW chain that fused_adamw replaced (before/after runs)
+            o = setup.config.optim
+            setup = dataclasses.replace(setup, optimizer=fused_adamw.reference(
+                learning_rate(o, setup.config.train.num_steps), o.b1, o.b2, o.eps, o.weight_decay, o.grad_clip))
+        self.setup = setup
         if args.scan_layers:
             params = scan_params(params, setup.model_cfg)
         params = jax.tree.map(jnp.array, params)  # own buffers: the state is donated every step
@@ -412,6 +419,7 @@ def main(args: argparse.Namespace) -> None:
         _, params = load_diffusers_transformer(tmp)
     batch = make_batch()
     ours = Ours(params, args)
+    before = Ours(params, args, optax_chain=True) if args.optax_chain else None
     theirs = Torch(model, batch)
     del params
 
@@ -433,6 +441,9 @@ def main(args: argparse.Namespace) -> None:
     peak = matmul_peak(args.peak_n, args.peak_reps)
 
     fns: dict[str, Callable[[], Any]] = {"ours (jax, jit)": ours.step}
+    if before is not None:
+        before.compile_step()
+        fns["ours, optax chain"] = before.step
     for n in threads:
         fns[f"torch eager, {n} thread{'s' * (n > 1)}"] = with_threads(theirs.step, n)
     times = interleaved(fns, args.runs, args.warmup)
@@ -507,6 +518,8 @@ if __name__ == "__main__":
     parser.add_argument("--attention_impl", default="head_major", choices=("xla", "dot", "head_major"))
     parser.add_argument("--dense_input_barrier", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--scan_layers", action="store_true")
+    parser.add_argument("--optax_chain", action="store_true",
+                        help="also time our step with optax's clip + AdamW chain (the optimizer before fused_adamw)")
     parser.add_argument("--breakdown", action=argparse.BooleanOptionalAction, default=True,
                         help="parts alone, op-category profile, dots alone (adds ~1 minute)")
     args = parser.parse_args()

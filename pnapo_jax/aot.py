@@ -4,12 +4,14 @@ per-chip HBM, FLOPs per step, a step-time lower bound, and the largest global ba
     python -m pnapo_jax.aot --config=configs/flux_tpu.py --topology=v5p-8
     python -m pnapo_jax.aot --config=configs/flux_tpu.py:lora --topology=v6e-8 --find_max_batch
     python -m pnapo_jax.aot --config=configs/flux_tpu.py --topology=v5p-16 --config.train.global_batch_size=32
+    python -m pnapo_jax.aot --config=configs/flux_tpu.py --topology=v5p-8 --generation   # sampler, T5, VAE
 
 The step is `step.jit_steps(setup)[0]` traced on abstract inputs with training's shardings, so what fits here
 is what `pnapo_jax.main` runs. The last stdout line is one JSON object; the exit status is 1 when the step does
 not fit. Needs libtpu (`pip install .[aot]`, or `.[tpu]`); runs on the CPU backend (JAX_PLATFORMS=cpu unless set).
 """
 
+import contextlib
 import dataclasses
 import importlib.util
 import json
@@ -21,6 +23,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -29,10 +32,12 @@ from jax.experimental import topologies
 from jax.extend import core as jcore
 from ml_collections import config_flags
 
-from pnapo_jax import cli, sharding
+from pnapo_jax import cli, flow, sharding
 from pnapo_jax.data.batch import REWARD_KEYS
 from pnapo_jax.data.pipeline import batch_keys
 from pnapo_jax.errors import UserError
+from pnapo_jax.flux_world import DECODE_BATCH_CHUNK
+from pnapo_jax.models import t5, vae
 from pnapo_jax.setup import Setup, make_setup
 from pnapo_jax.step import jit_steps
 
@@ -44,17 +49,21 @@ _GRIDS_3D = {4: "2x2x1", 8: "2x2x2", 16: "2x2x4", 32: "2x4x4", 64: "4x4x4", 128:
 
 @dataclasses.dataclass(frozen=True)
 class Chip:
-    """A TPU generation: its per-chip HBM and peak bf16 rate, and how Cloud's accelerator types count it."""
+    """A TPU generation: its per-chip HBM, peak bf16 rate and HBM bandwidth, and how Cloud's accelerator types
+    count it."""
 
     hbm_gib: float
     peak_bf16_flops: float
+    hbm_bytes_per_s: float
     cores_per_chip: int  # the N of Cloud's "v5p-N" counts TensorCores: 2 per v5p chip, 1 per v5e / v6e chip
     grids: dict[int, str]  # chips -> topology
 
 
-CHIPS = {"v5p": Chip(95.0, 459e12, 2, _GRIDS_3D), "v6e": Chip(32.0, 918e12, 1, _GRIDS_2D),
-         "v5e": Chip(16.0, 197e12, 1, _GRIDS_2D)}
+CHIPS = {"v5p": Chip(95.0, 459e12, 2.765e12, 2, _GRIDS_3D), "v6e": Chip(32.0, 918e12, 1.64e12, 1, _GRIDS_2D),
+         "v5e": Chip(16.0, 197e12, 0.819e12, 1, _GRIDS_2D)}
 _ALIASES = {"v5litepod": "v5e"}
+GENERATION_T5 = t5.T5Config()  # google/t5-v1_1-xxl, FLUX.1's text_encoder_2 (no pipeline folder is read)
+GENERATION_VAE = vae.FLUX_VAE
 
 
 def resolve_topology(name: str) -> tuple[str, Chip, str, int]:
@@ -94,13 +103,18 @@ def matmul_flops(jaxpr: jcore.Jaxpr) -> int:
     """Matmul FLOPs of a jaxpr with every scan body times its trip count (XLA's cost_analysis counts it once).
     The backward pass's remat recompute is part of the jaxpr, so it is counted too; elementwise ops are not.
     A Pallas kernel (splash attention) counts its body's matmuls once per point of its grid, a shard_map body
-    once per shard of the mesh axes its inputs are split over (replicated work is counted once)."""
+    once per shard of the mesh axes its inputs are split over (replicated work is counted once). Convolutions
+    (the VAE's) count as the matmuls they are."""
     total = 0
     for eqn in jaxpr.eqns:
         if eqn.primitive.name == "dot_general":
             (contract, _), _ = eqn.params["dimension_numbers"]
             lhs = eqn.invars[0].aval.shape
             total += 2 * math.prod(eqn.outvars[0].aval.shape) * math.prod(lhs[i] for i in contract)
+        elif eqn.primitive.name == "conv_general_dilated":  # each output: (kernel size x input features) MACs
+            rhs = eqn.invars[1].aval.shape
+            out_features = rhs[eqn.params["dimension_numbers"].rhs_spec[0]]
+            total += 2 * math.prod(eqn.outvars[0].aval.shape) * math.prod(rhs) // out_features
         subs = [matmul_flops(j) for j in jcore.jaxprs_in_params(eqn.params)]
         if subs and eqn.primitive.name == "cond":
             total += max(subs)
@@ -205,6 +219,113 @@ def find_max_batch(config: ml_collections.ConfigDict, topology: str, hbm_gib: fl
     return {**best, "max_global_batch_size": lo * unit}
 
 
+def _generation_programs(config: ml_collections.ConfigDict, setup: Setup
+                         ) -> dict[str, Callable[[int], tuple[Any, tuple, int, int, Callable]]]:
+    """Pair generation's programs as pnapo_jax.generate runs them, each as batch -> (jitted fn, abstract args,
+    batch, images the call serves, the context to trace it in): the sampler (config.generate.num_steps Euler
+    steps of the FLUX transformer in its param_dtype, FSDP over the slice, as sampling.Sampler) and T5-XXL's
+    encoder and FLUX's VAE decode in config.model.dtype on one chip, as flux_world runs them (T5 per prompt;
+    K = images_per_prompt images each)."""
+    gen, d, dtype = config.generate, config.data, jnp.dtype(config.model.dtype).name
+    one_chip = jax.sharding.NamedSharding(jax.sharding.Mesh(setup.mesh.devices.flat[:1], ("one",)),
+                                          jax.sharding.PartitionSpec())
+    on_chip = lambda tree: jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=one_chip), tree)
+    t5_cfg = dataclasses.replace(GENERATION_T5, dtype=dtype, param_dtype=dtype)
+    vae_cfg = dataclasses.replace(GENERATION_VAE, dtype=dtype, param_dtype=dtype)
+
+    def sampler(batch: int) -> tuple[Any, tuple, int, int, Callable]:
+        sh = sharding.batch_sharding(setup.mesh)
+        arg = lambda *shape: jax.ShapeDtypeStruct((batch, *shape), jnp.float32, sharding=sh)
+        args = ({"params": setup.abstract_variables["params"]},
+                arg(setup.image_tokens, config.model.in_channels), arg(d.text_len, config.model.joint_attention_dim),
+                arg(config.model.pooled_projection_dim))
+        run = lambda v, x, e, p: flow.euler_sample(setup.velocity, v, x, setup.backbone.conditioning(
+            e, p, gen.guidance_scale), gen.num_steps, mu=gen.shift_mu)
+        return jax.jit(run), args, batch, batch, setup.scope  # the mesh: splash runs per device (shard_map)
+
+    def t5_encoder(batch: int) -> tuple[Any, tuple, int, int, Callable]:
+        params = on_chip(nn.meta.unbox(jax.eval_shape(lambda: t5.init_params(t5_cfg, jax.random.key(0)))))
+        ids = jax.ShapeDtypeStruct((batch, d.text_len), jnp.int32, sharding=one_chip)
+        encode = lambda p, i: t5.T5Encoder(t5_cfg).apply({"params": p}, i)
+        return jax.jit(encode), (params, ids), batch, batch * gen.images_per_prompt, contextlib.nullcontext
+
+    def vae_decode(batch: int) -> tuple[Any, tuple, int, int, Callable]:
+        params = on_chip(nn.meta.unbox(jax.eval_shape(lambda: vae.init_params(vae_cfg, jax.random.key(0)))))
+        z = jax.ShapeDtypeStruct((batch, vae_cfg.latent_channels, 2 * d.latent_h_tokens, 2 * d.latent_w_tokens),
+                                 jnp.float32, sharding=one_chip)
+        run = lambda p, z: vae.decode(p, vae_cfg, z, batch_chunk=DECODE_BATCH_CHUNK)
+        return jax.jit(run), (params, z), batch, batch, contextlib.nullcontext
+
+    return {"sampler": sampler, "t5_encoder": t5_encoder, "vae_decode": vae_decode}
+
+
+def _generation_report(name: str, builds: list[tuple[Any, tuple, int, int, Callable]], setup: Setup, chip: Chip,
+                       capacity: float, chips: int) -> dict[str, Any]:
+    """One generation program compiled at a batch and at twice it (`builds`): its figures at the first."""
+    compiled = []
+    for fn, args, _, _, scope in builds:
+        start = time.perf_counter()
+        with scope():
+            traced = fn.trace(*args)
+        compiled.append((traced, *_hbm(traced.lower().compile, args), time.perf_counter() - start))
+    (traced, _, hbm, oom, compile_s), (_, _, hbm2, _, _) = compiled
+    (_, args, batch, images, _), (_, _, batch2, _, _) = builds
+    flops = matmul_flops(traced.jaxpr.jaxpr)
+    weight_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(args[0]))  # all read on each chip
+    reads = setup.config.generate.num_steps if name == "sampler" else 1  # the weights, once per forward
+    seconds = max(flops / (chips * chip.peak_bf16_flops), reads * weight_bytes / chip.hbm_bytes_per_s)
+    total, total2 = (None if None in h.values() else sum(h.values()) for h in (hbm, hbm2))
+    per_element = None if None in (total, total2) else (total2 - total) / (batch2 - batch)  # GiB per element
+    return {"batch": batch, "images_per_call": images, "chips": chips, "fits": oom is None and total <= capacity,
+            "hbm_per_chip_gib": total and round(total, 2),
+            "hbm_breakdown_gib": {k: v and round(v, 2) for k, v in hbm.items()},
+            "hbm_per_chip_at_twice_the_batch_gib": total2 and round(total2, 2),
+            # linear in the batch between the two compiles; None where HBM does not grow with it (chunked)
+            "max_batch_estimate": (None if per_element is None or per_element <= 1e-6 else
+                                   max(0, int(batch + (capacity - total) / per_element))),
+            "flops_per_call": flops, "weight_bytes": weight_bytes,
+            "seconds_per_call_lower_bound": float(f"{seconds:.3g}"),
+            "images_per_s_upper_bound": float(f"{images / seconds:.3g}"),
+            "uses_splash": "pallas_call" in str(traced.jaxpr), "compile_s": round(compile_s, 1),
+            "compile_error": oom}
+
+
+def analyze_generation(config: ml_collections.ConfigDict, topology: str, hbm_gib: float | None = None,
+                       batch: int = 0, log: Callable[[str, dict[str, Any]], None] = lambda n, r: None
+                       ) -> dict[str, Any]:
+    """Compile pair generation's programs for `topology` at `batch` images (default: prompts_per_batch x
+    images_per_prompt; T5 gets batch / images_per_prompt prompts) and at twice that: per-chip HBM, FLOPs, the
+    largest batch extrapolated from the two compiles' temporaries, and a roofline bound in images/s (an
+    estimate: peak bf16 FLOPs, and every weight read from HBM once per call). The sampler runs on every chip;
+    T5 and the VAE on one, as generate runs them today (the others idle meanwhile). `log(name, report)` is
+    called as each program's compiles finish."""
+    generation, chip, desc, chips = resolve_topology(topology)
+    capacity = chip.hbm_gib if hbm_gib is None else hbm_gib
+    setup = make_setup(config, devices=tpu_devices(desc))
+    gen = config.generate
+    data_parallel = setup.mesh.shape["data"] * setup.mesh.shape["fsdp"]
+    unit = math.lcm(data_parallel, gen.images_per_prompt)
+    batch = batch or -(-gen.prompts_per_batch * gen.images_per_prompt // unit) * unit
+    if batch % unit:
+        raise UserError(f"--generation_batch={batch} must divide by the data x fsdp chips ({data_parallel}) and by "
+                        f"config.generate.images_per_prompt ({gen.images_per_prompt})")
+    reports = {}
+    for name, build in _generation_programs(config, setup).items():
+        per_call = batch // gen.images_per_prompt if name == "t5_encoder" else batch
+        reports[name] = _generation_report(name, [build(b) for b in (per_call, 2 * per_call)], setup, chip,
+                                           capacity, chips if name == "sampler" else 1)
+        if name == "sampler" and reports[name]["max_batch_estimate"]:  # whole batch shards
+            reports[name]["max_batch_estimate"] -= reports[name]["max_batch_estimate"] % data_parallel
+        log(name, reports[name])
+    per_image_s = sum(r["seconds_per_call_lower_bound"] / r["images_per_call"] for r in reports.values())
+    return {"topology": topology, "topology_desc": desc, "chip": generation, "chips": chips,
+            "mesh": dict(setup.mesh.shape), "hbm_capacity_gib": capacity, "image_tokens": setup.image_tokens,
+            "num_steps": gen.num_steps, "images_per_prompt": gen.images_per_prompt, "programs": reports,
+            "fits": all(r["fits"] for r in reports.values()),
+            "images_per_s_upper_bound": float(f"{1 / per_image_s:.3g}"),
+            "bound": "roofline estimate: peak bf16 FLOPs and HBM bandwidth, programs run one after another"}
+
+
 def summary(r: dict[str, Any]) -> str:
     hbm = ", ".join(f"{k} {v}" for k, v in r["hbm_breakdown_gib"].items())
     verdict = "fits" if r["fits"] else "does NOT fit"
@@ -214,28 +335,54 @@ def summary(r: dict[str, Any]) -> str:
             + (f"XLA: {r['compile_error']}" if r["compile_error"] else f"compiled in {r['compile_s']} s"))
 
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py[:variant]).", lock_config=True)
-_TOPOLOGY = flags.DEFINE_string("topology", None, "Cloud TPU type (v5p-8, v6e-16, v5e-64) or a slice (v5p:2x2x1).")
-_FIND = flags.DEFINE_bool("find_max_batch", False, "Search the largest global batch that fits.")
-_HBM = flags.DEFINE_float("hbm_gib", None, "Per-chip HBM to fit into, GiB (default: the chip's).")
-flags.mark_flags_as_required(["config", "topology"])
+def generation_summary(name: str, r: dict[str, Any]) -> str:
+    hbm = ", ".join(f"{k} {v}" for k, v in r["hbm_breakdown_gib"].items())
+    return (f"{name} on {r['chips']} chip(s), batch {r['batch']}: HBM/chip {r['hbm_per_chip_gib']} GiB ({hbm}) "
+            f"{'fits' if r['fits'] else 'does NOT fit'}, largest batch ~{r['max_batch_estimate']}; "
+            f"{r['flops_per_call']:.3g} FLOPs -> <= {r['images_per_s_upper_bound']} images/s (roofline estimate); "
+            + (f"XLA: {r['compile_error']}" if r["compile_error"] else f"compiled in {r['compile_s']} s"))
 
 
 def main(argv: list[str]) -> None:
-    if _HBM.value is not None and _HBM.value <= 0:
-        raise UserError(f"--hbm_gib={_HBM.value}: must be > 0")
+    f = flags.FLAGS
+    if f.hbm_gib is not None and f.hbm_gib <= 0:
+        raise UserError(f"--hbm_gib={f.hbm_gib}: must be > 0")
+    if f.generation_batch < 0 or (f.generation_batch and not f.generation):
+        raise UserError(f"--generation_batch={f.generation_batch}: must be >= 0, and goes with --generation")
+    if f.generation and f.find_max_batch:
+        raise UserError("--find_max_batch searches the train step's batch; --generation estimates its programs' "
+                        "largest batches from two compiles each: pass one of them")
     if not os.environ.get("JAX_PLATFORMS"):
         jax.config.update("jax_platforms", "cpu")  # the local backend only traces; a local TPU stays free
     show = lambda r: print(summary(r), flush=True)
-    if _FIND.value:
-        report = find_max_batch(_CONFIG.value, _TOPOLOGY.value, _HBM.value, log=show)
+    if f.generation:
+        report = analyze_generation(f.config, f.topology, f.hbm_gib, f.generation_batch,
+                                    log=lambda name, r: print(generation_summary(name, r), flush=True))
+        print(f"pair generation: <= {report['images_per_s_upper_bound']} images/s on {f.topology} "
+              "(roofline estimate, the programs one after another)")
+    elif f.find_max_batch:
+        report = find_max_batch(f.config, f.topology, f.hbm_gib, log=show)
         print(f"largest global batch that fits: {report['max_global_batch_size']}")
     else:
-        report = analyze(_CONFIG.value, _TOPOLOGY.value, _HBM.value)
+        report = analyze(f.config, f.topology, f.hbm_gib)
         show(report)
     print(json.dumps(report))
     sys.exit(0 if report["fits"] else 1)
 
 
-if __name__ == "__main__":
+def run() -> None:
+    """The command; flags are defined here, not at import (every command does so)."""
+    config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py[:variant]).", lock_config=True)
+    flags.DEFINE_string("topology", None, "Cloud TPU type (v5p-8, v6e-16, v5e-64) or a slice (v5p:2x2x1).")
+    flags.DEFINE_bool("find_max_batch", False, "Search the largest global batch that fits.")
+    flags.DEFINE_float("hbm_gib", None, "Per-chip HBM to fit into, GiB (default: the chip's).")
+    flags.DEFINE_bool("generation", False, "Compile pair generation (the sampler, T5-XXL's encoder, the VAE "
+                      "decode) instead of the train step.")
+    flags.DEFINE_integer("generation_batch", 0, "Images per sampler call with --generation (0: "
+                         "generate.prompts_per_batch x images_per_prompt, rounded up to the chips).")
+    flags.mark_flags_as_required(["config", "topology"])
     cli.run(main)
+
+
+if __name__ == "__main__":
+    run()

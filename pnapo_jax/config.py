@@ -15,6 +15,7 @@ from pnapo_jax.objective import LossConfig
 DEFAULT_RULES = (
     ("batch", ("data", "fsdp")),
     ("embed", "fsdp"),
+    ("adapter", "fsdp"),  # LoRA adapters' other feature dimension, where it divides: none whole on every chip
     ("heads", "tensor"),
     ("mlp", "tensor"),
     ("mod", "tensor"),

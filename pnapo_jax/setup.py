@@ -20,7 +20,7 @@ import ml_collections
 import optax
 from jax.sharding import Mesh
 
-from pnapo_jax import backbones, config_check, sharding
+from pnapo_jax import backbones, config_check, fused_adamw, sharding
 from pnapo_jax.backbones import Backbone
 from pnapo_jax.data.schema import SextupleSpec
 
@@ -38,11 +38,9 @@ def learning_rate(optim: ml_collections.ConfigDict, num_steps: int) -> optax.Sch
 
 
 def make_optimizer(optim: ml_collections.ConfigDict, num_steps: int) -> optax.GradientTransformation:
-    """AdamW with global-norm clipping; a step whose gradients are not finite is skipped and counted."""
-    chain = [optax.clip_by_global_norm(optim.grad_clip)] if optim.grad_clip > 0 else []
-    chain.append(optax.adamw(learning_rate(optim, num_steps), b1=optim.b1, b2=optim.b2, eps=optim.eps,
-                             weight_decay=optim.weight_decay))
-    return optax.apply_if_finite(optax.chain(*chain), max_consecutive_errors=2**30)
+    """AdamW with global-norm clipping; a step whose gradients are not finite is skipped and counted (one pass)."""
+    return fused_adamw.clip_adamw(learning_rate(optim, num_steps), b1=optim.b1, b2=optim.b2, eps=optim.eps,
+                                  weight_decay=optim.weight_decay, grad_clip=optim.grad_clip)
 
 
 def _cast(tree: Any, dtype: str) -> Any:

@@ -24,6 +24,9 @@ from pnapo_jax.errors import UserError
 
 MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")  # the batch is split over both: FSDP is data parallel with sharded weights
+# The logical axis of a LoRA adapter's feature dimension where its base layer's is not `embed` (models.layers):
+# sharded only where its size divides, since adapters' sizes (a rank, a latent width) need not fit the mesh.
+ADAPTER_AXIS = "adapter"
 Rules = Sequence[tuple[str, Any]]
 
 
@@ -74,9 +77,28 @@ def rules_from_config(rules_cfg: Sequence[Sequence[Any]]) -> tuple[tuple[str, An
     return tuple(out)
 
 
+def divisible_spec(shape: tuple[int, ...], spec: P, mesh: Mesh | jax.sharding.AbstractMesh) -> P:
+    """`spec` without the mesh axes that do not divide their dimension (those dimensions stay whole)."""
+    out = []
+    for size, axes in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec)), strict=True):
+        names = (axes,) if isinstance(axes, str) else tuple(axes or ())
+        out.append(axes if size % math.prod(mesh.shape[a] for a in names) == 0 else None)
+    return P(*out)
+
+
 def logical_shardings(abstract_boxed: Any, mesh: Mesh, rules: Rules) -> Any:
-    """NamedShardings for a pytree of nn.LogicallyPartitioned leaves (unboxed leaves are replicated)."""
-    return nn.logical_to_mesh_sharding(nn.get_partition_spec(abstract_boxed), mesh, rules)
+    """NamedShardings for a pytree of nn.LogicallyPartitioned leaves (unboxed leaves are replicated).
+    ADAPTER_AXIS dimensions stay whole where their mesh axes do not divide them."""
+    def spec(leaf: Any) -> P:
+        if not isinstance(leaf, nn.LogicallyPartitioned):
+            return P()
+        mesh_spec = nn.logical_to_mesh_axes(leaf.names, rules)
+        fitted = divisible_spec(leaf.value.shape, mesh_spec, mesh)
+        return P(*(f if name == ADAPTER_AXIS else m for name, m, f in zip(leaf.names, mesh_spec, fitted,
+                                                                          strict=True)))
+
+    specs = jax.tree.map(spec, abstract_boxed, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
+    return jax.tree.map(lambda s: NamedSharding(mesh, s), specs, is_leaf=lambda x: isinstance(x, P))
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:

@@ -20,7 +20,7 @@ LAYERS = {
     # 0: foundations (no pnapo_jax import above them)
     "pnapo_jax.errors": 0, "pnapo_jax.flow": 0, "pnapo_jax.data.batch": 0,
     "pnapo_jax.cli": 1, "pnapo_jax.sharding": 1, "pnapo_jax.metrics": 1, "pnapo_jax.workdir": 1,
-    "pnapo_jax.checkpoint": 1, "pnapo_jax.data": 1,
+    "pnapo_jax.checkpoint": 1, "pnapo_jax.data": 1, "pnapo_jax.fused_adamw": 1,
     # models know nothing of files or training; weight files for every model live in convert/
     "pnapo_jax.models": 2, "pnapo_jax.objective": 2,
     "pnapo_jax.convert": 3,

@@ -13,6 +13,7 @@ from etils import epath
 
 from pnapo_jax import aot
 from pnapo_jax.errors import UserError
+from pnapo_jax.models import t5, vae
 from pnapo_jax.setup import make_setup
 
 ROOT = epath.Path(__file__).parent.parent
@@ -118,3 +119,54 @@ def test_cli_exits_nonzero_when_arguments_and_temporaries_outgrow_the_hbm():
     # XLA checks only temporaries against the HBM; the total is ours to check
     rc, r = _cli("--topology=v5p-8", "--hbm_gib=0.01")
     assert rc == 1 and not r["fits"] and r["compile_error"] is None and r["hbm_per_chip_gib"] > 0.01
+
+
+@pytest.mark.slow  # six compiles: 90 s on the shared 2-core box
+@needs_libtpu
+def test_pair_generation_compiles_for_v5p_8_with_the_splash_kernel(monkeypatch):
+    # T5-XXL and FLUX's VAE at a small width (their full size compiles for minutes; the code path is the same)
+    small_t5 = t5.T5Config(vocab_size=64, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4)
+    small_vae = vae.VAEConfig(block_out_channels=(32, 32), latent_channels=16, use_quant_conv=False,
+                              use_post_quant_conv=False)
+    monkeypatch.setattr(aot, "GENERATION_T5", small_t5)
+    monkeypatch.setattr(aot, "GENERATION_VAE", small_vae)
+    config = tiny.get_config()
+    config.model.attention_impl = "splash"
+    config.generate.prompts_per_batch, config.generate.images_per_prompt, config.generate.num_steps = 2, 2, 3
+    r = aot.analyze_generation(config, "v5p-8")
+    assert r["fits"] and r["chips"] == 4 and r["num_steps"] == 3
+    sampler, encoder, decoder = (r["programs"][k] for k in ("sampler", "t5_encoder", "vae_decode"))
+    assert sampler["uses_splash"] and not encoder["uses_splash"]  # the config's kernel, as sampling.Sampler
+    assert (sampler["batch"], sampler["chips"], encoder["batch"], encoder["images_per_call"], decoder["chips"]) == (
+        4, 4, 2, 4, 1)
+    # 3 Euler steps of one forward each on 4 images; T5's matmuls on 2 prompts x 8 tokens; the VAE's convs
+    setup = make_setup(config, devices=aot.tpu_devices("v5p:2x2x1"))
+    assert sampler["flops_per_call"] == 3 * 4 * aot.forward_flops_per_image(setup)
+    t5_flops = jax.jit(lambda p, i: t5.T5Encoder(small_t5).apply({"params": p}, i)).lower(
+        t5.init_params(small_t5, jax.random.key(0)), jnp.zeros((2, 8), jnp.int32)).cost_analysis()["flops"]
+    assert encoder["flops_per_call"] == pytest.approx(t5_flops, rel=0.2)  # XLA also counts elementwise ops
+    params = vae.init_params(small_vae, jax.random.key(0))
+    z = jnp.zeros((4, 16, 8, 8))
+    vae_flops = jax.jit(lambda p, z: vae.decode(p, small_vae, z)).lower(params, z).cost_analysis()["flops"]
+    assert decoder["flops_per_call"] == pytest.approx(vae_flops, rel=0.2)
+    for p in (sampler, encoder, decoder):
+        assert p["hbm_per_chip_at_twice_the_batch_gib"] >= p["hbm_per_chip_gib"]
+        assert p["images_per_s_upper_bound"] > 0 and p["compile_error"] is None
+    assert 1 / r["images_per_s_upper_bound"] == pytest.approx(
+        sum(p["seconds_per_call_lower_bound"] / p["images_per_call"] for p in (sampler, encoder, decoder)), rel=0.01)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--generation", "--find_max_batch"], "error: --find_max_batch searches the train step's batch"),
+    (["--generation_batch=8"], "error: --generation_batch=8: must be >= 0, and goes with --generation"),
+    (["--generation", "--generation_batch=6"], "error: --generation_batch=6 must divide by the data x fsdp chips (4)"),
+])
+def test_cli_refuses_bad_generation_flags_in_one_line(args, message):
+    if "--generation_batch=6" in args and importlib.util.find_spec("libtpu") is None:
+        pytest.skip("the batch is checked against the slice, which needs libtpu")
+    cmd = [sys.executable, "-m", "pnapo_jax.aot", f"--config={ROOT / 'configs' / 'tiny.py'}", "--topology=v5p-8",
+           *args]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300)
+    last = proc.stderr.strip().splitlines()[-1]  # libtpu, where it loads, warns on stderr before
+    assert proc.returncode == 1 and last.startswith(message), proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr

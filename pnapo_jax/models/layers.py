@@ -14,6 +14,7 @@ import jax.numpy as jnp
 
 from pnapo_jax.errors import UserError
 from pnapo_jax.models.splash import splash_attention
+from pnapo_jax.sharding import ADAPTER_AXIS
 
 Dtype = jnp.dtype
 
@@ -34,7 +35,8 @@ class Dense(nn.Module):
     """y = x W + b with logical axes on W and b, plus an optional low-rank update (LoRA).
 
     Params are named as nn.Dense's (`kernel` [in, out], `bias`). With lora_rank > 0 the adapters `lora_a`
-    [in, r] and `lora_b` [r, out] live in the separate `lora` collection and add lora_scale x A B. Applied
+    [in, r] and `lora_b` [r, out] live in the separate `lora` collection and add lora_scale x A B (stored
+    sharded on their feature dimension, `embed` or ADAPTER_AXIS, and gathered for the matmul). Applied
     without a `lora` collection the layer is the plain base layer: that is how the frozen reference shares the
     policy's base weights instead of holding a second copy. With input_barrier the input is materialised
     (an optimization barrier, which also materialises its gradient in the backward): on XLA:CPU that stops
@@ -69,9 +71,10 @@ class Dense(nn.Module):
                 boxed = nn.with_logical_partitioning(init, axes)
                 return self.variable("lora", name, lambda: boxed(self.make_rng("params"), shape, pdt))
 
+            at_rest = lambda axis: axis if axis == "embed" else ADAPTER_AXIS  # both sides FSDP-sharded at rest
             a = lora_init("lora_a", nn.initializers.variance_scaling(1 / 3, "fan_in", "uniform"),
-                          (self.axes[0], None), (x.shape[-1], self.lora_rank))
-            b = lora_init("lora_b", nn.initializers.zeros_init(), (None, self.axes[1]),
+                          (at_rest(self.axes[0]), None), (x.shape[-1], self.lora_rank))
+            b = lora_init("lora_b", nn.initializers.zeros_init(), (None, at_rest(self.axes[1])),
                           (self.lora_rank, self.features))
             a = _gathered(nn.meta.unbox(a.value), (self.axes[0], None))
             b = _gathered(nn.meta.unbox(b.value), (None, self.axes[1]))

@@ -17,7 +17,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from jax.experimental.pallas.ops.tpu import splash_attention as sa
-from jax.sharding import PartitionSpec as P
+
+from pnapo_jax import sharding
 
 LANES = 128  # TPU vector lanes: block sizes are multiples of it
 
@@ -60,15 +61,6 @@ def _local(q_BxLxNxH: jax.Array, k_BxLxNxH: jax.Array, v_BxLxNxH: jax.Array, blo
     return jnp.transpose(out_BxNxLxH[:, :, :L], (0, 2, 1, 3))
 
 
-def _divisible_spec(shape: tuple[int, ...], spec: P, mesh: jax.sharding.AbstractMesh) -> P:
-    """`spec` without the mesh axes that do not divide their dimension (those dimensions stay whole)."""
-    out = []
-    for size, axes in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec)), strict=True):
-        names = (axes,) if isinstance(axes, str) else tuple(axes or ())
-        out.append(axes if size % math.prod(mesh.shape[a] for a in names) == 0 else None)
-    return P(*out)
-
-
 def splash_attention(q_BxLxNxH: jax.Array, k_BxLxNxH: jax.Array, v_BxLxNxH: jax.Array, block: int = 512,
                      interpret: bool = False) -> jax.Array:
     """softmax(q k^T / sqrt(H)) v, [B, L, N, H] in and out, with no [L, L] scores held.
@@ -80,6 +72,6 @@ def splash_attention(q_BxLxNxH: jax.Array, k_BxLxNxH: jax.Array, v_BxLxNxH: jax.
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty or mesh.size == 1:
         return run(q_BxLxNxH, k_BxLxNxH, v_BxLxNxH)
-    spec = _divisible_spec(q_BxLxNxH.shape, nn.logical_to_mesh_axes(("batch", "length", "heads", None)), mesh)
+    spec = sharding.divisible_spec(q_BxLxNxH.shape, nn.logical_to_mesh_axes(("batch", "length", "heads", None)), mesh)
     return jax.shard_map(run, mesh=mesh, in_specs=(spec, spec, spec), out_specs=spec, check_vma=False)(
         q_BxLxNxH, k_BxLxNxH, v_BxLxNxH)
