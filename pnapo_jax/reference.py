@@ -85,7 +85,7 @@ def check_or_record(config: ml_collections.ConfigDict, workdir: str, resuming: b
     record = epath.Path(workdir) / FINGERPRINT_NAME
     now = fingerprint(config.model)
     if resuming and record.exists():
-        recorded = json.loads(record.read_text())
+        recorded = files.read_json(record)
         changed = _differences(recorded, now)
         if changed:
             raise UserError(f"the pretrained weights (config.model.pretrained={config.model.pretrained!r}) changed "

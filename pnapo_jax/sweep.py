@@ -20,7 +20,6 @@ import argparse
 import ast
 import importlib.util
 import itertools
-import json
 import re
 import shlex
 import subprocess
@@ -30,6 +29,7 @@ from pathlib import Path
 import ml_collections
 
 from pnapo_jax import cli, config_check, metrics
+from pnapo_jax.convert import files
 from pnapo_jax.errors import UserError
 
 TPU_SH = Path(__file__).resolve().parent.parent / "launch" / "tpu.sh"
@@ -120,7 +120,7 @@ def finished(workdir: str) -> bool:
     root = epath.Path(workdir)
     if not (root / "config.json").exists() or not (root / "metrics.jsonl").exists():
         return False
-    num_steps = json.loads((root / "config.json").read_text())["train"]["num_steps"]
+    num_steps = files.read_json(root / "config.json")["train"]["num_steps"]
     steps = [line.get("step", -1) for line in metrics.read_lines(root / "metrics.jsonl")]  # a torn last line skipped
     return max(steps, default=-1) >= num_steps
 

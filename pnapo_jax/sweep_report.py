@@ -18,6 +18,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from etils import epath  # noqa: E402
 
+from pnapo_jax.convert import files  # noqa: E402
 from pnapo_jax.errors import UserError  # noqa: E402
 
 DEFAULT_COLUMNS = ("loss", "rewards/accuracies", "eval/reward_mean", "eval/win_rate_vs_base", "eval/fidelity_mean")
@@ -47,7 +48,7 @@ def _bench(point: epath.Path) -> dict:
     """`bench:NAME/MODEL/SCORER` means and `win:NAME/MODEL/SCORER` win rates of POINT/NAME/results.json."""
     out = {}
     for results in sorted(point.glob("*/results.json")):
-        r = json.loads(results.read_text())
+        r = files.read_json(results)
         name = results.parent.name
         for model, scores in r.get("models", {}).items():
             out |= {f"bench:{name}/{model}/{s}": v["value"] for s, v in scores.items()}
@@ -64,7 +65,7 @@ def collect(workdir: str) -> tuple[list[str], list[dict]]:
     points = sorted(p for p in root.iterdir() if (p / "config.json").exists())
     if not points:
         raise UserError(f"--workdir={workdir}: no point workdirs (subfolders with config.json) in it")
-    configs = [_flat(json.loads((p / "config.json").read_text())) for p in points]
+    configs = [_flat(files.read_json(p / "config.json")) for p in points]
     keys = sorted({k for c in configs for k in c})
     grid = [k for k in keys if len({json.dumps(c.get(k)) for c in configs}) > 1]
     rows = [{"point": p.name, **{k: c.get(k) for k in grid}, **_final_metrics(p / "metrics.jsonl"), **_bench(p)}

@@ -73,3 +73,18 @@ def test_local_sweep_trains_each_point_once(tmp_path):
     assert again.stdout.splitlines() == ["finished already: beta=100", "finished already: beta=200"]
     _, rows = sweep_report.collect(str(tmp_path))
     assert [r["pnapo.beta"] for r in rows] == [100.0, 200.0] and all(r["step"] == 2 for r in rows)
+
+
+def test_torn_json_files_are_one_line_naming_the_file(tmp_path):
+    """A point's config.json or results.json cut short by a crash: one line naming it, not a JSONDecodeError."""
+    a = _point(tmp_path, "beta=100", 100.0, [{"step": 4, "loss": 0.6}])
+    (a / "bench").mkdir()
+    (a / "bench" / "results.json").write_text('{"models": {"base": ')
+    with pytest.raises(UserError, match=r"bench/results.json is not valid JSON"):
+        sweep_report.collect(str(tmp_path))
+    (a / "bench" / "results.json").unlink()
+    (a / "config.json").write_text('{"train": ')
+    with pytest.raises(UserError, match=r"beta=100/config.json is not valid JSON"):
+        sweep_report.collect(str(tmp_path))
+    with pytest.raises(UserError, match=r"beta=100/config.json is not valid JSON"):
+        sweep.finished(str(a))

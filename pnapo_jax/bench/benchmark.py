@@ -12,6 +12,7 @@ import jax
 import numpy as np
 
 from pnapo_jax.bench import html_report, models, prompt_sets, results, sampling, scorers
+from pnapo_jax.convert import files
 from pnapo_jax.errors import UserError
 
 WORLDS = ("demo", "flux")
@@ -60,7 +61,7 @@ def _check_manifest(out: pathlib.Path, settings: dict) -> None:
     path = out / MANIFEST
     if not path.exists():
         return
-    old = json.loads(path.read_text())
+    old = files.read_json(path)
     for key, value in settings.items():
         if key == "models":
             changed = [m for m, v in value.items() if m in old.get("models", {}) and old["models"][m] != v]
@@ -167,7 +168,7 @@ def run(opts: Options) -> dict | None:
     loaded = [scorers.load(n, p) for n, p in scorer_specs]
     out.mkdir(parents=True, exist_ok=True)
     if jax.process_index() == 0:
-        old = json.loads((out / MANIFEST).read_text()) if (out / MANIFEST).exists() else {}
+        old = files.read_json(out / MANIFEST) if (out / MANIFEST).exists() else {}
         settings["models"] = {**old.get("models", {}), **settings["models"]}
         (out / MANIFEST).write_text(json.dumps(settings, indent=2) + "\n")
 
