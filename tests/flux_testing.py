@@ -91,14 +91,15 @@ def torch_clip(seed: int = 0, **overrides) -> transformers.CLIPTextModel:
     return randomize(transformers.CLIPTextModel(config), seed, 0.2)
 
 
-def clip_tokenizer() -> transformers.CLIPTokenizer:
-    """A CLIP BPE tokenizer over a tiny vocabulary built like CLIP's: byte symbols, their `</w>` forms, merges."""
+def clip_tokenizer(**kwargs) -> transformers.CLIPTokenizer:
+    """A CLIP BPE tokenizer over a tiny vocabulary built like CLIP's: byte symbols, their `</w>` forms, merges;
+    `kwargs` go to CLIPTokenizer (e.g. SD3's CLIP-G pad_token="!")."""
     byte_symbols = sorted(tokenizers.pre_tokenizers.ByteLevel.alphabet())
     merges = [("c", "a"), ("ca", "t</w>"), ("d", "o"), ("do", "g</w>"), ("p", "h"), ("ph", "o"), ("t", "h"),
               ("th", "e</w>"), ("s", "k"), ("sk", "y</w>")]
     tokens = byte_symbols + [s + "</w>" for s in byte_symbols] + ["".join(m) for m in merges]
     vocab = {t: i for i, t in enumerate([*tokens, "<|startoftext|>", "<|endoftext|>"])}
-    return transformers.CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77)
+    return transformers.CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77, **kwargs)
 
 
 def t5_tokenizer() -> transformers.T5TokenizerFast:
