@@ -5,13 +5,17 @@ import os
 
 os.environ["HF_HUB_OFFLINE"] = "1"  # everything here is local files; never reach for the hub
 
+import dataclasses
+import json
+
 import numpy as np
 import pytest
 import torch
-from diffusers import FlowMatchEulerDiscreteScheduler
-from sd3_testing import max_rel_err, tiny_sd3_pipeline
+from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
+from sd3_pipeline_testing import T5_WIDTH, StubTransformer, StubVelocity, max_rel_err, tiny_sd3_pipeline
 
-from pnapo_jax import flow, sd3_text
+from pnapo_jax import flow, pipelines, sample, sd3_text
+from pnapo_jax.convert.vae import load_vae
 
 PROMPTS = ["a photo of a cat", "the red dog under the blue sky on a tiny model photo of the cat"]
 
@@ -60,3 +64,55 @@ def test_default_sigmas_match_set_timesteps(num_steps, scheduler):
     np.testing.assert_allclose(ours[:-1] * ref.config.num_train_timesteps, ref.timesteps.numpy(), rtol=1e-6)
     if scheduler.get("shift", 1.0) != 1.0 and num_steps > 1:  # not FLUX's schedule: its last step is not 1/n shifted
         assert not np.allclose(ours, flow.flux_sigmas(num_steps, 0, np.log(scheduler["shift"])), atol=1e-5)
+
+
+OPTIONS = dict(height=64, width=48, num_steps=4, max_sequence_length=12)  # 4 x 3 tokens of 2 x 2 latent pixels
+NOISE_SHAPE = (len(PROMPTS), 16, 8, 6)
+
+
+def _noise(seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal(NOISE_SHAPE).astype(np.float32)
+
+
+def _diffusers(pipe, noise_BxCxHxW: np.ndarray, **kwargs) -> np.ndarray:
+    """StableDiffusion3Pipeline's images [B, H, W, 3] in [0, 1] from the given noise."""
+    o = OPTIONS
+    pipe.set_progress_bar_config(disable=True)
+    with torch.no_grad():
+        return pipe(prompt=PROMPTS, latents=torch.from_numpy(noise_BxCxHxW), height=o["height"], width=o["width"],
+                    num_inference_steps=o["num_steps"], max_sequence_length=o["max_sequence_length"],
+                    output_type="np", **kwargs).images
+
+
+def _assert_same_image(ours: np.ndarray, ref: np.ndarray, atol: float = 1e-4) -> None:
+    assert ours.shape == ref.shape, (ours.shape, ref.shape)
+    assert np.mean((ref > 0) & (ref < 1)) > 0.5, "mostly saturated images would compare nothing"
+    err = float(np.abs(ours - ref).max())
+    assert err <= atol, f"max abs error {err:.3g} > {atol}"
+
+
+@pytest.fixture(scope="module")
+def stubbed(sd3_folder):
+    """(diffusers' pipeline with a stand-in transformer, ours with the same): everything but the transformer."""
+    pipe, folder = sd3_folder
+    stub = StubTransformer(16, T5_WIDTH, pipe.text_encoder.config.projection_dim
+                           + pipe.text_encoder_2.config.projection_dim)
+    kind = dataclasses.replace(pipelines.SD3, velocity=StubVelocity, conditioning=lambda e, p, g: {
+        "encoder_hidden_states": e, "pooled_projections": p})
+    vae_cfg, vae_params = load_vae(folder)
+    scheduler = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
+    ours = sample.Pipeline(sd3_text.load_text_encoders(folder), None, stub.variables(), vae_cfg, vae_params,
+                           scheduler, sample.timestep_scale(scheduler), kind=kind)
+    return StableDiffusion3Pipeline(**{**pipe.components, "transformer": stub}), ours
+
+
+@pytest.mark.parametrize("case", ["default_cfg", "negatives_in_batches_of_1", "no_cfg"])
+def test_sampling_around_the_transformer_matches_the_pipeline(stubbed, case):
+    """Encoding, negative prompts, CFG, SD3's schedule and the SD3 VAE, with a stand-in transformer."""
+    pipe, ours = stubbed
+    kwargs = {"default_cfg": {}, "no_cfg": dict(guidance_scale=1.0),
+              "negatives_in_batches_of_1": dict(guidance_scale=4.5, negative_prompt=["dog", "blue sky"])}[case]
+    noise = _noise()
+    images = sample.sample_images(ours, PROMPTS, noise, **OPTIONS, **kwargs,
+                                  batch_size=1 if case == "negatives_in_batches_of_1" else None)
+    _assert_same_image(images, _diffusers(pipe, noise, **kwargs))

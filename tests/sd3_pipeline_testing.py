@@ -1,6 +1,11 @@
 """Shared test helpers for SD3: a whole tiny random StableDiffusion3Pipeline (CLIP-L and CLIP-G with projections,
 T5, an SD3-like VAE, the static-shift scheduler) with offline tokenizers."""
 
+import dataclasses
+import types
+from typing import Any
+
+import jax.numpy as jnp
 import numpy as np
 import torch
 import transformers
@@ -48,3 +53,48 @@ def tiny_sd3_pipeline(seed: int = 0, transformer: torch.nn.Module | None = None)
 def max_rel_err(ours, ref) -> float:
     ref = np.asarray(ref, np.float32)
     return float(np.abs(np.asarray(ours, np.float32) - ref).max() / np.abs(ref).max())
+
+
+class StubTransformer(torch.nn.Module):
+    """A stand-in for SD3Transformer2DModel that the pipeline can call: a simple function of the packed latent
+    tokens, the timestep, the mean text state and the pooled text, the same as `StubVelocity` computes in JAX."""
+
+    def __init__(self, in_channels: int, text_dim: int, pooled_dim: int, seed: int = 0):
+        super().__init__()
+        gen = torch.Generator().manual_seed(seed)
+        D = 4 * in_channels
+        self.wx = torch.nn.Parameter(torch.randn(D, D, generator=gen) / D ** 0.5)
+        self.wc = torch.nn.Parameter(torch.randn(text_dim, D, generator=gen) / text_dim ** 0.5)
+        self.wp = torch.nn.Parameter(torch.randn(pooled_dim, D, generator=gen) / pooled_dim ** 0.5)
+        self.config = types.SimpleNamespace(sample_size=8, patch_size=2, in_channels=in_channels)
+
+    device = property(lambda self: self.wx.device)  # what the pipeline asks its modules
+    dtype = property(lambda self: self.wx.dtype)
+
+    def forward(self, hidden_states, timestep, encoder_hidden_states, pooled_projections, **_):
+        B, C, H, W = hidden_states.shape
+        tokens = hidden_states.reshape(B, C, H // 2, 2, W // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(B, -1, 4 * C)
+        out = (torch.tanh(tokens @ self.wx) * (timestep / 1000)[:, None, None] - 0.5 * tokens
+               + (encoder_hidden_states.mean(1) @ self.wc)[:, None] + (pooled_projections @ self.wp)[:, None])
+        out = out.reshape(B, H // 2, W // 2, C, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(B, C, H, W)
+        return (out,)
+
+    def variables(self) -> dict:
+        return {"params": {k: jnp.asarray(v.detach().numpy()) for k, v in self.named_parameters()}}
+
+
+@dataclasses.dataclass(frozen=True)
+class StubVelocity:
+    """`StubTransformer` as a velocity function (flow.VelocityFn) on packed tokens, SD3's timestep = sigma x 1000
+    x timestep_scale."""
+
+    cfg: Any
+    h_tokens: int
+    w_tokens: int
+    timestep_scale: float = 1.0
+
+    def __call__(self, variables, x_BxIxC, t_B, cond):
+        p = variables["params"]
+        t = t_B * 1000 * self.timestep_scale / 1000
+        text = (cond["encoder_hidden_states"].mean(1) @ p["wc"]) + (cond["pooled_projections"] @ p["wp"])
+        return jnp.tanh(x_BxIxC @ p["wx"]) * t[:, None, None] - 0.5 * x_BxIxC + text[:, None]
