@@ -118,8 +118,8 @@ def _load_sd3_transformer(folder: pathlib.Path, dtype: str) -> tuple[Any, Any]:
 FLUX_MAX_SHIFT = 1.15
 FLUX = PipelineKind(
     backbone="flux", pipeline_class="FluxPipeline", transformer_class="FluxTransformer2DModel",
-    subfolders=("vae", text.CLIP_SUBFOLDER, text.T5_SUBFOLDER, text.CLIP_TOKENIZER_SUBFOLDER,
-                text.T5_TOKENIZER_SUBFOLDER),
+    subfolders=(text.CLIP_SUBFOLDER, text.T5_SUBFOLDER, text.CLIP_TOKENIZER_SUBFOLDER, text.T5_TOKENIZER_SUBFOLDER,
+                "vae"),
     load_text_encoders=lambda folder, dtype: text.load_text_encoders(folder, dtype),
     encode_prompts=lambda p, e, n: text.encode_prompts(p, e, max_sequence_length=n),
     max_sequence_length=512, guidance_scale=3.5, guidance_is_cfg=False, max_shift_default=FLUX_MAX_SHIFT,
@@ -127,8 +127,8 @@ FLUX = PipelineKind(
     velocity=flux.Velocity, conditioning=flux.conditioning, check_fits=backbone_flux.check_fits)
 SD3 = PipelineKind(
     backbone="sd3", pipeline_class="StableDiffusion3Pipeline", transformer_class="SD3Transformer2DModel",
-    subfolders=("vae", sd3_text.CLIP_L_SUBFOLDER, sd3_text.CLIP_G_SUBFOLDER, sd3_text.T5_SUBFOLDER,
-                *sd3_text.TOKENIZER_SUBFOLDERS),
+    subfolders=(sd3_text.CLIP_L_SUBFOLDER, sd3_text.CLIP_G_SUBFOLDER, sd3_text.T5_SUBFOLDER,
+                *sd3_text.TOKENIZER_SUBFOLDERS, "vae"),
     load_text_encoders=lambda folder, dtype: sd3_text.load_text_encoders(folder, dtype),
     encode_prompts=lambda p, e, n: sd3_text.encode_prompts(p, e, max_sequence_length=n),
     max_sequence_length=sd3_text.DEFAULT_MAX_SEQUENCE_LENGTH, guidance_scale=7.0, guidance_is_cfg=True,
@@ -136,10 +136,21 @@ SD3 = PipelineKind(
     velocity=lambda *args: _sd3_model().Velocity(*args),
     conditioning=lambda *args: _sd3_model().conditioning(*args), check_fits=_check_sd3_fits)
 KINDS = (FLUX, SD3)
+BY_BACKBONE = {k.backbone: k for k in KINDS}
 
 
 def _class_name(path: pathlib.Path) -> str | None:
     return files.read_json(path).get("_class_name") if path.is_file() else None
+
+
+def indexed_kind(folder: pathlib.Path) -> PipelineKind | None:
+    """The kind model_index.json names (None: the folder has none); a pipeline of neither backbone is refused."""
+    index_class = _class_name(folder / MODEL_INDEX)
+    by_class = {k.pipeline_class: k for k in KINDS}
+    if index_class is not None and index_class not in by_class:
+        raise UserError(f"{folder}: {MODEL_INDEX} names {index_class!r}, neither a FLUX nor an SD3 pipeline "
+                        f"({', '.join(by_class)})")
+    return by_class.get(index_class)
 
 
 def pipeline_kind(folder: str | os.PathLike, need_transformer: bool = True) -> PipelineKind:
@@ -149,15 +160,7 @@ def pipeline_kind(folder: str | os.PathLike, need_transformer: bool = True) -> P
     folder = pathlib.Path(folder)
     if not folder.is_dir():
         raise UserError(f"{folder} is not a folder (a diffusers FLUX or SD3 pipeline folder)")
-    index_class = _class_name(folder / MODEL_INDEX)
-    by_class = {k.pipeline_class: k for k in KINDS}
-    if index_class is None:
-        kind = FLUX
-    elif index_class in by_class:
-        kind = by_class[index_class]
-    else:
-        raise UserError(f"{folder}: {MODEL_INDEX} names {index_class!r}, neither a FLUX nor an SD3 pipeline "
-                        f"({', '.join(by_class)})")
+    kind = indexed_kind(folder) or FLUX
     missing = [s for s in (*kind.subfolders, "scheduler", *["transformer"] * need_transformer)
                if not (folder / s).is_dir()]
     if missing:

@@ -19,8 +19,9 @@ from pnapo_jax.setup import Setup
 
 class World(Protocol):
     """A text-to-image world: what generation, the sampling eval and the benchmark call. The embedded demo world
-    (pnapo_jax.world.DemoWorld) and FLUX.1 (pnapo_jax.flux_world.FluxWorld) are the two; a world may also have
-    `fidelity(images, prompts) -> [B]` (distance to the data, lower is better), which the sampling eval reports."""
+    (pnapo_jax.world.DemoWorld) and a pipeline folder's (pnapo_jax.pipeline_world.PipelineWorld) are the two; a world
+    may also have `fidelity(images, prompts) -> [B]` (distance to the data, lower is better), which the sampling eval
+    reports."""
 
     latent_h_tokens: int
     latent_w_tokens: int

@@ -19,9 +19,9 @@ from flux_testing import clip_tokenizer, randomize, tiny_flux_pipeline
 from pnapo_jax import evaluate, generate, rewards, text, train, worlds
 from pnapo_jax.convert.vae import load_vae
 from pnapo_jax.data.source import open_written
-from pnapo_jax.flux_world import FluxWorld
 from pnapo_jax.models import flux, vae
 from pnapo_jax.models.flux import FluxConfig
+from pnapo_jax.pipeline_world import PipelineWorld
 from pnapo_jax.setup import base_params, make_setup
 
 sys.path.insert(0, str(epath.Path(__file__).parent.parent / "configs"))
@@ -118,16 +118,16 @@ def test_errors(folders, tmp_path):
     config = _config(*folders, tmp_path)
     config.generate.reward_path = ""
     with pytest.raises(ValueError, match="reward_path is required"):
-        FluxWorld(config)
+        PipelineWorld(config)
     config.generate.reward_path, config.generate.reward = str(folders[1]), "no_such_reward"
     with pytest.raises(ValueError, match="choose from"):
-        FluxWorld(config)
+        PipelineWorld(config)
     config.generate.reward, config.generate.prompts_file = "pickscore", ""
     with pytest.raises(ValueError, match="no built-in prompts"):
-        FluxWorld(config).prompts("train")
+        PipelineWorld(config).prompts("train")
     config.generate.pipeline = ""  # model.pretrained is the transformer folder, not a pipeline
     with pytest.raises(FileNotFoundError, match="has no text_encoder, text_encoder_2, tokenizer"):
-        FluxWorld(config).encode_prompts(["a cat"])
+        PipelineWorld(config).encode_prompts(["a cat"])
     config.generate.world = "sd3"
     with pytest.raises(ValueError, match=r"known worlds are \('demo', 'flux'\)"):
         worlds.make_world(config)
