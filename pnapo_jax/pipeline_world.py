@@ -44,6 +44,11 @@ def pipeline_kind(config: ml_collections.ConfigDict) -> pipelines.PipelineKind:
     return pipelines.BY_BACKBONE[name]
 
 
+def world_subfolders(kind: pipelines.PipelineKind) -> list[str]:
+    """What the world reads of a pipeline folder: text encoders, tokenizers, VAE; SD3's scheduler config too."""
+    return [*kind.subfolders, *["scheduler"] * kind.guidance_is_cfg]
+
+
 def pipeline_dir(config: ml_collections.ConfigDict) -> pathlib.Path:
     """The local folder holding the backbone's text encoders, tokenizers and VAE: config.generate.pipeline, else
     config.model.pretrained (a hub id is fetched, those subfolders only)."""
@@ -51,15 +56,15 @@ def pipeline_dir(config: ml_collections.ConfigDict) -> pathlib.Path:
     path = config.generate.pipeline or config.model.pretrained
     if "://" in path:
         raise ValueError(f"{path}: remote folders are not read directly; copy the pipeline's "
-                         f"{', '.join(kind.subfolders)} to local disk and set config.generate.pipeline")
+                         f"{', '.join(world_subfolders(kind))} to local disk and set config.generate.pipeline")
     if path and not os.path.exists(path):
-        path = files.hub_snapshot(path, list(kind.subfolders))
+        path = files.hub_snapshot(path, world_subfolders(kind))
     indexed = pipelines.indexed_kind(pathlib.Path(path)) if path else None
     if indexed is not None and indexed is not kind:
         raise UserError(f"{path} is a {indexed.pipeline_class} folder (model_index.json) but "
                         f"config.model.backbone={kind.backbone!r}; set config.model.backbone={indexed.backbone!r} "
                         f"or config.generate.pipeline to a {kind.pipeline_class} folder")
-    missing = [sub for sub in kind.subfolders if not path or not (pathlib.Path(path) / sub).is_dir()]
+    missing = [sub for sub in world_subfolders(kind) if not path or not (pathlib.Path(path) / sub).is_dir()]
     if missing:
         raise FileNotFoundError(f"the flux world needs a {kind.backbone.upper()} pipeline folder: {path!r} "
                                 f"(config.generate.pipeline, else config.model.pretrained) has no {', '.join(missing)}")
@@ -104,6 +109,19 @@ class PipelineWorld:  # a pnapo_jax.sampling.World
     def patch_pixels(self) -> int:
         """Image pixels per token side: a token is 2 x 2 latent pixels (16 for FLUX and SD3)."""
         return 2 * self._loaded[1].downsample_factor
+
+    @functools.cached_property
+    def guide(self) -> sampling.Guide | None:
+        """SD3 samples as its pipeline does: classifier-free guidance at config.generate.guidance_scale against the
+        empty negative prompt, on the folder scheduler's noise levels. None for FLUX (guidance is a model input;
+        config.generate.shift_mu or the resolution rule shift the schedule)."""
+        kind = pipeline_kind(self.config)
+        if not kind.guidance_is_cfg:
+            return None
+        scheduler = files.read_json(pipeline_dir(self.config) / pipelines.SCHEDULER_CONFIG)
+        embeds, pooled = self.encode_prompts([""])
+        return sampling.Guide(self.config.generate.guidance_scale, embeds[0], pooled[0],
+                              functools.partial(kind.sigmas, scheduler))
 
     def encode_prompts(self, prompts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
         """(prompt embeds [B, T, 4096], pooled [B, P]) in float32, as the records hold them: FLUX T = text_len,

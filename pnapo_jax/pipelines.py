@@ -26,6 +26,7 @@ from pnapo_jax.models import flux, vae
 
 MODEL_INDEX = "model_index.json"
 TRANSFORMER_CONFIG = pathlib.Path("transformer") / files.CONFIG_NAME
+SCHEDULER_CONFIG = pathlib.Path("scheduler") / "scheduler_config.json"
 # FlowMatchEulerDiscreteScheduler options neither pipeline's schedule uses; refused rather than ignored.
 _UNSUPPORTED_SCHEDULER = ("shift_terminal", "use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas",
                           "invert_sigmas", "stochastic_sampling")

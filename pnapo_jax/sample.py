@@ -45,8 +45,6 @@ from pnapo_jax.errors import UserError
 from pnapo_jax.models import flux, vae
 from pnapo_jax.pipelines import schedule_mu  # noqa: F401  (FLUX's schedule; long exported from here)
 
-SCHEDULER_CONFIG = pathlib.Path("scheduler") / "scheduler_config.json"
-
 
 @dataclasses.dataclass(frozen=True)
 class Pipeline:
@@ -102,7 +100,7 @@ def load_pipeline(path: str | os.PathLike, workdir: str | None = None, step: int
     encoders = kind.load_text_encoders(path, dtype)
     vae_cfg, vae_params = load_vae(path, dtype)
     kind.check_fits(cfg, encoders, vae_cfg)
-    scheduler = files.read_json(path / SCHEDULER_CONFIG)
+    scheduler = files.read_json(path / pipelines.SCHEDULER_CONFIG)
     return Pipeline(encoders, cfg, variables, vae_cfg, vae_params, scheduler, timestep_scale(scheduler), kind=kind)
 
 
