@@ -7,6 +7,8 @@ os.environ["HF_HUB_OFFLINE"] = "1"  # everything here is local files; never reac
 
 import dataclasses
 import json
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -16,6 +18,7 @@ from sd3_pipeline_testing import T5_WIDTH, StubTransformer, StubVelocity, max_re
 
 from pnapo_jax import flow, pipelines, sample, sd3_text
 from pnapo_jax.convert.vae import load_vae
+from pnapo_jax.errors import UserError
 
 PROMPTS = ["a photo of a cat", "the red dog under the blue sky on a tiny model photo of the cat"]
 
@@ -116,3 +119,44 @@ def test_sampling_around_the_transformer_matches_the_pipeline(stubbed, case):
     images = sample.sample_images(ours, PROMPTS, noise, **OPTIONS, **kwargs,
                                   batch_size=1 if case == "negatives_in_batches_of_1" else None)
     _assert_same_image(images, _diffusers(pipe, noise, **kwargs))
+
+
+def _fake_folder(root, pipeline_class: str | None, transformer_class: str, parts=pipelines.SD3.subfolders):
+    """A pipeline folder's layout without weights: what is checked before anything loads."""
+    for part in (*parts, "scheduler", "transformer"):
+        (root / part).mkdir(parents=True)
+    if pipeline_class is not None:
+        (root / "model_index.json").write_text(json.dumps({"_class_name": pipeline_class}))
+    (root / "transformer" / "config.json").write_text(json.dumps({"_class_name": transformer_class}))
+    return root
+
+
+def test_pipeline_kinds_and_bad_folders(tmp_path):
+    """A folder is FLUX's or SD3's by model_index.json; parts of the other backbone or another pipeline are one line
+    naming the folder, in the command as well (before anything loads)."""
+    sd3 = _fake_folder(tmp_path / "sd3", "StableDiffusion3Pipeline", "SD3Transformer2DModel")
+    assert pipelines.pipeline_kind(sd3) is pipelines.SD3
+    flux = _fake_folder(tmp_path / "flux", None, "FluxTransformer2DModel", pipelines.FLUX.subfolders)
+    assert pipelines.pipeline_kind(flux) is pipelines.FLUX  # hand-made FLUX folders have no model_index.json
+    mixed = _fake_folder(tmp_path / "mixed", "StableDiffusion3Pipeline", "FluxTransformer2DModel")
+    with pytest.raises(UserError, match=r"mixed: model_index.json says StableDiffusion3Pipeline but transformer/ "
+                                        r"holds 'FluxTransformer2DModel' \(a flux transformer\)"):
+        pipelines.pipeline_kind(mixed)
+    assert pipelines.pipeline_kind(mixed, need_transformer=False) is pipelines.SD3  # --workdir's policy replaces it
+    mixed_2 = _fake_folder(tmp_path / "mixed_2", "FluxPipeline", "SD3Transformer2DModel", pipelines.FLUX.subfolders)
+    with pytest.raises(UserError, match=r"mixed_2: .* says FluxPipeline but .*'SD3Transformer2DModel' \(a sd3"):
+        pipelines.pipeline_kind(mixed_2)
+    sdxl = _fake_folder(tmp_path / "sdxl", "StableDiffusionXLPipeline", "UNet2DConditionModel")
+    with pytest.raises(UserError, match=r"sdxl: model_index.json names 'StableDiffusionXLPipeline', neither a FLUX "
+                                        r"nor an SD3 pipeline"):
+        pipelines.pipeline_kind(sdxl)
+    (sd3 / "text_encoder_3").rmdir()
+    with pytest.raises(UserError, match=r"sd3 lacks text_encoder_3: not a diffusers StableDiffusion3Pipeline folder"):
+        pipelines.pipeline_kind(sd3)
+    for folder, message in ((mixed, "holds 'FluxTransformer2DModel'"), (sdxl, "neither a FLUX nor an SD3")):
+        run = subprocess.run([sys.executable, "-m", "pnapo_jax.sample", f"--pipeline={folder}", "--prompt=a cat",
+                              f"--out={tmp_path}/cat.png"], capture_output=True, text=True)
+        assert run.returncode == 1 and "Traceback" not in run.stderr, run.stderr[-2000:]
+        last = run.stderr.strip().splitlines()[-1]
+        assert last.startswith(f"error: --pipeline={folder}") and message in last, last
+    assert not (tmp_path / "cat.png").exists()
