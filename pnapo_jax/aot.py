@@ -236,9 +236,9 @@ def _generation_programs(config: ml_collections.ConfigDict, setup: Setup
     def sampler(batch: int) -> tuple[Any, tuple, int, int, Callable]:
         sh = sharding.batch_sharding(setup.mesh)
         arg = lambda *shape: jax.ShapeDtypeStruct((batch, *shape), jnp.float32, sharding=sh)
-        args = ({"params": setup.abstract_variables["params"]},
-                arg(setup.image_tokens, config.model.in_channels), arg(d.text_len, config.model.joint_attention_dim),
-                arg(config.model.pooled_projection_dim))
+        spec = setup.record_spec  # the latents and prompt embeddings a record holds: what the sampler takes
+        args = ({"params": setup.abstract_variables["params"]}, arg(spec.image_tokens, spec.channels),
+                arg(spec.text_len, spec.text_dim), arg(spec.pooled_dim))
         run = lambda v, x, e, p: flow.euler_sample(setup.velocity, v, x, setup.backbone.conditioning(
             e, p, gen.guidance_scale), gen.num_steps, mu=gen.shift_mu)
         return jax.jit(run), args, batch, batch, setup.scope  # the mesh: splash runs per device (shard_map)

@@ -4,10 +4,12 @@ Sweep any field from the command line: `--config.pnapo.beta=5000 --config.optim.
 """
 
 import dataclasses
+import types
+import typing
 
 import ml_collections
 
-from pnapo_jax.models.flux import FluxConfig
+from pnapo_jax import backbones
 from pnapo_jax.objective import LossConfig
 
 # Logical axis -> mesh axes. Parameters are FSDP-sharded on their `embed` dimension and tensor-parallel on
@@ -32,18 +34,9 @@ DEFAULT_RULES = (
 
 # The allowed values of the enum fields that no lower module defines (pnapo_jax.config_check checks them all).
 SCHEDULES = ("constant", "cosine")
-PRETRAINED_FORMATS = ("diffusers", "bfl")
-DTYPES = ("float32", "bfloat16", "float16")
 DATA_SOURCES = ("synthetic", "array_record", "generate")
 WORLDS = ("demo", "flux")
 PAIR_MODES = ("best_worst", "all_above_gap")
-
-
-def name_list(value: str | tuple | list) -> tuple[str, ...]:
-    """A list-of-names field, however it was given: as configs write it (a list or tuple), or from the command
-    line, where `--config.lora.targets=to_q,to_k` arrives as ("to_q,to_k",). Empty names are dropped."""
-    items = [value] if isinstance(value, str) else value
-    return tuple(name.strip() for item in items for name in str(item).split(",") if name.strip())
 
 
 def parse_variants(arg: str, allowed: tuple[str, ...], config_file: str) -> list[str]:
@@ -55,28 +48,50 @@ def parse_variants(arg: str, allowed: tuple[str, ...], config_file: str) -> list
     return variants
 
 
-def defaults() -> ml_collections.ConfigDict:
+def model_fields(model_config: type) -> ml_collections.ConfigDict:
+    """config.model's fields from a backbone's model config dataclass: its non-`lora_` fields with their defaults.
+    A None default keeps its annotated type (`int | None`) so that `--config.model.x=3` can set it."""
+    hints = typing.get_type_hints(model_config)
+    out = ml_collections.ConfigDict()
+    for f in dataclasses.fields(model_config):
+        if f.name.startswith("lora_"):
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        if default is None:
+            types_ = [t for t in typing.get_args(hints[f.name]) if t is not type(None)]
+            if len(types_) != 1 or typing.get_origin(hints[f.name]) not in (typing.Union, types.UnionType):
+                raise TypeError(f"{model_config.__name__}.{f.name}: a None default needs an `X | None` annotation")
+            default = ml_collections.FieldReference(None, field_type=typing.get_origin(types_[0]) or types_[0])
+        out[f.name] = default
+    return out
+
+
+def defaults(model_config: type | None = None) -> ml_collections.ConfigDict:
+    """Every field with its default, config.model's from `model_config` (a backbone's model config dataclass,
+    pnapo_jax.backbones.interface; default FLUX's)."""
+    model_config = model_config or backbones.BACKBONES[backbones.DEFAULT].config_class
     c = ml_collections.ConfigDict()
     c.seed = 0  # params init (random-init models), t draws, independent noises, data shuffle
 
-    # The transformer: diffusers config.json fields and how to compute them (pnapo_jax.models.flux.FluxConfig).
-    # Sequence fields are tuples: ml_collections overrides those from the command line (not lists).
-    c.model = ml_collections.ConfigDict({
-        f.name: f.default for f in dataclasses.fields(FluxConfig) if not f.name.startswith("lora_")})
-    c.model.out_channels = ml_collections.FieldReference(None, field_type=int)  # None: = in_channels
+    # The transformer: the model config's fields, diffusers config.json names and how to compute them (e.g.
+    # pnapo_jax.models.flux.FluxConfig). Sequence fields are tuples: ml_collections overrides those from the
+    # command line (not lists).
+    c.model = model_fields(model_config)  # the fields of the model config dataclass, with its defaults
+    c.model.backbone = model_config.backbone  # the model family (pnapo_jax.backbones.BACKBONES): flux, ...
     c.model.pretrained = ""  # diffusers folder, pipeline folder, hub id, gs:// path, or BFL .safetensors; "" = init
-    c.model.pretrained_format = "diffusers"  # diffusers | bfl (original FLUX single file; needs the fields above)
+    c.model.pretrained_format = "diffusers"  # diffusers | the backbone's others (FLUX: bfl, its original single file)
     c.model.reference_dtype = "float32"  # storage dtype of the frozen reference ("bfloat16" on TPU)
 
     # LoRA: only adapters train; the reference is the base weights with adapters off (no second copy).
     c.lora = ml_collections.ConfigDict()
     c.lora.rank = 0  # 0 = full fine-tune
     c.lora.alpha = 0.0  # scale alpha / rank; 0 means alpha = rank (diffusers' default)
-    c.lora.targets = FluxConfig.lora_targets  # Dense layers with adapters, by diffusers name; --config.lora.targets=a,b
+    c.lora.targets = getattr(model_config, "lora_targets", ())  # Dense layers with adapters; --config.lora.targets=a,b
 
     # The PNAPO loss (pnapo_jax.objective.LossConfig): beta, convention, noise mode, dynamic beta.
     c.pnapo = ml_collections.ConfigDict(dataclasses.asdict(LossConfig()))
     # diffusers' FLUX DreamBooth README trains with --guidance_scale=1 (the scripts' argparse default is 3.5).
+    # A backbone without a guidance input (not guidance-distilled) ignores it.
     c.pnapo.guidance = 1.0  # guidance input of guidance-distilled models in training (the model's conditioning)
 
     # Training t ~ kind; logit_normal is sigmoid(N(logit_mean, logit_std)); mode uses mode_scale.

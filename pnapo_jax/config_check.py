@@ -4,33 +4,27 @@ Every problem is reported in one line that names the field (`config.train.num_st
 mistake costs seconds instead of a failed job after pair generation or weight loading.
 """
 
-import functools
 import json
 import logging
 from collections.abc import Callable
 from typing import Any
 
-import jax
 import ml_collections
 from etils import epath
 
+from pnapo_jax import backbones, flow, objective, sharding
 from pnapo_jax import config as config_lib
-from pnapo_jax import flow, objective, sharding
+from pnapo_jax.backbones.interface import DTYPES, field_problems, get, name_list
 from pnapo_jax.data.batch import NOISE_MODES
 from pnapo_jax.data.schema import ON_BAD_RECORD
 from pnapo_jax.errors import UserError
-from pnapo_jax.models import flux, layers
 
+# The generic fields' checks; config.model's own fields are the backbone's (Backbone.config_problems).
 ENUMS = {
     "pnapo.noise_mode": NOISE_MODES,
     "pnapo.scale_convention": tuple(objective.SCALE_CONVENTIONS),
     "optim.schedule": config_lib.SCHEDULES,
-    "model.remat_policy": flux.REMAT_POLICIES,
-    "model.attention_impl": tuple(layers.ATTENTION_IMPLS),
-    "model.pretrained_format": config_lib.PRETRAINED_FORMATS,
-    "model.dtype": config_lib.DTYPES,
-    "model.param_dtype": config_lib.DTYPES,
-    "model.reference_dtype": config_lib.DTYPES,
+    "model.reference_dtype": DTYPES,
     "t_sampling.kind": flow.T_KINDS,
     "data.source": config_lib.DATA_SOURCES,
     "data.on_bad_record": ON_BAD_RECORD,
@@ -56,32 +50,17 @@ MINIMA = {
     "eval.sample_every": (0, True), "eval.num_prompts": (1, True), "eval.samples_per_prompt": (1, True),
     "eval.num_steps": (1, True), "eval.batch_size": (1, True),
 }
-# What a resume may not change: the saved state would not fit it, or it would silently train something else.
-RESUME_FIXED = ("seed", "model.patch_size", "model.in_channels", "model.out_channels", "model.num_layers",
-                "model.num_single_layers", "model.attention_head_dim", "model.num_attention_heads",
-                "model.joint_attention_dim", "model.pooled_projection_dim", "model.guidance_embeds",
-                "model.axes_dims_rope", "model.rope_theta", "model.param_dtype", "model.scan_layers",
-                "lora.rank", "lora.alpha", "lora.targets", "train.global_batch_size", "data.source",
-                "data.latent_h_tokens", "data.latent_w_tokens", "data.text_len")
-
-
-def _get(config: ml_collections.ConfigDict, field: str) -> Any:
-    for key in field.split("."):
-        config = config[key]
-    return config
+# What a resume may not change: the saved state would not fit it, or it would silently train something else
+# (with the backbone's own config.model fields, Backbone.resume_fixed).
+RESUME_FIXED = ("seed", "model.backbone", "lora.rank", "lora.alpha", "lora.targets", "train.global_batch_size",
+                "data.source", "data.latent_h_tokens", "data.latent_w_tokens", "data.text_len")
 
 
 def _problems(config: ml_collections.ConfigDict) -> list[str]:
     """Every problem of the device-independent fields, each naming its field and what it allows."""
-    out = [f"config.{k} is {_get(config, k)!r}; allowed: {', '.join(map(repr, allowed))}"
-           for k, allowed in ENUMS.items() if _get(config, k) not in allowed]
-    for k, (low, inclusive) in MINIMA.items():
-        value = _get(config, k)
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            out.append(f"config.{k} is {value!r}; expected a number")
-        elif value < low or (value == low and not inclusive):
-            out.append(f"config.{k} is {value}; it must be {'>=' if inclusive else '>'} {low}")
-    t, p, m = config.train, config.pnapo, config.model
+    backbone = backbones.backbone_of(config)
+    out = field_problems(config, ENUMS, MINIMA) + backbone.config_problems(config)
+    t, p = config.train, config.pnapo
     if t.global_batch_size % max(t.grad_accum_steps, 1):
         out.append(f"config.train.global_batch_size={t.global_batch_size} must divide by "
                    f"config.train.grad_accum_steps={t.grad_accum_steps}")
@@ -90,11 +69,8 @@ def _problems(config: ml_collections.ConfigDict) -> list[str]:
     if p.use_schedule and p.n2 <= p.n1:
         out.append(f"config.pnapo.n2={p.n2} must be > config.pnapo.n1={p.n1} with config.pnapo.use_schedule")
     for k in ("optim.b1", "optim.b2"):
-        if isinstance(_get(config, k), int | float) and _get(config, k) >= 1:
-            out.append(f"config.{k} is {_get(config, k)}; it must be < 1")
-    if sum(m.axes_dims_rope) != m.attention_head_dim:
-        out.append(f"config.model.axes_dims_rope {tuple(m.axes_dims_rope)} must sum to "
-                   f"config.model.attention_head_dim={m.attention_head_dim}")
+        if isinstance(get(config, k), int | float) and get(config, k) >= 1:
+            out.append(f"config.{k} is {get(config, k)}; it must be < 1")
     if config.eval.sample_every > 0 and config.generate.world == "demo":
         from pnapo_jax.world import grammar
 
@@ -102,7 +78,7 @@ def _problems(config: ml_collections.ConfigDict) -> list[str]:
             out.append(f"config.eval.split is {config.eval.split!r}; the demo world's splits: {grammar.SPLITS}")
     out += _mesh_problems(config.mesh)
     if not out and config.lora.rank > 0:
-        out += _lora_target_problems(config)
+        out += _lora_target_problems(config, backbone)
     return out
 
 
@@ -113,8 +89,8 @@ def _path_problems(config: ml_collections.ConfigDict) -> list[str]:
     local = lambda p: p.startswith(("/", "~", "./", "../"))
     empty = ["config.data.path is empty; config.data.source='array_record' reads a dataset from it"]
     empty *= config.data.source == "array_record" and not config.data.path
-    return empty + [f"config.{k}={_get(config, k)}: no such file or folder" for k in fields
-            if _get(config, k) and local(_get(config, k)) and not epath.Path(_get(config, k)).expanduser().exists()]
+    return empty + [f"config.{k}={get(config, k)}: no such file or folder" for k in fields
+            if get(config, k) and local(get(config, k)) and not epath.Path(get(config, k)).expanduser().exists()]
 
 
 def _mesh_problems(mesh: ml_collections.ConfigDict) -> list[str]:
@@ -125,37 +101,16 @@ def _mesh_problems(mesh: ml_collections.ConfigDict) -> list[str]:
     return []
 
 
-def _lora_target_problems(config: ml_collections.ConfigDict) -> list[str]:
-    targets = config_lib.name_list(config.lora.targets)
+def _lora_target_problems(config: ml_collections.ConfigDict, backbone: backbones.Backbone) -> list[str]:
+    targets = name_list(config.lora.targets)
     if not targets:
         return ["config.lora.targets is empty; config.lora.rank > 0 needs layer names (e.g. to_q,to_k,to_v)"]
-    unknown = sorted(set(targets) - set(_lora_layer_names(bool(config.model.guidance_embeds), targets)))
+    names = backbone.lora_layer_names(config)
+    unknown = sorted(set(targets) - names)
     if unknown:
         return [f"config.lora.targets: no layer is named {', '.join(unknown)}; Dense layers that take adapters: "
-                f"{', '.join(sorted(_lora_layer_names(True, None)))}"]
+                f"{', '.join(sorted(names))}"]
     return []
-
-
-@functools.cache
-def _lora_layer_names(guidance: bool, targets: tuple[str, ...] | None) -> frozenset[str]:
-    """Names of the layers that get adapters for `targets` (None: every layer that can), from the shapes of a
-    one-block model (eval_shape: nothing is computed)."""
-    probe = flux.FluxConfig(in_channels=4, num_layers=1, num_single_layers=1, attention_head_dim=8,
-                            num_attention_heads=1, joint_attention_dim=4, pooled_projection_dim=4,
-                            guidance_embeds=guidance, axes_dims_rope=(2, 2, 4), lora_rank=1,
-                            lora_targets=targets if targets is not None else _Everything())
-    model = flux.FluxTransformer(probe)
-    shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), **flux.dummy_inputs(probe)))
-    paths = jax.tree_util.tree_flatten_with_path(shapes.get("lora", {}))[0]
-    keys = [[getattr(k, "key", None) for k in path] for path, _ in paths]
-    return frozenset(ks[ks.index(leaf) - 1] for ks in keys for leaf in ("lora_a", "lora_b") if leaf in ks)
-
-
-class _Everything(tuple):
-    """A targets tuple that contains every name: finds which layers could take adapters."""
-
-    def __contains__(self, name: object) -> bool:
-        return True
 
 
 def check(config: ml_collections.ConfigDict, num_devices: int | None = None, paths: bool = False) -> None:
@@ -172,7 +127,8 @@ def check(config: ml_collections.ConfigDict, num_devices: int | None = None, pat
 
 def check_complete(config: ml_collections.ConfigDict, source: str) -> None:
     """Refuse a config (read from `source`, e.g. a workdir's config.json) that lacks fields, naming them."""
-    missing = sorted(set(_flat(config_lib.defaults())) - set(_flat(config)))
+    required = set(_flat(config_lib.defaults(backbones.backbone_of(config).config_class))) - {"model.backbone"}
+    missing = sorted(required - set(_flat(config)))  # configs saved before backbones had names are FLUX's
     if missing:
         raise UserError(f"{source} lacks the fields {', '.join('config.' + k for k in missing[:6])}"
                         f"{' ...' if len(missing) > 6 else ''}: it is not a pnapo_jax run's config")
@@ -214,9 +170,9 @@ def check_resume(config: ml_collections.ConfigDict, workdir: str | epath.Path,
     except json.JSONDecodeError as e:
         raise UserError(f"{saved_path} is not JSON ({e}); it records the run being resumed") from None
     now = _flat(json.loads(config.to_json_best_effort()))
-    normal = lambda k, v: list(config_lib.name_list(v)) if k == "lora.targets" and v is not None else v
+    normal = lambda k, v: list(name_list(v)) if k == "lora.targets" and v is not None else v
     changed = {k: (saved[k], now[k]) for k in saved.keys() & now.keys() if normal(k, saved[k]) != normal(k, now[k])}
-    fixed = {k: v for k, v in changed.items() if k in RESUME_FIXED}
+    fixed = {k: v for k, v in changed.items() if k in RESUME_FIXED + backbones.backbone_of(config).resume_fixed}
     if (saved.get("optim.grad_clip", 0) > 0) != (now["optim.grad_clip"] > 0):  # another optimizer state tree
         fixed["optim.grad_clip"] = (saved.get("optim.grad_clip"), now["optim.grad_clip"])
     if fixed:

@@ -2,8 +2,9 @@
 
     python -m pnapo_jax.export --workdir=DIR [--step=N] --out=OUT --format=diffusers|bfl|lora
 
-diffusers: a `FluxTransformer2DModel` folder; bfl: one original-layout .safetensors file (BFL's code, ComfyUI);
-lora (LoRA runs only): a folder holding `pytorch_lora_weights.safetensors` for `FluxPipeline.load_lora_weights`.
+The formats are the run's backbone's (Backbone.save_formats) and lora. FLUX: diffusers, a `FluxTransformer2DModel`
+folder; bfl, one original-layout .safetensors file (BFL's code, ComfyUI); lora (LoRA runs only): a folder holding
+`pytorch_lora_weights.safetensors` for `FluxPipeline.load_lora_weights`.
 A LoRA run exported as diffusers or bfl is its base with the adapters merged in; the base is rebuilt as
 training rebuilt it (config.model.pretrained, or the seeded init), since checkpoints never hold it.
 """
@@ -15,12 +16,12 @@ import ml_collections
 from absl import flags
 from etils import epath
 
-from pnapo_jax import cli, config_check, reference
+from pnapo_jax import backbones, cli, config_check, reference
 from pnapo_jax.checkpoint import Checkpointer
 from pnapo_jax.errors import UserError
 from pnapo_jax.setup import Setup, base_params, make_setup
 
-FORMATS = ("diffusers", "bfl", "lora")
+LORA = "lora"  # the adapters alone, whatever the backbone
 
 
 def load_config(workdir: str) -> ml_collections.ConfigDict:
@@ -55,20 +56,22 @@ def restore_params(setup: Setup, workdir: str, step: int | None = None) -> tuple
 
 def export(workdir: str, out: str, fmt: str, step: int | None = None, devices: list | None = None) -> int:
     """Write checkpoint `step` (default: the latest) of `workdir` to `out` as `fmt`; returns the step."""
-    if fmt not in FORMATS:
-        raise UserError(f"--format must be one of {FORMATS}, got {fmt!r}")
-    if fmt == "bfl" and not out.endswith(".safetensors"):  # one file, named for the tools that load it
-        out += ".safetensors"
     config = load_config(workdir)
+    backbone = backbones.backbone_of(config)
+    formats = (*backbone.save_formats, LORA)
+    if fmt not in formats:
+        raise UserError(f"--format={fmt}: a {backbone.name} run exports as {', '.join(formats)}")
+    if fmt in backbone.single_file_formats and not out.endswith(".safetensors"):  # named for the tools that load it
+        out += ".safetensors"
     reference.refuse_overwrite(out, config, workdir)
     setup = make_setup(config, devices)
-    if fmt == "lora" and not setup.lora:
+    if fmt == LORA and not setup.lora:
         raise UserError(f"--format=lora: {workdir} is a full fine-tune (config.lora.rank=0): it has no adapters; "
                          "export it with --format=diffusers or --format=bfl")
     step, params = restore_params(setup, workdir, step)
     print(f"restored step {step} from {workdir}", flush=True)
-    cfg, backbone = setup.model_cfg, setup.backbone
-    if fmt == "lora":
+    cfg = setup.model_cfg
+    if fmt == LORA:
         backbone.save_lora(cfg, params, out)
     else:
         if setup.lora:
@@ -93,7 +96,8 @@ def run() -> None:
     flags.DEFINE_integer("step", None, "Checkpoint step to export (default: the latest).")
     flags.DEFINE_string("out", None, "Output folder (diffusers, lora) or .safetensors file (bfl; the suffix is "
                         "appended when missing).")
-    flags.DEFINE_enum("format", "diffusers", FORMATS, "What to write.")
+    flags.DEFINE_string("format", "diffusers", "What to write: one of the run's backbone's formats (FLUX: "
+                        "diffusers, bfl) or lora.")
     flags.mark_flags_as_required(["workdir", "out"])
     cli.run(_main)
 

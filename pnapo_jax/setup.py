@@ -64,7 +64,7 @@ class Setup:
 
     @property
     def lora(self) -> bool:
-        return self.model_cfg.lora_rank > 0
+        return self.config.lora.rank > 0
 
     @property
     def image_tokens(self) -> int:

@@ -88,7 +88,7 @@ def check_point(config: ml_collections.ConfigDict, point: Point) -> ml_collectio
             for part in key.split("."):
                 current = current[part]
             if isinstance(value, str) and isinstance(current, tuple):
-                value = (value,)  # as ml_collections takes --config.lora.targets=a,b: config.name_list splits it
+                value = (value,)  # as ml_collections takes --config.lora.targets=a,b (name_list splits it)
             trial.update_from_flattened_dict({key: value})
         except (KeyError, AttributeError, TypeError) as e:
             raise UserError(f"--config.{key}={text}: {str(e.args[0]).splitlines()[-1]}") from None

@@ -24,11 +24,12 @@ LAYERS = {
     # models know nothing of files or training; weight files for every model live in convert/
     "pnapo_jax.models": 2, "pnapo_jax.objective": 2,
     "pnapo_jax.convert": 3,
-    "pnapo_jax.config": 4, "pnapo_jax.text": 4, "pnapo_jax.rewards": 4, "pnapo_jax.reference": 4,
+    "pnapo_jax.text": 4, "pnapo_jax.rewards": 4, "pnapo_jax.reference": 4,
     "pnapo_jax.world": 4,
     "pnapo_jax.sd3_text": 4, "pnapo_jax.pipelines": 6,  # SD3's prompt encoding; the FLUX / SD3 pipeline folders
     "pnapo_jax.backbones": 5,
-    "pnapo_jax.config_check": 6,
+    # the run config: its model fields from a backbone's model config, the backbone checks its own fields
+    "pnapo_jax.config": 6, "pnapo_jax.config_check": 6,
     # what every command builds on
     "pnapo_jax.setup": 7,
     "pnapo_jax.sampling": 8, "pnapo_jax.step": 8,

@@ -35,3 +35,12 @@ def test_no_source_cites_a_path_outside_the_repository():
     cited = [f"{m}: {word}" for m, path in import_map.modules().items() for word in path.read_text().split()
              if word.strip("`'\"(),.").startswith(("/work/", "/home/", "/Users/", "/root/"))]
     assert cited == []
+
+
+def test_the_run_config_and_its_check_import_no_model():
+    """A backbone's model fields and checks come through pnapo_jax.backbones: config.py and config_check.py import
+    no model module (adding a backbone edits neither)."""
+    known = import_map.modules()
+    for module in ("pnapo_jax.config", "pnapo_jax.config_check"):
+        assert [m for m in import_map.imports_of(module, known)
+                if m.startswith("pnapo_jax.models") or m == "pnapo_jax.backbones.flux"] == []

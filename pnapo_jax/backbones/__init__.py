@@ -7,14 +7,15 @@ from pnapo_jax.backbones.interface import Backbone, record_conditioning
 from pnapo_jax.errors import UserError
 
 BACKBONES = {"flux": flux.BACKBONE}
+DEFAULT = "flux"  # config.defaults()' backbone, and that of configs saved before backbones had names
 
 
 def backbone_of(config: ml_collections.ConfigDict) -> Backbone:
     """The run's backbone; configs written before backbones had names are FLUX's."""
-    name = config.model.get("backbone", "flux")
+    name = config.model.get("backbone", DEFAULT)
     if name not in BACKBONES:
         raise UserError(f"config.model.backbone={name!r}; known backbones: {', '.join(BACKBONES)}")
     return BACKBONES[name]
 
 
-__all__ = ["BACKBONES", "Backbone", "backbone_of", "record_conditioning"]
+__all__ = ["BACKBONES", "DEFAULT", "Backbone", "backbone_of", "record_conditioning"]

@@ -2,18 +2,18 @@
 BFL weights (pnapo_jax.convert), configured by config.model and config.lora."""
 
 import dataclasses
+import functools
 from typing import Any
 
 import jax
 import ml_collections
 
 from pnapo_jax import convert, text
-from pnapo_jax.backbones.interface import Backbone
-from pnapo_jax.config import name_list
+from pnapo_jax.backbones.interface import DTYPES, Backbone, field_problems, name_list
 from pnapo_jax.data.schema import SextupleSpec
 from pnapo_jax.errors import UserError
 from pnapo_jax.models import flux, vae
-from pnapo_jax.models.layers import check_attention_impl
+from pnapo_jax.models.layers import ATTENTION_IMPLS, check_attention_impl
 
 
 def model_config(config: ml_collections.ConfigDict) -> flux.FluxConfig:
@@ -55,7 +55,8 @@ def load_pretrained(config: ml_collections.ConfigDict, cfg: flux.FluxConfig, sha
     if m.pretrained_format == "bfl":
         return convert.load_bfl_transformer(m.pretrained, cfg, dtype=dtype, shardings=shardings)
     if m.pretrained_format != "diffusers":
-        raise ValueError(f"config.model.pretrained_format must be 'diffusers' or 'bfl', got {m.pretrained_format!r}")
+        raise ValueError(f"config.model.pretrained_format must be one of {PRETRAINED_FORMATS}, "
+                         f"got {m.pretrained_format!r}")
     loaded_cfg, params = convert.load_diffusers_transformer(m.pretrained, dtype=dtype, shardings=shardings,
                                                             scan_layers=cfg.scan_layers)
     mismatch = {k: (v, getattr(cfg, k)) for k, v in loaded_cfg.to_diffusers().items()
@@ -82,10 +83,59 @@ def check_fits(cfg: flux.FluxConfig, encoders: text.TextEncoders, vae_cfg: vae.V
                          f"expected): {wrong}")
 
 
+PRETRAINED_FORMATS = ("diffusers", "bfl")  # config.model.pretrained_format: a diffusers folder, BFL's single file
+ENUMS = {"model.remat_policy": flux.REMAT_POLICIES, "model.attention_impl": tuple(ATTENTION_IMPLS),
+         "model.pretrained_format": PRETRAINED_FORMATS, "model.dtype": DTYPES, "model.param_dtype": DTYPES}
+# What a resume may not change: the saved parameters would not fit, or it would silently train another model.
+RESUME_FIXED = ("model.patch_size", "model.in_channels", "model.out_channels", "model.num_layers",
+                "model.num_single_layers", "model.attention_head_dim", "model.num_attention_heads",
+                "model.joint_attention_dim", "model.pooled_projection_dim", "model.guidance_embeds",
+                "model.axes_dims_rope", "model.rope_theta", "model.param_dtype", "model.scan_layers")
+
+
+def config_problems(config: ml_collections.ConfigDict) -> list[str]:
+    """config.model's FLUX fields: enums, and the rotary axes that must fill an attention head."""
+    m = config.model
+    out = field_problems(config, ENUMS, {})
+    if sum(m.axes_dims_rope) != m.attention_head_dim:
+        out.append(f"config.model.axes_dims_rope {tuple(m.axes_dims_rope)} must sum to "
+                   f"config.model.attention_head_dim={m.attention_head_dim}")
+    return out
+
+
+def lora_layer_names(config: ml_collections.ConfigDict) -> frozenset[str]:
+    """The Dense layers config.lora.targets may name (with or without the guidance embedder)."""
+    return _lora_layer_names(bool(config.model.guidance_embeds))
+
+
+@functools.cache
+def _lora_layer_names(guidance: bool) -> frozenset[str]:
+    """Names of the layers that take adapters, from the shapes of a one-block model (eval_shape: nothing is
+    computed) with adapters on every layer that can have them."""
+    probe = flux.FluxConfig(in_channels=4, num_layers=1, num_single_layers=1, attention_head_dim=8,
+                            num_attention_heads=1, joint_attention_dim=4, pooled_projection_dim=4,
+                            guidance_embeds=guidance, axes_dims_rope=(2, 2, 4), lora_rank=1,
+                            lora_targets=_Everything())
+    model = flux.FluxTransformer(probe)
+    shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), **flux.dummy_inputs(probe)))
+    paths = jax.tree_util.tree_flatten_with_path(shapes.get("lora", {}))[0]
+    keys = [[getattr(k, "key", None) for k in path] for path, _ in paths]
+    return frozenset(ks[ks.index(leaf) - 1] for ks in keys for leaf in ("lora_a", "lora_b") if leaf in ks)
+
+
+class _Everything(tuple):
+    """A targets tuple that contains every name: finds which layers could take adapters."""
+
+    def __contains__(self, name: object) -> bool:
+        return True
+
+
 SAVE_FORMATS = ("diffusers", "bfl")
 
 BACKBONE = Backbone(
-    name="flux", model_config=model_config, init=init, velocity=flux.Velocity, conditioning=flux.conditioning,
+    name="flux", config_class=flux.FluxConfig, model_config=model_config,
+    init=init, velocity=flux.Velocity, conditioning=flux.conditioning,
     record_spec=record_spec, dummy_inputs=dummy_inputs, check_platform=check_platform,
     load_pretrained=load_pretrained, save_formats=SAVE_FORMATS, save=save, merge_lora=convert.merge_lora,
-    save_lora=convert.save_lora)
+    save_lora=convert.save_lora, config_problems=config_problems, resume_fixed=RESUME_FIXED,
+    lora_layer_names=lora_layer_names, single_file_formats=("bfl",))

@@ -7,7 +7,7 @@ Module and parameter names follow diffusers' state dict (`transformer_blocks_3/a
 """
 
 import dataclasses
-from typing import Any
+from typing import Any, ClassVar
 
 import flax.linen as nn
 import jax
@@ -36,6 +36,7 @@ REMAT_POLICIES = ("none", "full", "save_named")
 class FluxConfig:
     """Architecture (diffusers config.json names) plus how to compute it."""
 
+    backbone: ClassVar[str] = "flux"  # config.model.backbone (pnapo_jax.backbones)
     patch_size: int = 1  # diffusers keeps 1: the 2x2 packing happens outside the model
     in_channels: int = 64  # packed latent channels (16 VAE channels x 2 x 2)
     out_channels: int | None = None  # defaults to in_channels
