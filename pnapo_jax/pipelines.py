@@ -21,8 +21,9 @@ import numpy as np
 from pnapo_jax import convert, flow, sd3_text, text
 from pnapo_jax.backbones import flux as backbone_flux
 from pnapo_jax.convert import files
+from pnapo_jax.convert import sd3 as convert_sd3
 from pnapo_jax.errors import UserError
-from pnapo_jax.models import flux, vae
+from pnapo_jax.models import flux, sd3, vae
 
 MODEL_INDEX = "model_index.json"
 TRANSFORMER_CONFIG = pathlib.Path("transformer") / files.CONFIG_NAME
@@ -104,18 +105,6 @@ def _check_sd3_fits(cfg: Any, encoders: sd3_text.SD3TextEncoders, vae_cfg: vae.V
                         f"expected): {wrong}")
 
 
-def _sd3_model():  # h16m's SD3 port; imported on use until both branches are merged
-    from pnapo_jax.models import sd3
-
-    return sd3
-
-
-def _load_sd3_transformer(folder: pathlib.Path, dtype: str) -> tuple[Any, Any]:
-    from pnapo_jax.convert import sd3 as convert_sd3
-
-    return convert_sd3.load_diffusers_transformer(folder / "transformer", dtype)
-
-
 FLUX_MAX_SHIFT = 1.15
 FLUX = PipelineKind(
     backbone="flux", pipeline_class="FluxPipeline", transformer_class="FluxTransformer2DModel",
@@ -133,9 +122,8 @@ SD3 = PipelineKind(
     load_text_encoders=lambda folder, dtype: sd3_text.load_text_encoders(folder, dtype),
     encode_prompts=lambda p, e, n: sd3_text.encode_prompts(p, e, max_sequence_length=n),
     max_sequence_length=sd3_text.DEFAULT_MAX_SEQUENCE_LENGTH, guidance_scale=7.0, guidance_is_cfg=True,
-    max_shift_default=1.16, load_transformer=_load_sd3_transformer,
-    velocity=lambda *args: _sd3_model().Velocity(*args),
-    conditioning=lambda *args: _sd3_model().conditioning(*args), check_fits=_check_sd3_fits)
+    max_shift_default=1.16, load_transformer=lambda folder, dtype: convert_sd3.load_sd3_transformer(folder, dtype),
+    velocity=sd3.Velocity, conditioning=sd3.conditioning, check_fits=_check_sd3_fits)
 KINDS = (FLUX, SD3)
 BY_BACKBONE = {k.backbone: k for k in KINDS}
 

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
+from PIL import Image
 from sd3_pipeline_testing import T5_WIDTH, StubTransformer, StubVelocity, max_rel_err, tiny_sd3_pipeline
 
 from pnapo_jax import flow, pipelines, sample, sd3_text
@@ -160,3 +161,31 @@ def test_pipeline_kinds_and_bad_folders(tmp_path):
         last = run.stderr.strip().splitlines()[-1]
         assert last.startswith(f"error: --pipeline={folder}") and message in last, last
     assert not (tmp_path / "cat.png").exists()
+
+
+def test_matches_sd3_pipeline(sd3_folder):
+    """The whole pipeline with the folder's SD3 transformer, default CFG (7, "") and an explicit negative prompt."""
+    pipe, folder = sd3_folder
+    ours = sample.load_pipeline(folder, dtype="float32")
+    assert ours.kind is pipelines.SD3
+    noise = _noise(1)
+    for kwargs in ({}, dict(guidance_scale=3.0, negative_prompt="blue dog")):
+        images = sample.sample_images(ours, PROMPTS, noise, **OPTIONS, **kwargs)
+        _assert_same_image(images, _diffusers(pipe, noise, **kwargs))
+
+
+def test_sample_command_matches_sd3_pipeline(sd3_folder, tmp_path):
+    """`python -m pnapo_jax.sample --pipeline=SD3_DIR` on a prompts file with explicit noise, as PNGs."""
+    pipe, folder = sd3_folder
+    noise = _noise(2)
+    np.save(tmp_path / "noise.npy", noise)
+    (tmp_path / "prompts.txt").write_text("\n".join(PROMPTS) + "\n")
+    o = OPTIONS
+    run = subprocess.run(
+        [sys.executable, "-m", "pnapo_jax.sample", f"--pipeline={folder}", f"--prompts={tmp_path}/prompts.txt",
+         f"--out={tmp_path}/out", f"--noise={tmp_path}/noise.npy", "--dtype=float32", f"--height={o['height']}",
+         f"--width={o['width']}", f"--num_steps={o['num_steps']}", f"--max_sequence_length={o['max_sequence_length']}",
+         "--batch_size=2"], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-3000:]
+    pngs = np.stack([np.asarray(Image.open(tmp_path / "out" / f"{i:05d}.png")) for i in range(len(PROMPTS))])
+    _assert_same_image(pngs / 255, _diffusers(pipe, noise), atol=0.5 / 255 + 1e-4)  # PNG pixels are round(255 x)
