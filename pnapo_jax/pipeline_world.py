@@ -2,10 +2,10 @@
 config.model.backbone, FLUX.1 or SD3 / SD3.5, from a diffusers pipeline folder's text encoders and VAE and a reward
 (PickScore, HPSv2, CLIP score, the LAION aesthetic predictor or ImageReward, pnapo_jax.rewards).
 
-Prompts are encoded once as the backbone's pipeline encodes them (pnapo_jax.pipelines; T5 over config.data.text_len
-tokens, the pipeline's max_sequence_length: FLUX's records hold T5's states and CLIP's pooled output, SD3's the CLIP-L
-and CLIP-G states joined with T5's, 77 + text_len tokens, and both CLIP projections), and the records carry the
-embeddings: training never runs T5. Samples are decoded as the pipeline decodes them and scored by the reward. The
+Prompts are encoded once as the backbone's pipeline encodes them (pnapo_jax.pipelines), config.data.text_len tokens:
+FLUX's records hold T5's states (max_sequence_length = text_len) and CLIP's pooled output, SD3's the CLIP-L and CLIP-G
+states (77 tokens) joined with T5's (max_sequence_length = text_len - 77) and both CLIP projections; the records carry
+the embeddings: training never runs T5. Samples are decoded as the pipeline decodes them and scored by the reward. The
 transformer is not loaded here: generation samples with training's base (config.model.pretrained). Text encoders and VAE
 compute in config.model.dtype, the reward in float32 (its winner-loser gaps, ~1e-2 for HPSv2, decide the pairs).
 Everything loads on first use, so asking for prompts alone (data.source=generate) loads nothing.
@@ -124,9 +124,11 @@ class PipelineWorld:  # a pnapo_jax.sampling.World
                               functools.partial(kind.sigmas, scheduler))
 
     def encode_prompts(self, prompts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
-        """(prompt embeds [B, T, 4096], pooled [B, P]) in float32, as the records hold them: FLUX T = text_len,
-        P = 768; SD3 T = 77 + text_len, P = 2048."""
-        embeds, pooled = pipeline_kind(self.config).encode(prompts, self._loaded[0], self.config.data.text_len)
+        """(prompt embeds [B, config.data.text_len, 4096], pooled [B, P]) in float32, as the records hold them: FLUX
+        T5's states and CLIP's pooled output (P = 768), SD3 the CLIPs' 77 states then T5's and both CLIP
+        projections (P = 2048)."""
+        kind, encoders = pipeline_kind(self.config), self._loaded[0]
+        embeds, pooled = kind.encode(prompts, encoders, kind.t5_tokens(self.config.data.text_len, encoders))
         return np.asarray(embeds, np.float32), np.asarray(pooled, np.float32)
 
     def decode(self, latents_BxIxC: jax.Array) -> np.ndarray:

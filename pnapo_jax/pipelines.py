@@ -58,6 +58,18 @@ class PipelineKind:
                ) -> tuple[jax.Array, jax.Array]:
         return self.encode_prompts(prompts, encoders, max_sequence_length or self.max_sequence_length)
 
+    def t5_tokens(self, text_len: int, encoders: Any) -> int:
+        """T5 tokens (the pipeline's max_sequence_length) of prompt embeds `text_len` tokens long: FLUX's are T5's
+        alone, SD3's start with the CLIPs' (77)."""
+        if self.backbone == "flux":
+            return text_len
+        clip_len = encoders.tokenizer.model_max_length
+        if text_len <= clip_len:
+            raise UserError(f"config.data.text_len={text_len}: SD3's prompt embeds are {clip_len} CLIP tokens, then "
+                            f"T5's; set it to {clip_len} + max_sequence_length ({clip_len + 256} for the pipeline's "
+                            "256)")
+        return text_len - clip_len
+
     def sigmas(self, scheduler: dict[str, Any], num_steps: int, image_seq_len: int) -> np.ndarray:
         """[num_steps + 1] noise levels the pipeline's scheduler steps through, from its scheduler config."""
         if self.backbone == "flux":

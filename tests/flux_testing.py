@@ -141,3 +141,16 @@ def tiny_flux_pipeline(scheduler_config: dict | None = None) -> FluxPipeline:
         transformer=torch_flux(seed=1, in_channels=64, pooled_projection_dim=32, num_layers=1, num_single_layers=1))
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def pickscore_folder(folder) -> None:
+    """A tiny random PickScore-layout reward folder: a CLIPModel with FLUX's CLIP tokenizer, as PickScore ships."""
+    tokenizer = clip_tokenizer()
+    config = transformers.CLIPConfig(
+        text_config=dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=40, num_hidden_layers=1,
+                         num_attention_heads=4, max_position_embeddings=77, eos_token_id=2, bos_token_id=0,
+                         pad_token_id=1),
+        vision_config=dict(hidden_size=32, intermediate_size=40, num_hidden_layers=1, num_attention_heads=4,
+                           patch_size=8, image_size=32), projection_dim=16)
+    randomize(transformers.CLIPModel(config), seed=3, scale=0.2).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)

@@ -12,9 +12,8 @@ import sys
 import jax
 import numpy as np
 import pytest
-import transformers
 from etils import epath
-from flux_testing import clip_tokenizer, randomize, tiny_flux_pipeline
+from flux_testing import pickscore_folder, tiny_flux_pipeline
 
 from pnapo_jax import evaluate, generate, rewards, text, train, worlds
 from pnapo_jax.convert.vae import load_vae
@@ -37,15 +36,7 @@ def folders(tmp_path_factory) -> tuple[epath.Path, epath.Path]:
     pipeline = epath.Path(tmp_path_factory.mktemp("flux_pipeline"))
     tiny_flux_pipeline().save_pretrained(pipeline)
     reward = epath.Path(tmp_path_factory.mktemp("pickscore"))
-    tokenizer = clip_tokenizer()
-    config = transformers.CLIPConfig(
-        text_config=dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=40, num_hidden_layers=1,
-                         num_attention_heads=4, max_position_embeddings=77, eos_token_id=2, bos_token_id=0,
-                         pad_token_id=1),
-        vision_config=dict(hidden_size=32, intermediate_size=40, num_hidden_layers=1, num_attention_heads=4,
-                           patch_size=8, image_size=32), projection_dim=16)
-    randomize(transformers.CLIPModel(config), seed=3, scale=0.2).save_pretrained(reward)
-    tokenizer.save_pretrained(reward)
+    pickscore_folder(reward)
     return pipeline, reward
 
 
