@@ -13,9 +13,17 @@ import sys
 import numpy as np
 import pytest
 import torch
-from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
+from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+from flux_testing import randomize
 from PIL import Image
-from sd3_pipeline_testing import T5_WIDTH, StubTransformer, StubVelocity, max_rel_err, tiny_sd3_pipeline
+from sd3_pipeline_testing import (
+    T5_WIDTH,
+    TRANSFORMER_TINY,
+    StubTransformer,
+    StubVelocity,
+    max_rel_err,
+    tiny_sd3_pipeline,
+)
 
 from pnapo_jax import flow, pipelines, sample, sd3_text
 from pnapo_jax.convert.vae import load_vae
@@ -189,3 +197,14 @@ def test_sample_command_matches_sd3_pipeline(sd3_folder, tmp_path):
     assert run.returncode == 0, run.stderr[-3000:]
     pngs = np.stack([np.asarray(Image.open(tmp_path / "out" / f"{i:05d}.png")) for i in range(len(PROMPTS))])
     _assert_same_image(pngs / 255, _diffusers(pipe, noise), atol=0.5 / 255 + 1e-4)  # PNG pixels are round(255 x)
+
+
+def test_matches_sd35_medium_style_pipeline(tmp_path):
+    """SD3.5-Medium's transformer (MMDiT-X dual attention, QK RMSNorm) in the same pipeline."""
+    transformer = randomize(SD3Transformer2DModel(**TRANSFORMER_TINY, dual_attention_layers=(0,), qk_norm="rms_norm"),
+                            7, 0.2)
+    pipe = tiny_sd3_pipeline(seed=5, transformer=transformer)
+    pipe.save_pretrained(tmp_path)
+    noise = _noise(3)
+    images = sample.sample_images(sample.load_pipeline(tmp_path, dtype="float32"), PROMPTS, noise, **OPTIONS)
+    _assert_same_image(images, _diffusers(pipe, noise))
