@@ -121,12 +121,13 @@ class Encoder(nn.Module):
     cfg: CLIPTextConfig
 
     @nn.compact
-    def __call__(self, x_BxLxD: jax.Array, mask_Bx1xLxL: jax.Array) -> tuple[jax.Array, ...]:
-        """Every state: the input, then each layer's output."""
+    def __call__(self, x_BxLxD: jax.Array, mask_Bx1xLxL: jax.Array, all_states: bool = False
+                 ) -> jax.Array | tuple[jax.Array, ...]:
+        """The last layer's output; with `all_states` every state: the input, then each layer's output."""
         states = [x_BxLxD]
         for i in range(self.cfg.num_hidden_layers):
             states.append(EncoderLayer(self.cfg, name=f"layers_{i}")(states[-1], mask_Bx1xLxL))
-        return tuple(states)
+        return tuple(states) if all_states else states[-1]
 
 
 def pool_index(input_ids_BxL: jax.Array, eos_token_id: int) -> jax.Array:
@@ -151,7 +152,7 @@ class CLIPTextModel(nn.Module):
         mask = jnp.tril(jnp.ones((L, L), bool))[None, None]
         if attention_mask_BxL is not None:
             mask = mask & attention_mask_BxL.astype(bool)[:, None, None, :]
-        states = Encoder(cfg, name="encoder")(Embeddings(cfg, name="embeddings")(input_ids_BxL), mask)
+        states = Encoder(cfg, name="encoder")(Embeddings(cfg, name="embeddings")(input_ids_BxL), mask, True)
         x = LayerNorm(cfg, name="final_layer_norm")(states[-1])
         pooled = jnp.take_along_axis(x, pool_index(input_ids_BxL, cfg.eos_token_id)[:, None, None], axis=1)[:, 0]
         if cfg.projection_dim is not None:
