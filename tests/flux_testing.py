@@ -154,3 +154,30 @@ def pickscore_folder(folder) -> None:
                            patch_size=8, image_size=32), projection_dim=16)
     randomize(transformers.CLIPModel(config), seed=3, scale=0.2).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
+
+
+def assert_pairs_hold_the_worlds_computations(records, embeds, pooled, seed: int, grid: tuple[int, int],
+                                              pipeline, reward) -> None:
+    """Records of K=2 samples per prompt (in prompt order) hold the encoders' embeddings, the seeded noises, and
+    the rewards of their latents decoded with the pipeline folder's VAE; winners beat losers."""
+    import jax
+
+    from pnapo_jax.convert.vae import load_vae
+    from pnapo_jax.models import vae
+
+    h, w = grid
+    vae_cfg, vae_params = load_vae(pipeline)
+    key = jax.random.PRNGKey(seed)
+    for p, r in enumerate(records):
+        np.testing.assert_array_equal(r["prompt_embeds"], embeds[p])
+        np.testing.assert_array_equal(r["pooled_prompt_embeds"], pooled[p])
+        assert {r["seed_w"], r["seed_l"]} == {2 * p, 2 * p + 1}
+        for side in "wl":
+            noise = jax.random.normal(jax.random.fold_in(key, r[f"seed_{side}"]), (h * w, 64))
+            np.testing.assert_array_equal(r[f"x1_{side}"], noise)
+        latents = flux.unpack_latents(np.stack([r["x0_w"], r["x0_l"]]), 2 * h, 2 * w)
+        images = np.clip(np.asarray(vae.decode(vae_params, vae_cfg, latents)) / 2 + 0.5, 0, 1).transpose(0, 2, 3, 1)
+        assert images.shape == (2, 16 * h, 16 * w, 3)
+        np.testing.assert_allclose([r["reward_w"], r["reward_l"]], reward(images, [r["prompt"]] * 2), rtol=1e-4,
+                                   atol=1e-5)
+        assert r["reward_w"] > r["reward_l"]

@@ -13,12 +13,10 @@ import jax
 import numpy as np
 import pytest
 from etils import epath
-from flux_testing import pickscore_folder, tiny_flux_pipeline
+from flux_testing import assert_pairs_hold_the_worlds_computations, pickscore_folder, tiny_flux_pipeline
 
 from pnapo_jax import evaluate, generate, rewards, text, train, worlds
-from pnapo_jax.convert.vae import load_vae
 from pnapo_jax.data.source import open_written
-from pnapo_jax.models import flux, vae
 from pnapo_jax.models.flux import FluxConfig
 from pnapo_jax.pipeline_world import PipelineWorld
 from pnapo_jax.setup import base_params, make_setup
@@ -68,22 +66,10 @@ def test_flux_pairs_hold_the_worlds_computations_and_train(folders, tmp_path):
     assert [r["prompt"] for r in records] == PROMPTS
 
     embeds, pooled = text.encode_prompts(PROMPTS, text.load_text_encoders(pipeline), max_sequence_length=TEXT_LEN)
-    vae_cfg, vae_params = load_vae(pipeline)
     reward = rewards.load_reward("pickscore", reward_dir)
-    key = jax.random.PRNGKey(config.generate.seed)
-    for p, r in enumerate(records):
-        np.testing.assert_array_equal(r["prompt_embeds"], embeds[p])
-        np.testing.assert_array_equal(r["pooled_prompt_embeds"], pooled[p])
-        assert {r["seed_w"], r["seed_l"]} == {2 * p, 2 * p + 1}
-        for side in "wl":
-            noise = jax.random.normal(jax.random.fold_in(key, r[f"seed_{side}"]), (H_TOKENS * W_TOKENS, 64))
-            np.testing.assert_array_equal(r[f"x1_{side}"], noise)
-        latents = flux.unpack_latents(np.stack([r["x0_w"], r["x0_l"]]), 2 * H_TOKENS, 2 * W_TOKENS)
-        images = np.clip(np.asarray(vae.decode(vae_params, vae_cfg, latents)) / 2 + 0.5, 0, 1).transpose(0, 2, 3, 1)
-        assert images.shape == (2, 32, 48, 3)
-        np.testing.assert_allclose([r["reward_w"], r["reward_l"]], reward(images, [r["prompt"]] * 2), rtol=1e-4,
-                                   atol=1e-5)
-        assert r["reward_w"] > r["reward_l"]
+    assert_pairs_hold_the_worlds_computations(records, embeds, pooled, config.generate.seed, (H_TOKENS, W_TOKENS),
+                                              pipeline, reward)
+    for r in records:
         assert (r["height"], r["width"], r["steps"], r["model_id"]) == (32, 48, 2, str(pipeline / "transformer"))
 
     config.data.source, config.data.path = "array_record", str(tmp_path / "pairs")
