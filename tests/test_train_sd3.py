@@ -4,6 +4,7 @@ SD3 run as a diffusers folder, Stability's single file and a LoRA file, each loa
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -12,15 +13,19 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+from etils import epath
+from flux_testing import torch_flux
 from sd3_testing import params_from_torch, random_inputs, tiny_config, torch_forward, torch_sd3
 from test_pnapo import _assert_metrics, _np_dynamic_beta, _np_preference
 
-from pnapo_jax import backbones, checkpoint, export, objective, train
+from pnapo_jax import backbones, checkpoint, config_check, export, objective, train
 from pnapo_jax.convert import sd3 as convert_sd3
+from pnapo_jax.errors import UserError
 from pnapo_jax.models import sd3
 from pnapo_jax.setup import base_params, make_setup
 
 B, H, W, T = 4, 3, 4, 6
+ROOT = epath.Path(__file__).parent.parent
 
 
 def _pair_batch(cfg: sd3.SD3Config, seed: int) -> dict:
@@ -162,3 +167,59 @@ def test_export_lora_loads_in_stable_diffusion3_pipeline(tmp_path):
     export.export(str(run), str(tmp_path / "merged"), "diffusers")
     assert _rel_err(SD3Transformer2DModel.from_pretrained(tmp_path / "merged"), setup,
                     {"params": base, "lora": lora}) <= 1e-4
+
+
+@pytest.mark.parametrize("arg", ["", "lora", "independent", "static_beta", "large", "medium35", "medium35,lora"])
+def test_sd3_tpu_variants_pass_the_check(arg):
+    sys.path.insert(0, str(ROOT / "configs"))
+    import sd3_tpu
+
+    c = sd3_tpu.get_config(arg)
+    cfg = backbones.backbone_of(c).model_config(c)
+    assert c.model.backbone == "sd3" and isinstance(cfg, sd3.SD3Config)
+    want = {"": (24, 1536, None, ()), "large": (38, 2432, "rms_norm", ()),
+            "medium35": (24, 1536, "rms_norm", tuple(range(13)))}[next((a for a in ("large", "medium35") if a in arg),
+                                                                       "")]
+    assert (cfg.num_layers, cfg.inner_dim, cfg.qk_norm, cfg.dual_attention_layers) == want
+    assert c.pnapo.beta == 5000.0 and c.optim.lr == (1e-5 if "lora" in arg else 1e-6)
+    assert c.pnapo.noise_mode == ("independent" if "independent" in arg else "recorded")
+    assert c.pnapo.use_gap == c.pnapo.use_schedule == (arg != "static_beta")
+    assert backbones.backbone_of(c).record_spec(c).channels == 64
+    c.data.path = "gs://bucket/pairs"  # the one required override
+    config_check.check(c)
+    c.t_sampling.kind = "logit_normal"  # SD3's own t-sampling is one override away
+    config_check.check(c)
+
+
+def test_sd3_tpu_fields_are_commented():
+    for line in (ROOT / "configs" / "sd3_tpu.py").read_text().splitlines():
+        if line.lstrip().startswith("c.") and " = " in line:
+            assert "#" in line, line
+
+
+@pytest.mark.parametrize("overrides,field", [
+    ({"model.qk_norm": "layer_norm"}, "config.model.qk_norm"),
+    ({"model.caption_projection_dim": 24}, "config.model.caption_projection_dim"),
+    ({"model.dual_attention_layers": (0, 7)}, "config.model.dual_attention_layers"),
+    ({"model.pretrained_format": "bfl"}, "config.model.pretrained_format"),
+    ({"model.pos_embed_max_size": 3}, "config.model.pos_embed_max_size"),
+    ({"lora.rank": 2, "lora.targets": ["to_q", "proj_out"]}, "proj_out"),
+])
+def test_a_bad_sd3_field_is_named_before_any_work(overrides, field):
+    c = tiny_config()
+    for k, v in overrides.items():
+        section, name = k.split(".")
+        c[section][name] = v
+    with pytest.raises(UserError, match=re.escape(field)) as err:
+        config_check.check(c)
+    assert "\n" not in str(err.value)
+
+
+def test_flux_weights_for_an_sd3_run_fail_in_one_line(tmp_path):
+    torch_flux().save_pretrained(tmp_path / "flux")
+    c = tiny_config()
+    c.model.pretrained = str(tmp_path / "flux")
+    backbone = backbones.backbone_of(c)
+    with pytest.raises(UserError, match=r"holds FLUX weights .* config\.model\.backbone=flux") as err:
+        backbone.load_pretrained(c, backbone.model_config(c), None)
+    assert "\n" not in str(err.value)
