@@ -63,3 +63,26 @@ def torch_forward(model: SD3Transformer2DModel, inputs: dict) -> np.ndarray:
                     pooled_projections=torch.from_numpy(inputs["pooled_projections"]),
                     timestep=torch.from_numpy(inputs["timestep"])).sample.numpy()
     return np.asarray(flux.pack_latents(out))
+
+
+def tiny_config(variant: str = ""):
+    """configs/tiny.py's run (synthetic pairs, its training settings) on a tiny SD3.5-Medium-like model: a dual-
+    attention block, a plain one, the last; QK RMSNorm. variant: "" or "lora"."""
+    import sys
+
+    from pnapo_jax.config import defaults
+
+    sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent.parent / "configs"))
+    import tiny
+
+    flux_run = tiny.get_config(variant)
+    c = defaults(sd3.SD3Config)
+    for key in flux_run:
+        if key != "model":
+            c[key] = flux_run[key]
+    c.model.update(dict(TINY["sd35_medium"], num_layers=3, dual_attention_layers=(0,)))
+    c.model.attention_impl = "head_major"
+    c.model.dense_input_barrier = True
+    if variant == "lora":
+        c.lora.targets = ["to_q", "to_k", "to_v", "to_out_0", "add_q_proj", "to_add_out"]
+    return c

@@ -371,9 +371,9 @@ class Velocity:
 def conditioning(prompt_embeds_BxTxD: jax.Array, pooled_BxP: jax.Array, guidance: float | None = None
                  ) -> dict[str, jax.Array]:
     """SD3's conditioning of B images: the joined CLIP + T5 states and both CLIP pooled outputs, each [B, ...].
-    SD3 has no guidance embedding: a guidance value is refused rather than silently dropped."""
-    if guidance is not None:
-        raise ValueError("SD3 has no guidance embedding; its classifier-free guidance runs the model twice")
+    SD3 has no guidance input (its classifier-free guidance runs the model twice): `guidance` is ignored, as the
+    backbone contract asks of models without one."""
+    del guidance
     return {"encoder_hidden_states": prompt_embeds_BxTxD, "pooled_projections": pooled_BxP}
 
 
