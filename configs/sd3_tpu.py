@@ -83,8 +83,10 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.data.text_len = 333  # StableDiffusion3Pipeline's joint sequence: 77 CLIP tokens + 256 T5 tokens
     c.data.worker_count = 4  # data loader processes
 
-    # Pair generation as the paper built its data: 2 samples per prompt, ranked by HPSv2. The SD3 pipeline's
-    # generation (text encoders, VAE, CFG sampler) is its own world, not this file's: set generate.world to it.
+    # Pair generation as the paper built its data: 2 samples per prompt, ranked by HPSv2, from the SD3 pipeline
+    # folder's text encoders and VAE with its CFG sampler (pnapo_jax.pipeline_world).
+    c.generate.world = "flux"  # the diffusers pipeline world: an SD3 folder for config.model.backbone=sd3
+    c.generate.pipeline = ""  # the pipeline folder; "" = model.pretrained's (a hub id fetches those parts)
     c.generate.reward = "hpsv2"  # the ranking reward
     c.generate.reward_path = ""  # required: an HPSv2 folder (pnapo_jax.rewards.convert_open_clip makes one)
     c.generate.images_per_prompt = 2  # samples per prompt
