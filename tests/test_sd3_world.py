@@ -13,11 +13,12 @@ import jax
 import numpy as np
 import pytest
 import torch
+from diffusers import SD3Transformer2DModel, StableDiffusion3Pipeline
 from etils import epath
 from flux_testing import assert_pairs_hold_the_worlds_computations, pickscore_folder
 from sd3_pipeline_testing import T5_WIDTH, max_rel_err, tiny_sd3_pipeline
 
-from pnapo_jax import generate, rewards, sd3_text, train, worlds
+from pnapo_jax import export, generate, rewards, sample, sd3_text, train, worlds
 from pnapo_jax.config import defaults
 from pnapo_jax.data.source import open_written
 from pnapo_jax.errors import UserError
@@ -107,3 +108,30 @@ def test_errors(folders, tmp_path):
     with pytest.raises(UserError, match=r"sd3_pipeline.* is a StableDiffusion3Pipeline folder \(model_index.json\) "
                                         r"but config.model.backbone='flux'"):
         worlds.make_world(config).encode_prompts(["a cat"])
+
+
+@pytest.mark.slow
+def test_sample_an_sd3_checkpoint_as_diffusers_samples_its_export(folders, tmp_path):
+    """`sample --workdir` on an SD3 run: the checkpoint's policy replaces the folder's transformer, and the images
+    are what StableDiffusion3Pipeline gives with the run exported as a diffusers transformer."""
+    pipe, pipeline, reward_dir = folders
+    config = _config(pipeline, reward_dir, tmp_path)
+    config.data.source, config.generate.world = "synthetic", "demo"
+    train.train_and_evaluate(config, str(tmp_path / "run"), devices=jax.devices()[:1], show_progress=False)
+    options = dict(height=16 * H_TOKENS, width=16 * W_TOKENS, num_steps=3, max_sequence_length=T5_LEN)
+    noise = np.random.default_rng(0).standard_normal((2, 16, 2 * H_TOKENS, 2 * W_TOKENS)).astype(np.float32)
+    images = sample.sample_images(sample.load_pipeline(pipeline, str(tmp_path / "run"), dtype="float32"),
+                                  PROMPTS[:2], noise, **options)
+    export.export(str(tmp_path / "run"), str(tmp_path / "exported"), "diffusers")
+    tuned = StableDiffusion3Pipeline(**{**pipe.components, "transformer": SD3Transformer2DModel.from_pretrained(
+        tmp_path / "exported")})
+    tuned.set_progress_bar_config(disable=True)
+    with torch.no_grad():
+        ref = tuned(prompt=PROMPTS[:2], latents=torch.from_numpy(noise), height=options["height"],
+                    width=options["width"], num_inference_steps=3, max_sequence_length=T5_LEN,
+                    output_type="np").images
+    assert np.abs(images - ref).max() <= 1e-4
+    base = sample.sample_images(sample.load_pipeline(pipeline, dtype="float32"), PROMPTS[:2], noise, **options)
+    assert np.abs(images - base).max() > 1e-3, "training changed nothing"
+    with pytest.raises(UserError, match="trained a sd3 model; the pipeline folder is flux's"):
+        sample.checkpoint_policy(str(tmp_path / "run"), backbone="flux")
