@@ -60,6 +60,7 @@ def _config(pipeline: epath.Path, reward: epath.Path, tmp_path: epath.Path):
     return c
 
 
+@pytest.mark.slow
 def test_sd3_pairs_are_the_pipelines_samples_and_train(folders, tmp_path):
     pipe, pipeline, reward_dir = folders
     config = _config(pipeline, reward_dir, tmp_path)
