@@ -36,8 +36,8 @@ from pnapo_jax import cli, flow, sharding
 from pnapo_jax.data.batch import REWARD_KEYS
 from pnapo_jax.data.pipeline import batch_keys
 from pnapo_jax.errors import UserError
-from pnapo_jax.flux_world import DECODE_BATCH_CHUNK
 from pnapo_jax.models import t5, vae
+from pnapo_jax.pipeline_world import DECODE_BATCH_CHUNK
 from pnapo_jax.setup import Setup, make_setup
 from pnapo_jax.step import jit_steps
 
@@ -224,7 +224,7 @@ def _generation_programs(config: ml_collections.ConfigDict, setup: Setup
     """Pair generation's programs as pnapo_jax.generate runs them, each as batch -> (jitted fn, abstract args,
     batch, images the call serves, the context to trace it in): the sampler (config.generate.num_steps Euler
     steps of the FLUX transformer in its param_dtype, FSDP over the slice, as sampling.Sampler) and T5-XXL's
-    encoder and FLUX's VAE decode in config.model.dtype on one chip, as flux_world runs them (T5 per prompt;
+    encoder and FLUX's VAE decode in config.model.dtype on one chip, as pipeline_world runs them (T5 per prompt;
     K = images_per_prompt images each)."""
     gen, d, dtype = config.generate, config.data, jnp.dtype(config.model.dtype).name
     one_chip = jax.sharding.NamedSharding(jax.sharding.Mesh(setup.mesh.devices.flat[:1], ("one",)),

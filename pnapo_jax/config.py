@@ -137,7 +137,7 @@ def defaults(model_config: type | None = None) -> ml_collections.ConfigDict:
 
     # Off-policy pair generation (python -m pnapo_jax.generate): K samples per prompt, ranked by the reward.
     c.generate = ml_collections.ConfigDict()
-    c.generate.world = "demo"  # text encoder, decoder and reward: demo (the embedded world) | flux (FLUX.1)
+    c.generate.world = "demo"  # text encoder, decoder, reward: demo (the embedded world) | flux (a FLUX/SD3 folder)
     c.generate.pipeline = ""  # flux: pipeline folder (text_encoder*, tokenizer*, vae); "" = model.pretrained's
     c.generate.reward = "hpsv2"  # flux: hpsv2 | pickscore | clip_score | aesthetic | imagereward (pnapo_jax.rewards)
     c.generate.reward_path = ""  # flux: local folder of the reward's weights and tokenizer (required)

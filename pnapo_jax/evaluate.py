@@ -25,7 +25,7 @@ from typing import Any
 import ml_collections
 import numpy as np
 
-from pnapo_jax.sampling import Sampler, World
+from pnapo_jax.sampling import Sampler, World, world_guide
 from pnapo_jax.setup import Setup
 
 
@@ -46,6 +46,7 @@ class SampleEval:
         self._gen = gen
         embeds, pooled = self.world.encode_prompts(self.prompts)
         self._inputs = (embeds, pooled)
+        self._guide = world_guide(self.world)
         self._noises = Sampler(self.setup, self.base_variables, gen).noises(np.arange(len(self.prompts)))
         self.base_images = self._sample(self.base_variables)
         self.base_rewards = np.asarray(self.world.reward(self.base_images, self.prompts))
@@ -57,7 +58,7 @@ class SampleEval:
         return None if fidelity is None else np.asarray(fidelity(images, self.prompts))
 
     def _sample(self, variables: Any) -> np.ndarray:
-        sampler = Sampler(self.setup, variables, self._gen)
+        sampler = Sampler(self.setup, variables, self._gen, self._guide)
         images = []
         for s in range(0, len(self.prompts), self.cfg.batch_size):
             sl = slice(s, s + self.cfg.batch_size)

@@ -11,6 +11,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.scipy.special import ndtri
 
 T_KINDS = ("uniform", "logit_normal", "mode")
@@ -89,6 +90,23 @@ def flux_sigmas(num_steps: int, image_seq_len: int, mu: float | jax.Array | None
     return jnp.append(sigmas, 0.0)
 
 
+def default_sigmas(num_steps: int, shift: float = 1.0, mu: float | None = None, num_train_timesteps: int = 1000
+                   ) -> np.ndarray:
+    """[num_steps + 1] float32 noise levels of FlowMatchEulerDiscreteScheduler.set_timesteps(num_steps) when the
+    pipeline passes no sigmas (StableDiffusion3Pipeline): linspace from 1 to the scheduler's smallest training
+    sigma (1/N, through the static `shift` unless `mu` is given), shifted by `shift` (or by `time_shift(mu)`,
+    dynamic shifting), then a terminal 0. Computed as diffusers computes it: the smallest sigma in float32, the
+    rest in float64."""
+    N = num_train_timesteps
+    train_sigma = np.float32(1.0) / N  # diffusers: float32 timesteps / N, shifted in float32 when static
+    if mu is None:
+        train_sigma = np.float32(shift) * train_sigma / (1 + (np.float32(shift) - 1) * train_sigma)
+    sigmas = np.linspace(N, float(train_sigma) * N, num_steps) / N
+    sigmas = np.exp(mu) / (np.exp(mu) + (1 / sigmas - 1)) if mu is not None else shift * sigmas / (
+        1 + (shift - 1) * sigmas)
+    return np.append(sigmas.astype(np.float32), np.float32(0.0))
+
+
 # velocity(variables, x_t [N, I, C], t [N], conditioning) -> v [N, I, C]: a model as the samplers call it
 # (pnapo_jax.models.flux.Velocity); the conditioning is a pytree of [N, ...] arrays.
 VelocityFn = Callable[[Any, jax.Array, jax.Array, Any], jax.Array]
@@ -97,13 +115,14 @@ VelocityFn = Callable[[Any, jax.Array, jax.Array, Any], jax.Array]
 @functools.partial(jax.jit, static_argnames=("velocity", "num_steps", "true_cfg_scale", "return_trajectory"))
 def euler_sample(velocity: VelocityFn, variables: Any, noise_BxIxC: jax.Array, cond: Any, num_steps: int,
                  true_cfg_scale: float = 1.0, negative_cond: Any = None, mu: float | None = None,
-                 return_trajectory: bool = False) -> jax.Array:
+                 return_trajectory: bool = False, sigmas: jax.Array | None = None) -> jax.Array:
     """Integrate dx/dt = v(x, t) from the given noise at t = 1 to t = 0 with FluxPipeline's Euler schedule.
 
     With true_cfg_scale > 1 and a negative conditioning, v = v_neg + scale (v_pos - v_neg), both halves in one
     doubled batch. The latent is kept in the noise's dtype. Returns the final latent [B, I, C], or with
     `return_trajectory` every state [num_steps + 1, B, I, C] from the noise to the final latent, at the noise
-    levels of `flux_sigmas`. `velocity` is a static argument: an equal one reuses the compilation.
+    levels of `flux_sigmas` (or of `sigmas` [num_steps + 1] when given, e.g. `default_sigmas`, SD3's schedule).
+    `velocity` is a static argument: an equal one reuses the compilation.
     """
     B = noise_BxIxC.shape[0]
     do_cfg = true_cfg_scale > 1 and negative_cond is not None
@@ -120,6 +139,6 @@ def euler_sample(velocity: VelocityFn, variables: Any, noise_BxIxC: jax.Array, c
         x_BxIxC = (x_BxIxC + (sigma_next - sigma) * v(x_BxIxC, sigma)).astype(x_BxIxC.dtype)
         return x_BxIxC, x_BxIxC if return_trajectory else None
 
-    sigmas = flux_sigmas(num_steps, noise_BxIxC.shape[1], mu)
+    sigmas = flux_sigmas(num_steps, noise_BxIxC.shape[1], mu) if sigmas is None else jnp.asarray(sigmas)
     x_BxIxC, states = jax.lax.scan(step, noise_BxIxC, (sigmas[:-1], sigmas[1:]))
     return jnp.concatenate([noise_BxIxC[None], states]) if return_trajectory else x_BxIxC

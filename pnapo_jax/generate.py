@@ -30,7 +30,7 @@ from pnapo_jax import worlds
 from pnapo_jax.config import PAIR_MODES
 from pnapo_jax.data.builder import write_dataset
 from pnapo_jax.errors import UserError
-from pnapo_jax.sampling import Sampler, World, read_prompts
+from pnapo_jax.sampling import Sampler, World, read_prompts, world_guide
 from pnapo_jax.setup import base_params, make_setup
 
 
@@ -98,7 +98,7 @@ def run(config: ml_collections.ConfigDict, prompts_file: str, out: str, show_pro
         raise UserError(f"--out={out} is a file; generate writes a dataset folder there")
     setup = make_setup(config)
     world = worlds.make_world(config)
-    sampler = Sampler(setup, {"params": base_params(setup)}, gen)
+    sampler = Sampler(setup, {"params": base_params(setup)}, gen, world_guide(world))
     out_dir.mkdir(parents=True, exist_ok=True)
     n = gen.prompts_per_chunk
     mine = {c: prompts[c * n:(c + 1) * n] for c in range(-(-len(prompts) // n))

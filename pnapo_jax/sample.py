@@ -1,10 +1,12 @@
-"""Text -> image with FLUX in JAX, from a local diffusers FLUX pipeline folder or a training checkpoint's policy.
+"""Text -> image with FLUX or SD3 / SD3.5 in JAX, from a local diffusers pipeline folder (FluxPipeline or
+StableDiffusion3Pipeline, as its model_index.json says) or a training checkpoint's policy.
 
     python -m pnapo_jax.sample --pipeline=DIR --prompt="a red fox" --out=fox.png
     python -m pnapo_jax.sample --pipeline=DIR --prompts=prompts.txt --out=OUT_DIR [--workdir=RUN [--step=N]]
     python -m pnapo_jax.sample --prompt="a red circle" --out=circle.png [--workdir=DEMO_RUN]   # the demo world
 
-DIR holds transformer/, vae/, text_encoder/, text_encoder_2/, tokenizer/, tokenizer_2/ and scheduler/. With
+A FLUX DIR holds transformer/, vae/, text_encoder/, text_encoder_2/, tokenizer/, tokenizer_2/ and scheduler/; an
+SD3 one also text_encoder_3/ and tokenizer_3/ (pnapo_jax.pipelines: what differs between the two). With
 --workdir the policy of a training checkpoint (default: the latest) replaces the folder's transformer: its
 params, or for a LoRA run the base the run was trained from with its adapters.
 
@@ -13,12 +15,13 @@ latents are the 32x32 pixels (x 2 - 1), so a bare transformer folder (default: t
 pnapo_jax/assets/demo_base) or a demo run's workdir samples with those, on FLUX's default schedule (or the
 run's generate.shift_mu); images are 32x32 unless --height/--width say otherwise.
 
-Given the same initial noise (FluxPipeline's `latents=`), this computes what diffusers' FluxPipeline computes:
-the prompt encoding, the Euler schedule of the folder's scheduler config, VAE decoding and its postprocessing
+Given the same initial noise (the pipeline's `latents=`), this computes what diffusers' pipeline computes: the
+prompt encoding, the Euler schedule of the folder's scheduler config, the guidance (SD3: classifier-free, against
+--negative_prompt, "" by default), VAE decoding and its postprocessing
 (x / 2 + 0.5 clipped to [0, 1]; PNG pixels round(255 x)). Only the noise rule is ours, JAX's instead of
 torch's: image i (0-based, in prompt order) starts from
     normal(fold_in(PRNGKey(seed), i), [C, H / f, W / f])  packed into [(H / 2f)(W / 2f), 4C] tokens
-(C: the VAE's latent channels, f: its downsampling, 16 and 8 for FLUX), so an image does not depend on the
+(C: the VAE's latent channels, f: its downsampling, 16 and 8 for FLUX and SD3), so an image does not depend on the
 batch it was drawn in, and image i of a prompts file is reproduced alone with the same seed. --noise=FILE.npy
 gives the noise explicitly, [N, C, H/f, W/f] or packed [N, I, 4C], e.g. to match a diffusers run.
 """
@@ -35,40 +38,41 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
-from pnapo_jax import convert, flow, text
-from pnapo_jax.backbones import flux as backbone_flux
+from pnapo_jax import convert, flow, pipelines
 from pnapo_jax.convert import files
 from pnapo_jax.convert.vae import load_vae
 from pnapo_jax.errors import UserError
 from pnapo_jax.models import flux, vae
-
-SCHEDULER_CONFIG = pathlib.Path("scheduler") / "scheduler_config.json"
-# FlowMatchEulerDiscreteScheduler options FluxPipeline's schedule does not use; refused rather than ignored.
-_UNSUPPORTED_SCHEDULER = ("shift_terminal", "use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas",
-                          "invert_sigmas", "stochastic_sampling")
+from pnapo_jax.pipelines import schedule_mu  # noqa: F401  (FLUX's schedule; long exported from here)
 
 
 @dataclasses.dataclass(frozen=True)
 class Pipeline:
     """Everything sampling needs, loaded once: text encoders, transformer, VAE and the scheduler's config."""
 
-    encoders: text.TextEncoders | None  # None: the demo world's fixed text table
-    transformer: flux.FluxConfig
+    encoders: Any  # text.TextEncoders, sd3_text.SD3TextEncoders, or None: the demo world's fixed text table
+    transformer: Any  # the backbone's model config (flux.FluxConfig, sd3.SD3Config)
     variables: dict[str, Any]  # {"params": ...}, plus "lora" for a LoRA policy
     vae: vae.VAEConfig | None  # None: the latents are the pixels (the demo world)
     vae_params: Any
     scheduler: dict[str, Any]  # scheduler/scheduler_config.json
     timestep_scale: float  # the transformer's t as FluxPipeline passes it: sigma * num_train_timesteps / 1000
     size: int = 1024  # default image height and width in pixels
+    kind: pipelines.PipelineKind = pipelines.FLUX  # the backbone's way (the demo world samples as FLUX)
 
 
-def checkpoint_policy(workdir: str, step: int | None = None) -> tuple[flux.FluxConfig, dict[str, Any]]:
+def checkpoint_policy(workdir: str, step: int | None = None, backbone: str | None = None
+                      ) -> tuple[Any, dict[str, Any]]:
     """(model config, policy variables) of a training checkpoint (default: the latest step). A LoRA run's base
-    is rebuilt as training built it (config.model.pretrained, or the seeded init): checkpoints never hold it."""
+    is rebuilt as training built it (config.model.pretrained, or the seeded init): checkpoints never hold it.
+    `backbone`: the one the checkpoint must be of (the pipeline folder's)."""
     from pnapo_jax import export  # orbax and the mesh only when a checkpoint is sampled
     from pnapo_jax import setup as setup_lib
 
     setup = setup_lib.make_setup(export.load_config(workdir))
+    if backbone is not None and setup.backbone.name != backbone:
+        raise UserError(f"--workdir={workdir} trained a {setup.backbone.name} model; the pipeline folder is "
+                        f"{backbone}'s")
     _, trained = export.restore_params(setup, workdir, step)
     frozen = {"base": setup_lib.base_params(setup)} if setup.lora else {}
     return setup.model_cfg, setup_lib.policy_variables(setup, {"params": trained}, frozen)
@@ -76,28 +80,34 @@ def checkpoint_policy(workdir: str, step: int | None = None) -> tuple[flux.FluxC
 
 def load_pipeline(path: str | os.PathLike, workdir: str | None = None, step: int | None = None,
                   dtype: str = "float32") -> Pipeline:
-    """A local FLUX pipeline folder; with `workdir` the checkpoint's policy replaces its transformer.
+    """A local FLUX or SD3 pipeline folder; with `workdir` the checkpoint's policy replaces its transformer.
 
     `dtype` is every model's parameter and compute dtype; images come back in float32 whatever it is.
     """
     if step is not None and workdir is None:
         raise UserError("--step: a checkpoint step needs the training workdir it belongs to (--workdir)")
-    if path is None or not (pathlib.Path(path) / "text_encoder").is_dir():
+    if path is None or not is_pipeline_folder(path):
         return load_demo_pipeline(path, workdir, step, dtype)
     path = pathlib.Path(path)
+    kind = pipelines.pipeline_kind(path, need_transformer=workdir is None)
     if workdir is None:
-        cfg, params = convert.load_diffusers_transformer(path, dtype)
+        cfg, params = kind.load_transformer(path, dtype)
         variables = {"params": params}
     else:
-        cfg, variables = checkpoint_policy(workdir, step)
+        cfg, variables = checkpoint_policy(workdir, step, kind.backbone)
         variables = jax.tree.map(lambda x: x.astype(dtype), variables)
     cfg = dataclasses.replace(cfg, dtype=dtype, param_dtype=dtype)
-    encoders = text.load_text_encoders(path, dtype)
+    encoders = kind.load_text_encoders(path, dtype)
     vae_cfg, vae_params = load_vae(path, dtype)
-    backbone_flux.check_fits(cfg, encoders, vae_cfg)
-    scheduler = files.read_json(path / SCHEDULER_CONFIG)
-    return Pipeline(encoders, cfg, variables, vae_cfg, vae_params, scheduler,
-                    timestep_scale(scheduler))
+    kind.check_fits(cfg, encoders, vae_cfg)
+    scheduler = files.read_json(path / pipelines.SCHEDULER_CONFIG)
+    return Pipeline(encoders, cfg, variables, vae_cfg, vae_params, scheduler, timestep_scale(scheduler), kind=kind)
+
+
+def is_pipeline_folder(path: str | os.PathLike) -> bool:
+    """A diffusers pipeline folder (model_index.json or text encoders), not a bare transformer folder."""
+    path = pathlib.Path(path)
+    return (path / pipelines.MODEL_INDEX).is_file() or (path / "text_encoder").is_dir()
 
 
 def load_demo_pipeline(path: str | os.PathLike | None = None, workdir: str | None = None, step: int | None = None,
@@ -133,35 +143,20 @@ def load_demo_pipeline(path: str | os.PathLike | None = None, workdir: str | Non
                     size=latents.LATENT_H_TOKENS * latents.PATCH_PIXELS)
 
 
-def _encode(pipeline: Pipeline, prompts: Sequence[str], max_sequence_length: int) -> tuple[jax.Array, jax.Array]:
+def _encode(pipeline: Pipeline, prompts: Sequence[str], max_sequence_length: int | None
+            ) -> tuple[jax.Array, jax.Array]:
     """(prompt embeds [B, T, D], pooled [B, P]); the demo world's table has its own fixed T."""
     if pipeline.encoders is None:
         from pnapo_jax.world import text as world_text
 
         return world_text.encode_prompts(prompts)
-    return text.encode_prompts(prompts, pipeline.encoders, max_sequence_length=max_sequence_length)
+    return pipeline.kind.encode(prompts, pipeline.encoders, max_sequence_length)
 
 
 def timestep_scale(scheduler: dict[str, Any]) -> float:
     """The transformer's timestep as FluxPipeline passes it is sigma * num_train_timesteps / 1000 (the scheduler's
     timesteps are sigma * N, the pipeline divides by 1000): sigma times this, 1 for FLUX's N = 1000."""
     return scheduler.get("num_train_timesteps", 1000) / 1000
-
-
-def schedule_mu(scheduler: dict[str, Any], image_seq_len: int) -> float:
-    """The `time_shift` mu that turns `flow.flux_sigmas` into the folder's FlowMatchEulerDiscreteScheduler
-    schedule as FluxPipeline drives it: FLUX's resolution rule with the config's constants, or for a fixed
-    shift s (use_dynamic_shifting off) mu = log s, since time_shift(log s, t) = s t / (1 + (s - 1) t)."""
-    unsupported = [k for k in _UNSUPPORTED_SCHEDULER if scheduler.get(k)]
-    if scheduler.get("time_shift_type", "exponential") != "exponential":
-        unsupported.append(f"time_shift_type={scheduler['time_shift_type']!r}")
-    if unsupported:
-        raise UserError(f"scheduler options not supported: {unsupported}")
-    if not scheduler.get("use_dynamic_shifting"):
-        return math.log(scheduler.get("shift", 1.0))
-    return flow.resolution_mu(image_seq_len, scheduler.get("base_image_seq_len", 256),
-                              scheduler.get("max_image_seq_len", 4096), scheduler.get("base_shift", 0.5),
-                              scheduler.get("max_shift", 1.15))
 
 
 def _noise_tokens(noise: np.ndarray, n: int, shape_CxHxW: tuple[int, int, int]) -> jax.Array:
@@ -184,42 +179,57 @@ def _negatives(negative_prompt: str | Sequence[str] | None, n: int) -> list[str]
 
 
 def iter_images(pipeline: Pipeline, prompts: str | Sequence[str], noise: np.ndarray | None = None, *,
-                height: int | None = None, width: int | None = None, num_steps: int = 28, guidance_scale: float = 3.5,
-                true_cfg_scale: float = 1.0, negative_prompt: str | Sequence[str] | None = None, seed: int = 0,
-                max_sequence_length: int = 512, batch_size: int | None = None,
+                height: int | None = None, width: int | None = None, num_steps: int = 28,
+                guidance_scale: float | None = None, true_cfg_scale: float = 1.0,
+                negative_prompt: str | Sequence[str] | None = None, seed: int = 0,
+                max_sequence_length: int | None = None, batch_size: int | None = None,
                 place: Callable[[jax.Array], jax.Array] | None = None) -> Iterator[np.ndarray]:
     """Images [b, H, W, 3] in [0, 1] for `prompts`, `batch_size` at a time (default: all at once).
 
     `noise`: the initial noises of all prompts (see the module docstring), default `flow.seeded_noise(seed, ...)`.
-    `true_cfg_scale` > 1 needs `negative_prompt` (one for all, or one per prompt; "" is the empty prompt).
+    FLUX: `guidance_scale` (default 3.5) is the guidance-distilled model's input; `true_cfg_scale` > 1 needs
+    `negative_prompt` (one for all, or one per prompt; "" is the empty prompt). SD3: `guidance_scale` (default 7)
+    is the classifier-free guidance scale, against `negative_prompt` (default ""); `true_cfg_scale` is refused.
+    `max_sequence_length`: T5 tokens, default the pipeline's (FLUX 512, SD3 256).
     `height` and `width` default to the pipeline's size (1024 for FLUX, 32 for the demo world).
     `place` puts each batch's noise and prompt embeddings where the batch runs (e.g. sharded over a mesh's data
     axis; the computation follows them), default: where they are.
     """
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    kind = pipeline.kind
+    guidance_scale = kind.guidance_scale if guidance_scale is None else guidance_scale
     negatives = _negatives(negative_prompt, len(prompts))
-    if true_cfg_scale > 1 and negatives is None:
-        raise UserError("--true_cfg_scale > 1 needs --negative_prompt (\"\" for the empty one)")
+    if kind.guidance_is_cfg:  # the scale is classifier-free guidance; the model takes no guidance input
+        if true_cfg_scale != 1:
+            raise UserError(f"--true_cfg_scale is FLUX's; {kind.pipeline_class}'s classifier-free guidance scale is "
+                            "--guidance_scale")
+        cfg_scale, model_guidance = guidance_scale, None
+        negatives = [""] * len(prompts) if negatives is None else negatives
+    else:
+        cfg_scale, model_guidance = true_cfg_scale, guidance_scale
+        if true_cfg_scale > 1 and negatives is None:
+            raise UserError("--true_cfg_scale > 1 needs --negative_prompt (\"\" for the empty one)")
     height, width = height or pipeline.size, width or pipeline.size
     f = 1 if pipeline.vae is None else pipeline.vae.downsample_factor
     if height % (2 * f) or width % (2 * f):
         raise UserError(f"--height and --width must be multiples of {2 * f}, got {height} x {width}")
-    shape_CxHxW = (pipeline.transformer.in_channels // 4, height // f, width // f)
+    channels = pipeline.transformer.in_channels // 4 if pipeline.vae is None else pipeline.vae.latent_channels
+    shape_CxHxW = (channels, height // f, width // f)
     tokens = _noise_tokens(np.asarray(noise), len(prompts), shape_CxHxW) if noise is not None else None
     h_tokens, w_tokens = height // (2 * f), width // (2 * f)
-    velocity = flux.Velocity(pipeline.transformer, h_tokens, w_tokens, pipeline.timestep_scale)
-    mu = schedule_mu(pipeline.scheduler, h_tokens * w_tokens)
+    velocity = kind.velocity(pipeline.transformer, h_tokens, w_tokens, pipeline.timestep_scale)
+    sigmas = kind.sigmas(pipeline.scheduler, num_steps, h_tokens * w_tokens)
     step = batch_size or len(prompts)
     for start in range(0, len(prompts), step):
         stop = min(start + step, len(prompts))
         x1 = tokens[start:stop] if tokens is not None else flux.pack_latents(
             flow.seeded_noise(seed, range(start, stop), shape_CxHxW))
-        cond = flux.conditioning(*_encode(pipeline, prompts[start:stop], max_sequence_length), guidance_scale)
-        negative = None if true_cfg_scale <= 1 else flux.conditioning(
-            *_encode(pipeline, negatives[start:stop], max_sequence_length), guidance_scale)
+        cond = kind.conditioning(*_encode(pipeline, prompts[start:stop], max_sequence_length), model_guidance)
+        negative = None if cfg_scale <= 1 else kind.conditioning(
+            *_encode(pipeline, negatives[start:stop], max_sequence_length), model_guidance)
         if place is not None:
             x1, cond, negative = place(x1), jax.tree.map(place, cond), jax.tree.map(place, negative)
-        x0 = flow.euler_sample(velocity, pipeline.variables, x1, cond, num_steps, true_cfg_scale, negative, mu=mu)
+        x0 = flow.euler_sample(velocity, pipeline.variables, x1, cond, num_steps, cfg_scale, negative, sigmas=sigmas)
         images = flux.unpack_latents(x0, *shape_CxHxW[1:])  # the demo world's latents are its pixels
         if pipeline.vae is not None:
             images = vae.decode(pipeline.vae_params, pipeline.vae, images)
@@ -228,7 +238,7 @@ def iter_images(pipeline: Pipeline, prompts: str | Sequence[str], noise: np.ndar
 
 def sample_images(pipeline: Pipeline, prompts: str | Sequence[str], noise: np.ndarray | None = None,
                   **kwargs: Any) -> np.ndarray:
-    """Images [B, H, W, 3] float32 in [0, 1], as FluxPipeline(output_type="np") gives them from the same
+    """Images [B, H, W, 3] float32 in [0, 1], as the diffusers pipeline (output_type="np") gives them from the same
     noise; `kwargs` are `iter_images`' (height, width, num_steps, guidance_scale, true_cfg_scale, ...)."""
     return np.concatenate(list(iter_images(pipeline, prompts, noise, **kwargs)))
 
@@ -244,8 +254,8 @@ def run() -> None:
 
     from pnapo_jax import cli, sampling
 
-    _PIPELINE = flags.DEFINE_string("pipeline", None, "Local diffusers FLUX pipeline folder; or a bare transformer "
-                                    "folder of the demo world (default: the shipped demo base).")
+    _PIPELINE = flags.DEFINE_string("pipeline", None, "Local diffusers FLUX or SD3 pipeline folder; or a bare "
+                                    "transformer folder of the demo world (default: the shipped demo base).")
     _PROMPT = flags.DEFINE_string("prompt", None, "One prompt; --out is then the PNG file.")
     _PROMPTS = flags.DEFINE_string("prompts", None, "Text file, one prompt a line; --out is then a folder "
                                    "receiving 00000.png, 00001.png, ... (the 0-based line number).")
@@ -256,13 +266,15 @@ def run() -> None:
                                    "1024 for FLUX, 32 for the demo world.")
     _WIDTH = flags.DEFINE_integer("width", None, "Image width in pixels; default as --height.")
     _NUM_STEPS = flags.DEFINE_integer("num_steps", 28, "Euler steps.")
-    _GUIDANCE = flags.DEFINE_float("guidance_scale", 3.5, "Guidance input of guidance-distilled models.")
-    _TRUE_CFG = flags.DEFINE_float("true_cfg_scale", 1.0, "Classifier-free guidance scale (> 1 needs "
+    _GUIDANCE = flags.DEFINE_float("guidance_scale", None, "FLUX: guidance input of guidance-distilled models "
+                                   "(default 3.5); SD3: classifier-free guidance scale (default 7).")
+    _TRUE_CFG = flags.DEFINE_float("true_cfg_scale", 1.0, "FLUX's classifier-free guidance scale (> 1 needs "
                                    "--negative_prompt).")
-    _NEGATIVE = flags.DEFINE_string("negative_prompt", None, "Negative prompt of true CFG, for every prompt.")
+    _NEGATIVE = flags.DEFINE_string("negative_prompt", None, "Negative prompt of classifier-free guidance, for "
+                                    "every prompt (SD3's default: \"\").")
     _SEED = flags.DEFINE_integer("seed", 0, "Noise seed (rule in the module docstring).")
     _NOISE = flags.DEFINE_string("noise", None, ".npy of every image's initial noise, instead of --seed's.")
-    _MAX_SEQ = flags.DEFINE_integer("max_sequence_length", 512, "T5 tokens.")
+    _MAX_SEQ = flags.DEFINE_integer("max_sequence_length", None, "T5 tokens (default: FLUX 512, SD3 256).")
     _BATCH = flags.DEFINE_integer("batch_size", 1, "Images sampled together.")
     _DTYPE = flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float32"], "Params and compute dtype.")
     flags.mark_flags_as_required(["out"])
@@ -272,16 +284,14 @@ def run() -> None:
         """What the flags alone say is wrong, before anything loads."""
         if _PIPELINE.value is not None:  # None: the demo world's shipped base (or --workdir's demo run)
             pipeline = pathlib.Path(_PIPELINE.value)
-            parts = ["vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler"]
             if not pipeline.is_dir():
-                raise UserError(f"--pipeline={pipeline} is not a folder (a diffusers FLUX pipeline folder, or a demo "
-                                "world transformer folder)")
-            if (pipeline / "text_encoder").is_dir():  # a FLUX pipeline; without it, a demo transformer folder
-                missing = [p for p in parts + ["transformer"] * (_WORKDIR.value is None)
-                           if not (pipeline / p).is_dir()]
-                if missing:
-                    raise UserError(f"--pipeline={pipeline} lacks {', '.join(missing)}: not a diffusers FLUX "
-                                    "pipeline folder")
+                raise UserError(f"--pipeline={pipeline} is not a folder (a diffusers FLUX or SD3 pipeline folder, or "
+                                "a demo world transformer folder)")
+            if is_pipeline_folder(pipeline):  # without model_index.json or text encoders: a demo transformer folder
+                try:
+                    pipelines.pipeline_kind(pipeline, need_transformer=_WORKDIR.value is None)
+                except UserError as e:
+                    raise UserError(f"--pipeline={e}") from None
         for flag in (_NUM_STEPS, _BATCH, _MAX_SEQ, _HEIGHT, _WIDTH):
             if flag.value is not None and flag.value < 1:
                 raise UserError(f"--{flag.name}={flag.value}: must be >= 1")

@@ -3,7 +3,7 @@ in, latents out, images scored), the prompt reader, and the batched sampler. Ima
 seeded-noise rule, `flow.seeded_noise(seed, n, shape)`."""
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 import jax
@@ -19,8 +19,9 @@ from pnapo_jax.setup import Setup
 
 class World(Protocol):
     """A text-to-image world: what generation, the sampling eval and the benchmark call. The embedded demo world
-    (pnapo_jax.world.DemoWorld) and FLUX.1 (pnapo_jax.flux_world.FluxWorld) are the two; a world may also have
-    `fidelity(images, prompts) -> [B]` (distance to the data, lower is better), which the sampling eval reports."""
+    (pnapo_jax.world.DemoWorld) and a pipeline folder's (pnapo_jax.pipeline_world.PipelineWorld) are the two; a world
+    may also have `fidelity(images, prompts) -> [B]` (distance to the data, lower is better), which the sampling eval
+    reports, and a `guide` (a `Guide`, or None): how its pipeline samples where that differs from FLUX's way."""
 
     latent_h_tokens: int
     latent_w_tokens: int
@@ -58,14 +59,33 @@ def read_prompts(path: str) -> list[str]:
     return [line.strip() for line in lines]
 
 
+@dataclasses.dataclass(frozen=True)
+class Guide:
+    """Sampling as a pipeline with real classifier-free guidance does it (SD3): v = v(negative) + cfg_scale
+    (v(prompt) - v(negative)), and its scheduler's noise levels instead of FLUX's schedule."""
+
+    cfg_scale: float
+    negative_embeds_TxD: np.ndarray  # the negative prompt's embeddings ("" as the pipeline's default)
+    negative_pooled_P: np.ndarray
+    sigmas: Callable[[int, int], np.ndarray]  # (num_steps, image tokens) -> [num_steps + 1] noise levels
+
+
+def world_guide(world: World) -> Guide | None:
+    """The world's `guide`, None for a world sampling FLUX's way (the demo world, FLUX pipeline folders)."""
+    return getattr(world, "guide", None)
+
+
 @dataclasses.dataclass
 class Sampler:
     """Jitted, batched sampling on the mesh. `variables` = {"params": ...} (and "lora" for a LoRA policy); `gen`
-    reads seed, num_steps, guidance_scale and shift_mu (config.generate's names)."""
+    reads seed, num_steps, guidance_scale and shift_mu (config.generate's names). Without a `guide`
+    guidance_scale is the model's guidance input and shift_mu the schedule's (FLUX); with one, the guide's CFG
+    scale and noise levels are used."""
 
     setup: Setup
     variables: Any
     gen: ml_collections.ConfigDict
+    guide: Guide | None = None
 
     def __post_init__(self):
         self.shape_IxC = (self.setup.image_tokens, self.setup.record_spec.channels)
@@ -84,8 +104,14 @@ class Sampler:
             x = jnp.asarray(x, jnp.float32)
             return jax.device_put(jnp.pad(x, [(0, pad)] + [(0, 0)] * (x.ndim - 1)), self.batch_sharding)
 
-        cond = self.setup.backbone.conditioning(put(embeds_NxTxD), put(pooled_NxP), self.gen.guidance_scale)
+        conditioning, guide = self.setup.backbone.conditioning, self.guide
+        cond = conditioning(put(embeds_NxTxD), put(pooled_NxP), self.gen.guidance_scale if guide is None else None)
+        cfg_scale, negative, sigmas = 1.0, None, None
+        if guide is not None:
+            repeat = lambda x: np.broadcast_to(x, (N, *x.shape))
+            negative = conditioning(put(repeat(guide.negative_embeds_TxD)), put(repeat(guide.negative_pooled_P)), None)
+            cfg_scale, sigmas = guide.cfg_scale, guide.sigmas(self.gen.num_steps, noise_NxIxC.shape[1])
         with self.setup.scope():  # the mesh: the splash kernel runs per device on its batch shard (shard_map)
             x0 = flow.euler_sample(self.setup.velocity, self.variables, put(noise_NxIxC), cond, self.gen.num_steps,
-                                   mu=self.gen.shift_mu)
+                                   cfg_scale, negative, mu=self.gen.shift_mu, sigmas=sigmas)
         return x0[:N]

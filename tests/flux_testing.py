@@ -91,14 +91,15 @@ def torch_clip(seed: int = 0, **overrides) -> transformers.CLIPTextModel:
     return randomize(transformers.CLIPTextModel(config), seed, 0.2)
 
 
-def clip_tokenizer() -> transformers.CLIPTokenizer:
-    """A CLIP BPE tokenizer over a tiny vocabulary built like CLIP's: byte symbols, their `</w>` forms, merges."""
+def clip_tokenizer(**kwargs) -> transformers.CLIPTokenizer:
+    """A CLIP BPE tokenizer over a tiny vocabulary built like CLIP's: byte symbols, their `</w>` forms, merges;
+    `kwargs` go to CLIPTokenizer (e.g. SD3's CLIP-G pad_token="!")."""
     byte_symbols = sorted(tokenizers.pre_tokenizers.ByteLevel.alphabet())
     merges = [("c", "a"), ("ca", "t</w>"), ("d", "o"), ("do", "g</w>"), ("p", "h"), ("ph", "o"), ("t", "h"),
               ("th", "e</w>"), ("s", "k"), ("sk", "y</w>")]
     tokens = byte_symbols + [s + "</w>" for s in byte_symbols] + ["".join(m) for m in merges]
     vocab = {t: i for i, t in enumerate([*tokens, "<|startoftext|>", "<|endoftext|>"])}
-    return transformers.CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77)
+    return transformers.CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77, **kwargs)
 
 
 def t5_tokenizer() -> transformers.T5TokenizerFast:
@@ -140,3 +141,43 @@ def tiny_flux_pipeline(scheduler_config: dict | None = None) -> FluxPipeline:
         transformer=torch_flux(seed=1, in_channels=64, pooled_projection_dim=32, num_layers=1, num_single_layers=1))
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def pickscore_folder(folder) -> None:
+    """A tiny random PickScore-layout reward folder: a CLIPModel with FLUX's CLIP tokenizer, as PickScore ships."""
+    tokenizer = clip_tokenizer()
+    config = transformers.CLIPConfig(
+        text_config=dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=40, num_hidden_layers=1,
+                         num_attention_heads=4, max_position_embeddings=77, eos_token_id=2, bos_token_id=0,
+                         pad_token_id=1),
+        vision_config=dict(hidden_size=32, intermediate_size=40, num_hidden_layers=1, num_attention_heads=4,
+                           patch_size=8, image_size=32), projection_dim=16)
+    randomize(transformers.CLIPModel(config), seed=3, scale=0.2).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+
+
+def assert_pairs_hold_the_worlds_computations(records, embeds, pooled, seed: int, grid: tuple[int, int],
+                                              pipeline, reward) -> None:
+    """Records of K=2 samples per prompt (in prompt order) hold the encoders' embeddings, the seeded noises, and
+    the rewards of their latents decoded with the pipeline folder's VAE; winners beat losers."""
+    import jax
+
+    from pnapo_jax.convert.vae import load_vae
+    from pnapo_jax.models import vae
+
+    h, w = grid
+    vae_cfg, vae_params = load_vae(pipeline)
+    key = jax.random.PRNGKey(seed)
+    for p, r in enumerate(records):
+        np.testing.assert_array_equal(r["prompt_embeds"], embeds[p])
+        np.testing.assert_array_equal(r["pooled_prompt_embeds"], pooled[p])
+        assert {r["seed_w"], r["seed_l"]} == {2 * p, 2 * p + 1}
+        for side in "wl":
+            noise = jax.random.normal(jax.random.fold_in(key, r[f"seed_{side}"]), (h * w, 64))
+            np.testing.assert_array_equal(r[f"x1_{side}"], noise)
+        latents = flux.unpack_latents(np.stack([r["x0_w"], r["x0_l"]]), 2 * h, 2 * w)
+        images = np.clip(np.asarray(vae.decode(vae_params, vae_cfg, latents)) / 2 + 0.5, 0, 1).transpose(0, 2, 3, 1)
+        assert images.shape == (2, 16 * h, 16 * w, 3)
+        np.testing.assert_allclose([r["reward_w"], r["reward_l"]], reward(images, [r["prompt"]] * 2), rtol=1e-4,
+                                   atol=1e-5)
+        assert r["reward_w"] > r["reward_l"]

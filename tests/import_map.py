@@ -26,13 +26,14 @@ LAYERS = {
     "pnapo_jax.convert": 3,
     "pnapo_jax.text": 4, "pnapo_jax.rewards": 4, "pnapo_jax.reference": 4,
     "pnapo_jax.world": 4,
+    "pnapo_jax.sd3_text": 4, "pnapo_jax.pipelines": 6,  # SD3's prompt encoding; the FLUX / SD3 pipeline folders
     "pnapo_jax.backbones": 5,
     # the run config: its model fields from a backbone's model config, the backbone checks its own fields
     "pnapo_jax.config": 6, "pnapo_jax.config_check": 6,
     # what every command builds on
     "pnapo_jax.setup": 7,
     "pnapo_jax.sampling": 8, "pnapo_jax.step": 8,
-    "pnapo_jax.flux_world": 9, "pnapo_jax.worlds": 10, "pnapo_jax.report": 10,
+    "pnapo_jax.pipeline_world": 9, "pnapo_jax.worlds": 10, "pnapo_jax.report": 10,
     # commands, beside each other and under the loop
     "pnapo_jax.generate": 11, "pnapo_jax.evaluate": 11, "pnapo_jax.export": 11, "pnapo_jax.sample": 11,
     "pnapo_jax.aot": 11, "pnapo_jax.bench": 11,

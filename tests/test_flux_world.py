@@ -12,16 +12,13 @@ import sys
 import jax
 import numpy as np
 import pytest
-import transformers
 from etils import epath
-from flux_testing import clip_tokenizer, randomize, tiny_flux_pipeline
+from flux_testing import assert_pairs_hold_the_worlds_computations, pickscore_folder, tiny_flux_pipeline
 
 from pnapo_jax import evaluate, generate, rewards, text, train, worlds
-from pnapo_jax.convert.vae import load_vae
 from pnapo_jax.data.source import open_written
-from pnapo_jax.flux_world import FluxWorld
-from pnapo_jax.models import flux, vae
 from pnapo_jax.models.flux import FluxConfig
+from pnapo_jax.pipeline_world import PipelineWorld
 from pnapo_jax.setup import base_params, make_setup
 
 sys.path.insert(0, str(epath.Path(__file__).parent.parent / "configs"))
@@ -37,15 +34,7 @@ def folders(tmp_path_factory) -> tuple[epath.Path, epath.Path]:
     pipeline = epath.Path(tmp_path_factory.mktemp("flux_pipeline"))
     tiny_flux_pipeline().save_pretrained(pipeline)
     reward = epath.Path(tmp_path_factory.mktemp("pickscore"))
-    tokenizer = clip_tokenizer()
-    config = transformers.CLIPConfig(
-        text_config=dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=40, num_hidden_layers=1,
-                         num_attention_heads=4, max_position_embeddings=77, eos_token_id=2, bos_token_id=0,
-                         pad_token_id=1),
-        vision_config=dict(hidden_size=32, intermediate_size=40, num_hidden_layers=1, num_attention_heads=4,
-                           patch_size=8, image_size=32), projection_dim=16)
-    randomize(transformers.CLIPModel(config), seed=3, scale=0.2).save_pretrained(reward)
-    tokenizer.save_pretrained(reward)
+    pickscore_folder(reward)
     return pipeline, reward
 
 
@@ -77,22 +66,10 @@ def test_flux_pairs_hold_the_worlds_computations_and_train(folders, tmp_path):
     assert [r["prompt"] for r in records] == PROMPTS
 
     embeds, pooled = text.encode_prompts(PROMPTS, text.load_text_encoders(pipeline), max_sequence_length=TEXT_LEN)
-    vae_cfg, vae_params = load_vae(pipeline)
     reward = rewards.load_reward("pickscore", reward_dir)
-    key = jax.random.PRNGKey(config.generate.seed)
-    for p, r in enumerate(records):
-        np.testing.assert_array_equal(r["prompt_embeds"], embeds[p])
-        np.testing.assert_array_equal(r["pooled_prompt_embeds"], pooled[p])
-        assert {r["seed_w"], r["seed_l"]} == {2 * p, 2 * p + 1}
-        for side in "wl":
-            noise = jax.random.normal(jax.random.fold_in(key, r[f"seed_{side}"]), (H_TOKENS * W_TOKENS, 64))
-            np.testing.assert_array_equal(r[f"x1_{side}"], noise)
-        latents = flux.unpack_latents(np.stack([r["x0_w"], r["x0_l"]]), 2 * H_TOKENS, 2 * W_TOKENS)
-        images = np.clip(np.asarray(vae.decode(vae_params, vae_cfg, latents)) / 2 + 0.5, 0, 1).transpose(0, 2, 3, 1)
-        assert images.shape == (2, 32, 48, 3)
-        np.testing.assert_allclose([r["reward_w"], r["reward_l"]], reward(images, [r["prompt"]] * 2), rtol=1e-4,
-                                   atol=1e-5)
-        assert r["reward_w"] > r["reward_l"]
+    assert_pairs_hold_the_worlds_computations(records, embeds, pooled, config.generate.seed, (H_TOKENS, W_TOKENS),
+                                              pipeline, reward)
+    for r in records:
         assert (r["height"], r["width"], r["steps"], r["model_id"]) == (32, 48, 2, str(pipeline / "transformer"))
 
     config.data.source, config.data.path = "array_record", str(tmp_path / "pairs")
@@ -118,16 +95,16 @@ def test_errors(folders, tmp_path):
     config = _config(*folders, tmp_path)
     config.generate.reward_path = ""
     with pytest.raises(ValueError, match="reward_path is required"):
-        FluxWorld(config)
+        PipelineWorld(config)
     config.generate.reward_path, config.generate.reward = str(folders[1]), "no_such_reward"
     with pytest.raises(ValueError, match="choose from"):
-        FluxWorld(config)
+        PipelineWorld(config)
     config.generate.reward, config.generate.prompts_file = "pickscore", ""
     with pytest.raises(ValueError, match="no built-in prompts"):
-        FluxWorld(config).prompts("train")
+        PipelineWorld(config).prompts("train")
     config.generate.pipeline = ""  # model.pretrained is the transformer folder, not a pipeline
     with pytest.raises(FileNotFoundError, match="has no text_encoder, text_encoder_2, tokenizer"):
-        FluxWorld(config).encode_prompts(["a cat"])
+        PipelineWorld(config).encode_prompts(["a cat"])
     config.generate.world = "sd3"
     with pytest.raises(ValueError, match=r"known worlds are \('demo', 'flux'\)"):
         worlds.make_world(config)

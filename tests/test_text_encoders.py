@@ -19,7 +19,7 @@ import torch
 import transformers
 from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
 from flax import traverse_util
-from flux_testing import CLIP_TINY, T5_TINY, clip_tokenizer, t5_tokenizer, torch_clip, torch_t5
+from flux_testing import CLIP_TINY, T5_TINY, clip_tokenizer, randomize, t5_tokenizer, torch_clip, torch_t5
 from jax.sharding import Mesh, NamedSharding
 
 from pnapo_jax import sharding, text
@@ -239,3 +239,27 @@ def test_encode_prompts_with_prompt_2(flux_pipeline):
         ref_embeds, ref_pooled, _ = pipe.encode_prompt(PROMPTS[:2], prompt_2=prompts_2, max_sequence_length=16)
     assert _rel_err(embeds, ref_embeds.numpy()) <= 1e-4
     assert _rel_err(pooled, ref_pooled.numpy()) <= 1e-4
+
+
+@pytest.mark.parametrize("name", ["eos_id", "legacy_eos_2"])
+def test_clip_with_projection_matches_transformers(tmp_path, name):
+    """CLIPTextModelWithProjection (SD3's CLIP-L / CLIP-G): projected pooled output and every layer's states."""
+    overrides, length = CLIP_CASES[name]
+    config = transformers.CLIPTextConfig(**{**CLIP_TINY, **overrides, "projection_dim": 24})
+    projecting = randomize(transformers.CLIPTextModelWithProjection(config), 0, 0.2)
+    projecting.save_pretrained(tmp_path)
+    cfg, params = hf_files.load_clip_text_with_projection(tmp_path)
+    assert cfg.projection_dim == 24
+    ids, mask = _ids_and_mask(3, length, cfg.vocab_size, eos=cfg.eos_token_id, pad=cfg.eos_token_id, seed=length,
+                              reserved=(2,))
+    with torch.no_grad():
+        ref = projecting(torch.from_numpy(ids), output_hidden_states=True)
+    hidden, pooled, states = jax.jit(clip.CLIPTextModel(cfg).apply, static_argnames="output_hidden_states")(
+        {"params": params}, ids, output_hidden_states=True)
+    assert _rel_err(hidden, ref.last_hidden_state.numpy()) <= 1e-4
+    assert _rel_err(pooled, ref.text_embeds.numpy()) <= 1e-4
+    assert len(states) == len(ref.hidden_states) == cfg.num_hidden_layers + 1
+    for ours, theirs in zip(states, ref.hidden_states, strict=True):
+        assert _rel_err(ours, theirs.numpy()) <= 1e-4
+    with pytest.raises(ValueError, match="unexpected keys.*text_projection"):  # not a plain CLIPTextModel
+        hf_files.load_clip_text(tmp_path)

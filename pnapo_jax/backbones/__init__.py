@@ -2,11 +2,11 @@
 
 import ml_collections
 
-from pnapo_jax.backbones import flux
+from pnapo_jax.backbones import flux, sd3
 from pnapo_jax.backbones.interface import Backbone, record_conditioning
 from pnapo_jax.errors import UserError
 
-BACKBONES = {"flux": flux.BACKBONE}
+BACKBONES = {"flux": flux.BACKBONE, "sd3": sd3.BACKBONE}
 DEFAULT = "flux"  # config.defaults()' backbone, and that of configs saved before backbones had names
 
 

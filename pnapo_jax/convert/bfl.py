@@ -1,12 +1,13 @@
-"""Black Forest Labs single-file checkpoints (`flux1-dev.safetensors`) <-> our params.
+"""Original single-file checkpoints <-> our params: Black Forest Labs' (`flux1-dev.safetensors`) for FLUX, and,
+through the same functions with another key map, Stability's for SD3 (`pnapo_jax.convert.sd3`).
 
-A BFL tensor is one or more diffusers tensors concatenated on the output axis (`keys.diffusers_to_bfl`),
-so loading splits each BFL tensor into diffusers tensors and feeds the diffusers assembler.
+A single-file tensor is one or more diffusers tensors concatenated on the output axis (`keys.diffusers_to_bfl`),
+so loading splits each such tensor into diffusers tensors and feeds the diffusers assembler.
 """
 
 import collections
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Collection, Iterator
 from typing import Any
 
 import numpy as np
@@ -15,53 +16,75 @@ from pnapo_jax.convert import files, keys, layout
 from pnapo_jax.errors import UserError
 from pnapo_jax.models import flux
 
+KeyMap = Callable[[str], tuple[str, int]]  # diffusers key -> (single-file key, position among the fused tensors)
 
-def _fused(lay: layout.Layout) -> dict[str, list[str]]:
-    """BFL key -> the diffusers keys concatenated (in order, on axis 0) into it."""
+
+def _fused(lay: layout.Layout, to_single: KeyMap) -> dict[str, list[str]]:
+    """Single-file key -> the diffusers keys concatenated (in order, on axis 0) into it."""
     parts: dict[str, dict[int, str]] = collections.defaultdict(dict)
     for key in lay.entries:
-        bfl_key, position = keys.diffusers_to_bfl(key)
-        parts[bfl_key][position] = key
-    return {bfl_key: [by_pos[p] for p in sorted(by_pos)] for bfl_key, by_pos in parts.items()}
+        single_key, position = to_single(key)
+        parts[single_key][position] = key
+    return {single_key: [by_pos[p] for p in sorted(by_pos)] for single_key, by_pos in parts.items()}
 
 
-def _swap_halves_if_needed(bfl_key: str, x: np.ndarray) -> np.ndarray:
-    """(shift, scale) <-> (scale, shift) for the final modulation; its own inverse."""
-    if bfl_key.rsplit(".", 1)[0] != keys.BFL_SHIFT_SCALE_MODULE:
+def _swap_halves_if_needed(single_key: str, x: np.ndarray, swapped: Collection[str]) -> np.ndarray:
+    """(shift, scale) <-> (scale, shift) for the modulations in `swapped`; its own inverse."""
+    if single_key.rsplit(".", 1)[0] not in swapped:
         return x
     half = x.shape[0] // 2
     return np.concatenate([x[half:], x[:half]])
 
 
-def load_bfl_transformer(file: str | os.PathLike, config: flux.FluxConfig, dtype: Any = None,
-                         shardings: Any = None) -> dict[str, Any]:
-    """Our params (scanned if `config.scan_layers`) from a BFL file; `dtype` defaults to config.param_dtype."""
+def load_single_file(file: str | os.PathLike, config: Any, to_single: KeyMap, swapped: Collection[str],
+                     prefix: str = "", dtype: Any = None, shardings: Any = None) -> dict[str, Any]:
+    """Our params (scanned if `config.scan_layers`) from a single file whose keys `to_single` maps, each optionally
+    under `prefix`; the model's constant buffers (layout.buffers) are checked, not loaded."""
     file = str(file)
     if not os.path.isfile(file):
-        raise UserError(f"BFL checkpoint {file} not found")
+        raise UserError(f"single-file checkpoint {file} not found")
     lay = layout.layout(config, scanned=config.scan_layers)
-    fused = _fused(lay)
+    fused = _fused(lay, to_single)
+    buffers = {to_single(k)[0]: x for k, x in layout.buffers(config).items()}
     with files.open_safetensors(file) as f:
-        layout.check_keys(fused, dict.fromkeys(f.keys(), file), file)
+        stored = {k.removeprefix(prefix): k for k in f.keys()}
+        layout.check_backbone(type(config), file, None, stored)
+        layout.check_keys([*fused, *buffers], dict.fromkeys(stored, file), file)
+        for key, expected in buffers.items():
+            layout.check_buffer(stored[key], file, expected, f.get_tensor(stored[key]))
 
         def diffusers_tensors() -> Iterator[tuple[str, np.ndarray, str]]:
-            for bfl_key in sorted(f.keys(), key=layout.by_leaf):
-                names = fused[bfl_key]
+            for single_key in sorted(fused, key=layout.by_leaf):
+                names = fused[single_key]
                 rows = [lay.entries[k].shape[0] for k in names]
-                x = f.get_tensor(bfl_key)
-                files.check_finite(bfl_key, file, x)
-                layout.check_shape(bfl_key, file, (sum(rows), *lay.entries[names[0]].shape[1:]), x.shape)
-                x = _swap_halves_if_needed(bfl_key, x)
+                x = f.get_tensor(stored[single_key])
+                files.check_finite(stored[single_key], file, x)
+                layout.check_shape(stored[single_key], file, (sum(rows), *lay.entries[names[0]].shape[1:]), x.shape)
+                x = _swap_halves_if_needed(single_key, x, swapped)
                 for name, part in zip(names, np.split(x, np.cumsum(rows)[:-1]), strict=True):
                     yield name, part, file
 
         return layout.assemble(lay, diffusers_tensors(), config.param_dtype if dtype is None else dtype, shardings)
 
 
+def save_single_file(config: Any, params: Any, file: str | os.PathLike, to_single: KeyMap,
+                     swapped: Collection[str], prefix: str = "") -> None:
+    """Write our params (scanned or per-layer) as one file in a single-file layout, buffers included."""
+    lay, flat = layout.export_layout(config, params)
+    tensors = {prefix + single_key: _swap_halves_if_needed(
+        single_key, np.concatenate([layout.tensor(flat, lay.entries[k]) for k in names]), swapped)
+        for single_key, names in _fused(lay, to_single).items()}
+    tensors.update({prefix + to_single(k)[0]: x for k, x in layout.buffers(config).items()})
+    files.write_safetensors(tensors, file)
+
+
+def load_bfl_transformer(file: str | os.PathLike, config: flux.FluxConfig, dtype: Any = None,
+                         shardings: Any = None) -> dict[str, Any]:
+    """Our params (scanned if `config.scan_layers`) from a BFL file; `dtype` defaults to config.param_dtype."""
+    return load_single_file(file, config, keys.diffusers_to_bfl, (keys.BFL_SHIFT_SCALE_MODULE,), dtype=dtype,
+                            shardings=shardings)
+
+
 def save_bfl_transformer(config: flux.FluxConfig, params: Any, file: str | os.PathLike) -> None:
     """Write our params (scanned or per-layer) as one file in BFL's layout, as `from_single_file` reads it."""
-    lay, flat = layout.export_layout(config, params)
-    tensors = {bfl_key: _swap_halves_if_needed(
-        bfl_key, np.concatenate([layout.tensor(flat, lay.entries[k]) for k in names]))
-        for bfl_key, names in _fused(lay).items()}
-    files.write_safetensors(tensors, file)
+    save_single_file(config, params, file, keys.diffusers_to_bfl, (keys.BFL_SHIFT_SCALE_MODULE,))

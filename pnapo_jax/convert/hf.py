@@ -119,9 +119,12 @@ def check_keys(folder: pathlib.Path, where: Mapping[str, str], stored: Mapping[s
 
 
 def _load(folder: str | os.PathLike, hf_config_cls: type, config_cls: type, model: Any, dtype: Any,
-          param_dtype: Any, shardings: Any) -> tuple[Any, dict[str, Any]]:
-    """(config, params) of one of our ports (`model`: its module, with init_params and stored_keys)."""
-    cfg = config_cls.from_hf(hf_config_cls(**read_config(folder)), **dtypes(dtype, param_dtype))
+          param_dtype: Any, shardings: Any, **overrides: Any) -> tuple[Any, dict[str, Any]]:
+    """(config, params) of one of our ports (`model`: its module, with init_params and stored_keys); `overrides`
+    take fields from the transformers config (`hf config -> our field value`)."""
+    hf_config = hf_config_cls(**read_config(folder))
+    fields = {k: get(hf_config) for k, get in overrides.items()}
+    cfg = config_cls.from_hf(hf_config, **dtypes(dtype, param_dtype), **fields)
     return cfg, load_params(folder, model.init_params, cfg, model.stored_keys, shardings)
 
 
@@ -141,3 +144,11 @@ def load_clip_text(folder: str | os.PathLike, dtype: Any = None, param_dtype: An
     `dtype` is the compute dtype, `param_dtype` the storage dtype (default: `dtype`, else float32).
     """
     return _load(folder, transformers.CLIPTextConfig, clip.CLIPTextConfig, clip, dtype, param_dtype, shardings)
+
+
+def load_clip_text_with_projection(folder: str | os.PathLike, dtype: Any = None, param_dtype: Any = None,
+                                   shardings: Any = None) -> tuple[clip.CLIPTextConfig, dict[str, Any]]:
+    """(config, params) from a transformers `CLIPTextModelWithProjection` folder (SD3's CLIP-L and CLIP-G): the
+    text model and its `text_projection` (config.json's projection_dim)."""
+    return _load(folder, transformers.CLIPTextConfig, clip.CLIPTextConfig, clip, dtype, param_dtype, shardings,
+                 projection_dim=lambda c: c.projection_dim)

@@ -24,7 +24,7 @@ _PREFIX = "transformer"  # FluxPipeline's component the adapters belong to
 def lora_state_dict(cfg: flux.FluxConfig, lora: Any) -> dict[str, Any]:
     """PEFT-style tensors (torch layout, scale folded into lora_B) of adapters in either param layout."""
     flat = traverse_util.flatten_dict(nn.meta.unbox(lora))
-    lay = layout.layout(cfg, scanned=any(path[0] in flux.STACKS for path in flat))
+    lay = layout.layout(cfg, scanned=layout.is_scanned(cfg, flat))
     out, used = {}, set()
     for key, e in lay.entries.items():
         if e.path[-1] != "kernel" or (*e.path[:-1], "lora_a") not in flat:

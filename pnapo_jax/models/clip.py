@@ -1,9 +1,14 @@
-"""CLIP text model in Flax linen, computing what transformers' `CLIPTextModel` computes (FLUX's text_encoder).
+"""CLIP text model in Flax linen, computing what transformers' `CLIPTextModel` computes (FLUX's text_encoder), and
+with `projection_dim` set what `CLIPTextModelWithProjection` computes (SD3's CLIP-L and CLIP-G).
 
 Token + learned position embeddings, pre-norm causal transformer layers, a final LayerNorm; the pooled output
-is the final state at the end-of-text token. Param names follow transformers v5's state dict
-(`encoder/layers_3/self_attn/q_proj/kernel`); checkpoints written before v5 prefix them with `text_model.`,
-which loading strips. Norm statistics, attention logits and softmax are fp32.
+is the final state at the end-of-text token (with a projection: that state through the bias-free
+`text_projection`, transformers' `text_embeds`). SD3 reads the penultimate layer's states, which
+`output_hidden_states` returns as transformers does (the embeddings, then every layer's output).
+
+Param names follow transformers v5's state dict (`encoder/layers_3/self_attn/q_proj/kernel`); checkpoints written
+before v5, and every CLIPTextModelWithProjection, prefix them with `text_model.`, which loading strips.
+Norm statistics, attention logits and softmax are fp32.
 """
 
 import dataclasses
@@ -38,6 +43,7 @@ class CLIPTextConfig:
     hidden_act: str = "quick_gelu"
     layer_norm_eps: float = 1e-5
     eos_token_id: int = LEGACY_EOS_TOKEN_ID  # as openai/clip-vit-large-patch14, FLUX's text_encoder
+    projection_dim: int | None = None  # CLIPTextModelWithProjection's text_projection width; None: no projection
     dtype: str = "float32"  # compute dtype
     param_dtype: str = "float32"  # storage dtype of the parameters
 
@@ -115,10 +121,13 @@ class Encoder(nn.Module):
     cfg: CLIPTextConfig
 
     @nn.compact
-    def __call__(self, x_BxLxD: jax.Array, mask_Bx1xLxL: jax.Array) -> jax.Array:
+    def __call__(self, x_BxLxD: jax.Array, mask_Bx1xLxL: jax.Array, all_states: bool = False
+                 ) -> jax.Array | tuple[jax.Array, ...]:
+        """The last layer's output; with `all_states` every state: the input, then each layer's output."""
+        states = [x_BxLxD]
         for i in range(self.cfg.num_hidden_layers):
-            x_BxLxD = EncoderLayer(self.cfg, name=f"layers_{i}")(x_BxLxD, mask_Bx1xLxL)
-        return x_BxLxD
+            states.append(EncoderLayer(self.cfg, name=f"layers_{i}")(states[-1], mask_Bx1xLxL))
+        return tuple(states) if all_states else states[-1]
 
 
 def pool_index(input_ids_BxL: jax.Array, eos_token_id: int) -> jax.Array:
@@ -129,22 +138,27 @@ def pool_index(input_ids_BxL: jax.Array, eos_token_id: int) -> jax.Array:
 
 
 class CLIPTextModel(nn.Module):
-    """input ids [B, L] (and optional attention mask, 1 = attend) -> (last hidden state [B, L, D], pooled [B, D])."""
+    """input ids [B, L] (and optional attention mask, 1 = attend) -> (last hidden state [B, L, D], pooled [B, D]
+    or with cfg.projection_dim [B, projection_dim]); with `output_hidden_states` also every layer's states
+    (num_hidden_layers + 1 of [B, L, D], before the final LayerNorm, as transformers' `hidden_states`)."""
 
     cfg: CLIPTextConfig
 
     @nn.compact
-    def __call__(self, input_ids_BxL: jax.Array, attention_mask_BxL: jax.Array | None = None
-                 ) -> tuple[jax.Array, jax.Array]:
+    def __call__(self, input_ids_BxL: jax.Array, attention_mask_BxL: jax.Array | None = None,
+                 output_hidden_states: bool = False) -> tuple[Any, ...]:
         cfg = self.cfg
         L = input_ids_BxL.shape[1]
         mask = jnp.tril(jnp.ones((L, L), bool))[None, None]
         if attention_mask_BxL is not None:
             mask = mask & attention_mask_BxL.astype(bool)[:, None, None, :]
-        x = Embeddings(cfg, name="embeddings")(input_ids_BxL)
-        x = LayerNorm(cfg, name="final_layer_norm")(Encoder(cfg, name="encoder")(x, mask))
+        states = Encoder(cfg, name="encoder")(Embeddings(cfg, name="embeddings")(input_ids_BxL), mask, True)
+        x = LayerNorm(cfg, name="final_layer_norm")(states[-1])
         pooled = jnp.take_along_axis(x, pool_index(input_ids_BxL, cfg.eos_token_id)[:, None, None], axis=1)[:, 0]
-        return x, pooled
+        if cfg.projection_dim is not None:
+            pooled = hf.dense(cfg.projection_dim, ("embed", "embed_out"), cfg.dtype, cfg.param_dtype, False,
+                              "text_projection")(pooled)
+        return (x, pooled, states) if output_hidden_states else (x, pooled)
 
 
 def init_params(cfg: CLIPTextConfig, rng: jax.Array, seq_len: int = 8) -> dict[str, Any]:
