@@ -75,10 +75,13 @@ def checkpoint_policy(workdir: str, step: int | None = None) -> tuple[flux.FluxC
 
 
 def load_pipeline(path: str | os.PathLike, workdir: str | None = None, step: int | None = None,
-                  dtype: str = "float32") -> Pipeline:
+                  dtype: str = "float32", transformer_shardings: Callable[[flux.FluxConfig], Any] | None = None
+                  ) -> Pipeline:
     """A local FLUX pipeline folder; with `workdir` the checkpoint's policy replaces its transformer.
 
     `dtype` is every model's parameter and compute dtype; images come back in float32 whatever it is.
+    `transformer_shardings` (config -> {"params": shardings}) places the folder's transformer straight into them,
+    so no device ever holds all of it.
     """
     if step is not None and workdir is None:
         raise UserError("--step: a checkpoint step needs the training workdir it belongs to (--workdir)")
@@ -86,7 +89,12 @@ def load_pipeline(path: str | os.PathLike, workdir: str | None = None, step: int
         return load_demo_pipeline(path, workdir, step, dtype)
     path = pathlib.Path(path)
     if workdir is None:
-        cfg, params = convert.load_diffusers_transformer(path, dtype)
+        shardings = None
+        if transformer_shardings is not None:
+            folder = files.resolve_transformer_dir(path)
+            shardings = transformer_shardings(flux.FluxConfig.from_diffusers(
+                files.read_json(folder / files.CONFIG_NAME), param_dtype=dtype))["params"]
+        cfg, params = convert.load_diffusers_transformer(path, dtype, shardings)
         variables = {"params": params}
     else:
         cfg, variables = checkpoint_policy(workdir, step)
@@ -187,14 +195,16 @@ def iter_images(pipeline: Pipeline, prompts: str | Sequence[str], noise: np.ndar
                 height: int | None = None, width: int | None = None, num_steps: int = 28, guidance_scale: float = 3.5,
                 true_cfg_scale: float = 1.0, negative_prompt: str | Sequence[str] | None = None, seed: int = 0,
                 max_sequence_length: int = 512, batch_size: int | None = None,
-                place: Callable[[jax.Array], jax.Array] | None = None) -> Iterator[np.ndarray]:
+                place: Callable[[jax.Array], jax.Array] | None = None,
+                fetch: Callable[[jax.Array], np.ndarray] = np.asarray) -> Iterator[np.ndarray]:
     """Images [b, H, W, 3] in [0, 1] for `prompts`, `batch_size` at a time (default: all at once).
 
     `noise`: the initial noises of all prompts (see the module docstring), default `flow.seeded_noise(seed, ...)`.
     `true_cfg_scale` > 1 needs `negative_prompt` (one for all, or one per prompt; "" is the empty prompt).
     `height` and `width` default to the pipeline's size (1024 for FLUX, 32 for the demo world).
     `place` puts each batch's noise and prompt embeddings where the batch runs (e.g. sharded over a mesh's data
-    axis; the computation follows them), default: where they are.
+    axis; the computation follows them), default: where they are; `fetch` brings the images back to the host
+    (a multi-host run: this process's rows of the global batch).
     """
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     negatives = _negatives(negative_prompt, len(prompts))
@@ -223,7 +233,7 @@ def iter_images(pipeline: Pipeline, prompts: str | Sequence[str], noise: np.ndar
         images = flux.unpack_latents(x0, *shape_CxHxW[1:])  # the demo world's latents are its pixels
         if pipeline.vae is not None:
             images = vae.decode(pipeline.vae_params, pipeline.vae, images)
-        yield np.asarray(jnp.clip(images / 2 + 0.5, 0, 1).transpose(0, 2, 3, 1))
+        yield fetch(jnp.clip(images / 2 + 0.5, 0, 1).transpose(0, 2, 3, 1))
 
 
 def sample_images(pipeline: Pipeline, prompts: str | Sequence[str], noise: np.ndarray | None = None,

@@ -78,8 +78,9 @@ def parse(spec: str) -> list[ModelSpec]:
     return out
 
 
-def load_transformer(spec: ModelSpec, dtype: str = "float32") -> tuple[Any, dict[str, Any]]:
-    """(FluxConfig, variables {"params", "lora"?}) of the model's transformer."""
+def load_transformer(spec: ModelSpec, dtype: str = "float32", shardings: Any = None) -> tuple[Any, dict[str, Any]]:
+    """(FluxConfig, variables {"params", "lora"?}) of the model's transformer; `shardings` (config -> variable
+    shardings) places a transformer folder's weights straight into them (a run's come on its training mesh)."""
     import dataclasses as dc
 
     import jax
@@ -90,6 +91,13 @@ def load_transformer(spec: ModelSpec, dtype: str = "float32") -> tuple[Any, dict
         cfg, variables = sample.checkpoint_policy(spec.path, spec.step)
         variables = jax.tree.map(lambda x: x.astype(dtype), variables)
     else:
-        cfg, params = convert.load_diffusers_transformer(spec.path, dtype)
+        placed = None
+        if shardings is not None:
+            from pnapo_jax.convert import files
+            from pnapo_jax.models import flux
+
+            config = files.read_json(pathlib.Path(spec.path) / files.CONFIG_NAME)
+            placed = shardings(flux.FluxConfig.from_diffusers(config, param_dtype=dtype))["params"]
+        cfg, params = convert.load_diffusers_transformer(spec.path, dtype, placed)
         variables = {"params": params}
     return dc.replace(cfg, dtype=dtype, param_dtype=dtype), variables
