@@ -18,7 +18,6 @@ Reward alone is easy to hack by drifting away from valid images, so every eval l
 """
 
 import dataclasses
-import pathlib
 import sys
 from typing import Any
 
@@ -84,7 +83,7 @@ def run() -> None:
     from absl import flags
 
     from pnapo_jax import cli
-    from pnapo_jax.bench import benchmark
+    from pnapo_jax.bench import benchmark, results
 
     f = flags
     f.DEFINE_string("models", None, "NAME=PATH,...: FLUX transformer folders (the demo base, exported), FLUX "
@@ -116,7 +115,7 @@ def run() -> None:
         names = [field.name for field in dataclasses.fields(benchmark.Options) if field.name != "show_progress"]
         summary = benchmark.run(benchmark.Options(**{n: getattr(f.FLAGS, n) for n in names}))
         if summary is not None:
-            print((pathlib.Path(f.FLAGS.out) / "results.md").read_text(), end="")
+            print(results.markdown(summary), end="")
             print(f"wrote {f.FLAGS.out}/results.json, scores.csv, results.md and report.html", file=sys.stderr)
 
     cli.run(main)

@@ -27,6 +27,12 @@ class MemoryGCS(MemoryFileSystem):
         return path.rstrip("/")
 
 
+def register() -> None:
+    """The stand-in for this whole process (a command run as a subprocess)."""
+    for protocol in MemoryGCS.protocol:
+        fsspec.register_implementation(protocol, MemoryGCS, clobber=True)
+
+
 @pytest.fixture
 def gcs(monkeypatch, tmp_path):
     """An empty gs:// for the test; the test runs in tmp_path, so a local "gs:" folder there is a path that

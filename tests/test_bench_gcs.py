@@ -4,6 +4,8 @@ through pathlib instead lands in the local "gs:" folder). The same files as a lo
 nothing, and the sweep report's table and plot next to the points."""
 
 import json
+import subprocess
+import sys
 
 from etils import epath
 from memory_gcs import gcs  # noqa: F401 (the fixture)
@@ -25,7 +27,8 @@ def _opts(out: str, prompts: str) -> benchmark.Options:
 
 def _counting_saves(monkeypatch) -> list:
     saved, save = [], sampling.save_png
-    monkeypatch.setattr(sampling, "save_png", lambda image, path: (saved.append(str(path)), save(image, path)))
+    monkeypatch.setattr(sampling, "save_png",
+                        lambda image, path, *text: (saved.append(str(path)), save(image, path, *text)))
     return saved
 
 
@@ -76,3 +79,16 @@ def test_sweep_report_over_a_gcs_sweep_with_its_benchmarks(gcs, tmp_path):  # no
     reward = summary["models"]["reflow"]["world_reward"]["value"]
     assert "bench:bench/reflow/world_reward" in csv_text.splitlines()[0] and f"{reward}" in csv_text
     assert (root / "sweep_eval_reward_mean.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_evaluate_command_prints_its_table_for_a_gcs_out(tmp_path):
+    """The command itself with --out=gs://...: the table printed at the end, nothing written locally."""
+    script = (f"import sys; sys.path.insert(0, {str(epath.Path(__file__).parent)!r}); import memory_gcs; "
+              "memory_gcs.register(); from pnapo_jax import evaluate; evaluate.run()")
+    args = [f"--models=base={DEMO_BASE}", "--prompts=world:heldout", "--max_prompts=2", "--seeds=1",
+            "--num_steps=2", "--out=gs://bucket/cli"]
+    proc = subprocess.run([sys.executable, "-c", script, *args], capture_output=True, text=True, timeout=300,
+                          cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.startswith("world:heldout: 2 prompts x 1 seeds") and "| base |" in proc.stdout
+    assert "wrote gs://bucket/cli/results.json" in proc.stderr and not (tmp_path / "gs:").exists()

@@ -1,7 +1,8 @@
 """Paired, resumable sampling: every model draws image k of prompt p from the same noise, and every image is a
 file named by its prompt and seed, under its model's folder (local or gs://):
 
-    OUT/images/MODEL/PPPPP_KK.png     prompt p (0-based, in the prompt set's order), seed k of N
+    OUT/images/MODEL/PPPPP_KK.png     prompt p (0-based, in the prompt set's order), seed k of N; the PNG's text
+                                      holds the model, the prompt, p, k and the noise index
 
 The noise of that image is `flow.seeded_noise` of index p * N + k with --seed (embedded world: packed, as pair
 generation draws it; FLUX: over unpacked latents, as `python -m pnapo_jax.sample` draws it), so it depends on
@@ -29,13 +30,12 @@ from typing import Any
 
 import flax.linen as nn
 import jax
-import ml_collections
 import numpy as np
 import tqdm
 from etils import epath
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
-from PIL import Image
+from PIL import Image, PngImagePlugin
 
 from pnapo_jax import config as config_lib
 from pnapo_jax import flow, sharding
@@ -61,10 +61,13 @@ def write_whole(path: epath.PathLike, data: bytes) -> None:
     os.replace(tmp, path)
 
 
-def save_png(image_HxWx3: np.ndarray, path: epath.PathLike) -> None:
-    """uint8 PNG (round(255 x), as diffusers), written whole or not at all."""
+def save_png(image_HxWx3: np.ndarray, path: epath.PathLike, text: dict[str, str] | None = None) -> None:
+    """uint8 PNG (round(255 x), as diffusers), written whole or not at all; `text` goes into its tEXt chunks."""
     buf = io.BytesIO()
-    Image.fromarray((np.clip(image_HxWx3, 0, 1) * 255).round().astype(np.uint8)).save(buf, format="PNG")
+    info = PngImagePlugin.PngInfo()
+    for key, value in (text or {}).items():
+        info.add_text(key, value)
+    Image.fromarray((np.clip(image_HxWx3, 0, 1) * 255).round().astype(np.uint8)).save(buf, format="PNG", pnginfo=info)
     write_whole(path, buf.getvalue())
 
 
@@ -113,8 +116,7 @@ class SamplingMesh:
 def eval_mesh() -> SamplingMesh:
     """data x fsdp x tensor over all devices, as the default training config lays it out (fsdp takes them all)."""
     c = config_lib.defaults()
-    return SamplingMesh(sharding.make_mesh(ml_collections.ConfigDict(dict(c.mesh))),
-                 sharding.rules_from_config(c.logical_axis_rules))
+    return SamplingMesh(sharding.make_mesh(c.mesh), sharding.rules_from_config(c.logical_axis_rules))
 
 
 def _padded(prompts: Sequence[str], noise_ids_B: np.ndarray, multiple: int) -> tuple[list[str], np.ndarray]:
@@ -232,7 +234,9 @@ def sample_all(out: epath.PathLike, models: dict[str, Callable[[], Generator]], 
                 padded = batch + filler * (rows - len(batch))
                 images = generate([prompts[p] for p, _ in padded], np.array([p * N + k for p, k in padded]))
                 for (p, k), image in zip(batch, images[:len(batch)], strict=True):
-                    save_png(image, image_path(out, name, p, k))
+                    save_png(image, image_path(out, name, p, k), {"model": name, "prompt": prompts[p],
+                                                                  "prompt_index": str(p), "seed_index": str(k),
+                                                                  "noise_index": str(p * N + k)})
                 bar.update(len(batch))
             del generate
     return drawn
