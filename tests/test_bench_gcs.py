@@ -90,5 +90,5 @@ def test_evaluate_command_prints_its_table_for_a_gcs_out(tmp_path):
     proc = subprocess.run([sys.executable, "-c", script, *args], capture_output=True, text=True, timeout=300,
                           cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert proc.stdout.startswith("world:heldout: 2 prompts x 1 seeds") and "| base |" in proc.stdout
+    assert proc.stdout.startswith("world-heldout: 2 prompts x 1 seeds") and "| base |" in proc.stdout
     assert "wrote gs://bucket/cli/results.json" in proc.stderr and not (tmp_path / "gs:").exists()

@@ -99,7 +99,7 @@ def _pick(columns: list[str], wanted: tuple[str, ...]) -> dict[str, str]:
 def _table(file: epath.Path) -> PromptSet:
     """PartiPrompts' TSV or DrawBench's CSV: a header row, a Prompt(s) column, category columns."""
     delimiter = "\t" if file.suffix.lower() == ".tsv" else ","
-    rows = list(csv.DictReader(io.StringIO(file.read_text(encoding="utf-8-sig")), delimiter=delimiter))
+    rows = list(csv.DictReader(io.StringIO(file.read_bytes().decode("utf-8-sig")), delimiter=delimiter))
     columns = list(rows[0]) if rows else []
     prompt_col = _pick(columns, ("prompt", "prompts"))
     if not prompt_col:
