@@ -7,6 +7,7 @@ import json
 import subprocess
 import sys
 
+import pytest
 from etils import epath
 from memory_gcs import gcs  # noqa: F401 (the fixture)
 
@@ -92,3 +93,34 @@ def test_evaluate_command_prints_its_table_for_a_gcs_out(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.startswith("world-heldout: 2 prompts x 1 seeds") and "| base |" in proc.stdout
     assert "wrote gs://bucket/cli/results.json" in proc.stderr and not (tmp_path / "gs:").exists()
+
+
+def test_models_on_gcs(gcs, tmp_path, monkeypatch):  # noqa: F811
+    """A transformer folder on gs:// samples what its local copy samples; a training workdir on gs:// (a pod's) is
+    recognised as a run; a pipeline folder on gs:// is refused in one line."""
+    from pnapo_jax.bench import models
+    from pnapo_jax.convert import files
+    from pnapo_jax.errors import UserError
+
+    monkeypatch.setattr(files, "DEFAULT_CACHE_DIR", str(tmp_path / "cache"))
+    for f in epath.Path(DEMO_REFLOW).iterdir():
+        (epath.Path("gs://bucket/reflow") / f.name).write_bytes(f.read_bytes())
+    (tmp_path / "p.txt").write_text("\n".join(PROMPTS[:2]) + "\n")
+    opts = lambda out, reflow: benchmark.Options(**{**vars(_opts(out, str(tmp_path / "p.txt"))),
+                                                    "models": f"base={DEMO_BASE},reflow={reflow}"})
+    assert benchmark.run(opts("gs://bucket/a", "gs://bucket/reflow")) == benchmark.run(opts(str(tmp_path / "b"),
+                                                                                             DEMO_REFLOW))
+    assert json.loads(epath.Path("gs://bucket/a/benchmark.json").read_text())["models"]["reflow"]["path"] == \
+        "gs://bucket/reflow"
+
+    run = epath.Path("gs://bucket/runs/pnapo")
+    (run / "checkpoints" / "8").mkdir(parents=True)
+    (run / "checkpoints" / "8" / "_CHECKPOINT_METADATA").write_text("{}")
+    (run / "config.json").write_text("{}")
+    assert models.parse("pnapo=gs://bucket/runs/pnapo@8") == [models.ModelSpec("pnapo", str(run), "run", 8)]
+    pipe = epath.Path("gs://bucket/pipe")
+    (pipe / "transformer").mkdir(parents=True)
+    (pipe / "model_index.json").write_text("{}")
+    (pipe / "transformer" / "config.json").write_text("{}")
+    with pytest.raises(UserError, match="a pipeline folder must be local"):
+        models.parse("base=gs://bucket/pipe")

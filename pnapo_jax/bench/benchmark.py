@@ -51,7 +51,8 @@ def _image_settings(opts: Options, prompt_set: prompt_sets.PromptSet, specs: lis
     digest = hashlib.sha256("\n".join(prompt_set.prompts).encode()).hexdigest()[:16]
     out = {"world": opts.world, "prompts_sha256": digest, "num_prompts": len(prompt_set.prompts),
            "seeds": opts.seeds, "seed": opts.seed, "num_steps": opts.num_steps,
-           "models": {m.name: {"path": str(pathlib.Path(m.path).resolve()), "step": m.step} for m in specs}}
+           "models": {m.name: {"path": m.path if "://" in m.path else str(pathlib.Path(m.path).resolve()),
+                               "step": m.step} for m in specs}}
     if opts.world == "flux":
         out |= {"guidance_scale": opts.guidance_scale, "height": opts.height, "width": opts.width,
                 "max_sequence_length": opts.max_sequence_length, "dtype": opts.dtype}
