@@ -6,7 +6,9 @@
         --prompts=hpdv2.json --scorers=hpsv2=HPS_DIR,pickscore=PICK_DIR,clip_score=CLIP_DIR --out=DIR
 
 The command (pnapo_jax.bench) samples every prompt N times per model from the same recorded noises, keeps the
-images as files, scores them and writes results.json, scores.csv, results.md and report.html into DIR.
+images as files, scores them and writes results.json, scores.csv, results.md and report.html into DIR (local or
+gs://). On a pod every worker runs the same command: the transformers are FSDP-sharded over all chips, each process
+draws and scores its share of the prompts, process 0 writes the results (pnapo_jax.bench.sampling).
 
 The sampling eval of training: the policy and the frozen base draw images for held-out prompts from the same fixed
 noises; the world's reward scores both, and its fidelity measure says how far samples drifted off the data.
@@ -18,7 +20,6 @@ Reward alone is easy to hack by drifting away from valid images, so every eval l
 """
 
 import dataclasses
-import pathlib
 import sys
 from typing import Any
 
@@ -85,14 +86,15 @@ def run() -> None:
     from absl import flags
 
     from pnapo_jax import cli
-    from pnapo_jax.bench import benchmark
+    from pnapo_jax.bench import benchmark, results
 
     f = flags
     f.DEFINE_string("models", None, "NAME=PATH,...: FLUX transformer folders (the demo base, exported), FLUX "
                     "pipeline folders, training workdirs (RUN_DIR@STEP for a step).")
     f.DEFINE_string("prompts", None, "Prompt file (.txt, HPDv2 .json, PartiPrompts .tsv, DrawBench .csv, .jsonl or "
                     ".parquet rows) or world:SPLIT (the embedded world's train | heldout | all).")
-    f.DEFINE_string("out", None, "Output folder; a rerun into it continues where the last one stopped.")
+    f.DEFINE_string("out", None, "Output folder (local or gs://); a rerun into it continues where the last one "
+                    "stopped.")
     f.DEFINE_string("scorers", "world_reward,world_fidelity", "NAME[=DIR],...: world_reward, world_fidelity, "
                     "pickscore=DIR, hpsv2=DIR, clip_score=DIR, aesthetic=DIR, imagereward=DIR.")
     f.DEFINE_enum("world", "demo", list(benchmark.WORLDS), "demo: the embedded world; flux: FLUX.1 pipelines.")
@@ -106,7 +108,7 @@ def run() -> None:
     f.DEFINE_integer("height", 1024, "flux: image height.")
     f.DEFINE_integer("width", 1024, "flux: image width.")
     f.DEFINE_integer("max_sequence_length", 512, "flux: T5 tokens.")
-    f.DEFINE_integer("batch_size", 16, "Images sampled together.")
+    f.DEFINE_integer("batch_size", 16, "Images sampled together, over every process's devices.")
     f.DEFINE_string("baseline", "", "The model win rates are against (default: the first).")
     f.DEFINE_string("prompt_format", "", "text | hpdv2 | parti | drawbench | rows (default: by extension).")
     f.DEFINE_string("prompt_column", "", "rows: the prompt column (default: prompt, else caption).")
@@ -117,7 +119,7 @@ def run() -> None:
         names = [field.name for field in dataclasses.fields(benchmark.Options) if field.name != "show_progress"]
         summary = benchmark.run(benchmark.Options(**{n: getattr(f.FLAGS, n) for n in names}))
         if summary is not None:
-            print((pathlib.Path(f.FLAGS.out) / "results.md").read_text(), end="")
+            print(results.markdown(summary), end="")
             print(f"wrote {f.FLAGS.out}/results.json, scores.csv, results.md and report.html", file=sys.stderr)
 
     cli.run(main)

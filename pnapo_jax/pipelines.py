@@ -48,7 +48,9 @@ class PipelineKind:
     guidance_scale: float  # the pipeline's default
     guidance_is_cfg: bool  # True: guidance_scale is real CFG (SD3); False: a model input (FLUX.1-dev)
     max_shift_default: float  # calculate_shift's max_shift when the scheduler config has none
-    load_transformer: Callable[[pathlib.Path, str], tuple[Any, Any]]  # (pipeline folder, dtype) -> (cfg, params)
+    config_cls: type  # the transformer's config dataclass (from_diffusers)
+    # (pipeline folder, dtype, params shardings or None) -> (cfg, params)
+    load_transformer: Callable[[pathlib.Path, str, Any], tuple[Any, Any]]
     velocity: Callable[[Any, int, int, float], flow.VelocityFn]  # (cfg, grid rows, columns, timestep scale)
     # (prompt embeds, pooled, guidance input or None) -> the transformer's conditioning
     conditioning: Callable[[jax.Array, jax.Array, float | None], dict[str, jax.Array]]
@@ -125,7 +127,7 @@ FLUX = PipelineKind(
     load_text_encoders=lambda folder, dtype: text.load_text_encoders(folder, dtype),
     encode_prompts=lambda p, e, n: text.encode_prompts(p, e, max_sequence_length=n),
     max_sequence_length=512, guidance_scale=3.5, guidance_is_cfg=False, max_shift_default=FLUX_MAX_SHIFT,
-    load_transformer=lambda folder, dtype: convert.load_diffusers_transformer(folder, dtype),
+    config_cls=flux.FluxConfig, load_transformer=convert.load_diffusers_transformer,
     velocity=flux.Velocity, conditioning=flux.conditioning, check_fits=backbone_flux.check_fits)
 SD3 = PipelineKind(
     backbone="sd3", pipeline_class="StableDiffusion3Pipeline", transformer_class="SD3Transformer2DModel",
@@ -134,7 +136,8 @@ SD3 = PipelineKind(
     load_text_encoders=lambda folder, dtype: sd3_text.load_text_encoders(folder, dtype),
     encode_prompts=lambda p, e, n: sd3_text.encode_prompts(p, e, max_sequence_length=n),
     max_sequence_length=sd3_text.DEFAULT_MAX_SEQUENCE_LENGTH, guidance_scale=7.0, guidance_is_cfg=True,
-    max_shift_default=1.16, load_transformer=lambda folder, dtype: convert_sd3.load_sd3_transformer(folder, dtype),
+    max_shift_default=1.16, config_cls=sd3.SD3Config,
+    load_transformer=convert_sd3.load_sd3_transformer,
     velocity=sd3.Velocity, conditioning=sd3.conditioning, check_fits=_check_sd3_fits)
 KINDS = (FLUX, SD3)
 BY_BACKBONE = {k.backbone: k for k in KINDS}

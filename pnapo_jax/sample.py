@@ -79,10 +79,12 @@ def checkpoint_policy(workdir: str, step: int | None = None, backbone: str | Non
 
 
 def load_pipeline(path: str | os.PathLike, workdir: str | None = None, step: int | None = None,
-                  dtype: str = "float32") -> Pipeline:
+                  dtype: str = "float32", transformer_shardings: Callable[[Any], Any] | None = None) -> Pipeline:
     """A local FLUX or SD3 pipeline folder; with `workdir` the checkpoint's policy replaces its transformer.
 
     `dtype` is every model's parameter and compute dtype; images come back in float32 whatever it is.
+    `transformer_shardings` (config -> {"params": shardings}) places the folder's transformer straight into them,
+    so no device ever holds all of it.
     """
     if step is not None and workdir is None:
         raise UserError("--step: a checkpoint step needs the training workdir it belongs to (--workdir)")
@@ -91,7 +93,12 @@ def load_pipeline(path: str | os.PathLike, workdir: str | None = None, step: int
     path = pathlib.Path(path)
     kind = pipelines.pipeline_kind(path, need_transformer=workdir is None)
     if workdir is None:
-        cfg, params = kind.load_transformer(path, dtype)
+        shardings = None
+        if transformer_shardings is not None:
+            folder = files.resolve_transformer_dir(path)
+            shardings = transformer_shardings(kind.config_cls.from_diffusers(
+                files.read_json(folder / files.CONFIG_NAME), param_dtype=dtype))["params"]
+        cfg, params = kind.load_transformer(path, dtype, shardings)
         variables = {"params": params}
     else:
         cfg, variables = checkpoint_policy(workdir, step, kind.backbone)
@@ -183,7 +190,8 @@ def iter_images(pipeline: Pipeline, prompts: str | Sequence[str], noise: np.ndar
                 guidance_scale: float | None = None, true_cfg_scale: float = 1.0,
                 negative_prompt: str | Sequence[str] | None = None, seed: int = 0,
                 max_sequence_length: int | None = None, batch_size: int | None = None,
-                place: Callable[[jax.Array], jax.Array] | None = None) -> Iterator[np.ndarray]:
+                place: Callable[[jax.Array], jax.Array] | None = None,
+                fetch: Callable[[jax.Array], np.ndarray] = np.asarray) -> Iterator[np.ndarray]:
     """Images [b, H, W, 3] in [0, 1] for `prompts`, `batch_size` at a time (default: all at once).
 
     `noise`: the initial noises of all prompts (see the module docstring), default `flow.seeded_noise(seed, ...)`.
@@ -193,7 +201,8 @@ def iter_images(pipeline: Pipeline, prompts: str | Sequence[str], noise: np.ndar
     `max_sequence_length`: T5 tokens, default the pipeline's (FLUX 512, SD3 256).
     `height` and `width` default to the pipeline's size (1024 for FLUX, 32 for the demo world).
     `place` puts each batch's noise and prompt embeddings where the batch runs (e.g. sharded over a mesh's data
-    axis; the computation follows them), default: where they are.
+    axis; the computation follows them), default: where they are; `fetch` brings the images back to the host
+    (a multi-host run: this process's rows of the global batch).
     """
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     kind = pipeline.kind
@@ -233,7 +242,7 @@ def iter_images(pipeline: Pipeline, prompts: str | Sequence[str], noise: np.ndar
         images = flux.unpack_latents(x0, *shape_CxHxW[1:])  # the demo world's latents are its pixels
         if pipeline.vae is not None:
             images = vae.decode(pipeline.vae_params, pipeline.vae, images)
-        yield np.asarray(jnp.clip(images / 2 + 0.5, 0, 1).transpose(0, 2, 3, 1))
+        yield fetch(jnp.clip(images / 2 + 0.5, 0, 1).transpose(0, 2, 3, 1))
 
 
 def sample_images(pipeline: Pipeline, prompts: str | Sequence[str], noise: np.ndarray | None = None,

@@ -14,6 +14,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from PIL import Image
 from scipy import stats as scipy_stats
 
 from pnapo_jax.bench import benchmark, models, prompt_sets, sampling, scorers, stats
@@ -209,6 +210,9 @@ def test_demo_images_follow_the_recorded_noise_rule(demo_run):
         for k in range(2):
             got = np.asarray(sampling.load_png(sampling.image_path(out, "base", p, k))) * 255
             assert np.abs(got - ref[k]).max() <= 1.0  # float rounding at the PNG's quantization boundary
+            assert Image.open(sampling.image_path(out, "base", p, k)).text == {  # the file says what it is
+                "model": "base", "prompt": prompts[p], "prompt_index": str(p), "seed_index": str(k),
+                "noise_index": str(p * 2 + k)}
 
 
 def test_demo_resumes_without_redoing_or_losing(demo_run):

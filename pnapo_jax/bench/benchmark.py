@@ -10,6 +10,8 @@ from typing import Any
 
 import jax
 import numpy as np
+from etils import epath
+from jax.experimental import multihost_utils
 
 from pnapo_jax.bench import html_report, models, prompt_sets, results, sampling, scorers
 from pnapo_jax.convert import files
@@ -49,14 +51,15 @@ def _image_settings(opts: Options, prompt_set: prompt_sets.PromptSet, specs: lis
     digest = hashlib.sha256("\n".join(prompt_set.prompts).encode()).hexdigest()[:16]
     out = {"world": opts.world, "prompts_sha256": digest, "num_prompts": len(prompt_set.prompts),
            "seeds": opts.seeds, "seed": opts.seed, "num_steps": opts.num_steps,
-           "models": {m.name: {"path": str(pathlib.Path(m.path).resolve()), "step": m.step} for m in specs}}
+           "models": {m.name: {"path": m.path if "://" in m.path else str(pathlib.Path(m.path).resolve()),
+                               "step": m.step} for m in specs}}
     if opts.world == "flux":
         out |= {"guidance_scale": opts.guidance_scale, "height": opts.height, "width": opts.width,
                 "max_sequence_length": opts.max_sequence_length, "dtype": opts.dtype}
     return out
 
 
-def _check_manifest(out: pathlib.Path, settings: dict) -> None:
+def _check_manifest(out: epath.Path, settings: dict) -> None:
     """Refuse a folder whose images were made otherwise; models may be added, a model's path may not change."""
     path = out / MANIFEST
     if not path.exists():
@@ -89,16 +92,19 @@ def _flux_loaders(opts: Options, specs: list[models.ModelSpec]) -> dict[str, Any
     options = dict(height=opts.height, width=opts.width, num_steps=opts.num_steps,
                    guidance_scale=opts.guidance_scale, max_sequence_length=opts.max_sequence_length)
 
+    shardings = sampling.eval_mesh().weight_shardings  # the transformers FSDP-sharded as they load
+
     @functools.cache
     def shared():
-        return sample.load_pipeline(folder, dtype=opts.dtype)
+        return sample.load_pipeline(folder, dtype=opts.dtype, transformer_shardings=shardings)
 
     def load(spec: models.ModelSpec) -> sampling.FluxGenerator:
         if spec.kind == "pipeline" and pathlib.Path(spec.path).resolve() != pathlib.Path(folder).resolve():
-            return sampling.FluxGenerator(sample.load_pipeline(spec.path, dtype=opts.dtype), opts.seed, options)
+            pipeline = sample.load_pipeline(spec.path, dtype=opts.dtype, transformer_shardings=shardings)
+            return sampling.FluxGenerator(pipeline, opts.seed, options)
         if spec.kind == "pipeline":
             return sampling.FluxGenerator(shared(), opts.seed, options)
-        cfg, variables = models.load_transformer(spec, opts.dtype)
+        cfg, variables = models.load_transformer(spec, opts.dtype, shardings)
         base = shared()
         backbone_flux.check_fits(cfg, base.encoders, base.vae)
         pipeline = dataclasses.replace(base, transformer=cfg, variables=variables)
@@ -118,7 +124,7 @@ def _demo_loaders(opts: Options, specs: list[models.ModelSpec]) -> dict[str, Any
                         "base (pnapo_jax/assets/demo_base), exported transformers and training workdirs")
 
     def load(spec: models.ModelSpec) -> sampling.WorldGenerator:
-        cfg, variables = models.load_transformer(spec)
+        cfg, variables = models.load_transformer(spec, shardings=sampling.eval_mesh().weight_shardings)
         fits = (cfg.in_channels, cfg.joint_attention_dim, cfg.pooled_projection_dim)
         if fits != (latents.IN_CHANNELS, text.TEXT_DIM, text.POOLED_DIM):
             raise UserError(f"model {spec.name}={spec.path}: (in_channels, joint_attention_dim, "
@@ -129,10 +135,12 @@ def _demo_loaders(opts: Options, specs: list[models.ModelSpec]) -> dict[str, Any
     return {m.name: functools.partial(load, m) for m in specs}
 
 
-def _score(out: pathlib.Path, model: str, P: int, N: int, prompts: list[str],
+def _score(out: epath.Path, model: str, P: int, N: int, prompts: list[str],
            loaded: list[scorers.Scorer]) -> dict[str, np.ndarray]:
-    """scorer -> [P, N] scores of the model's image files."""
-    items = [(p, k) for p in range(P) for k in range(N)]
+    """scorer -> [P, N] scores of the model's image files, gathered from the processes that own them (each scores
+    its own prompts' images: a process's out folder need not be shared). Every process calls it together."""
+    mine = sampling.my_prompts(P)
+    items = [(p, k) for p in mine for k in range(N)]
     got = {s.name: [] for s in loaded}
     for start in range(0, len(items), SCORE_CHUNK):
         chunk = items[start:start + SCORE_CHUNK]
@@ -140,7 +148,15 @@ def _score(out: pathlib.Path, model: str, P: int, N: int, prompts: list[str],
         texts = [prompts[p] for p, _ in chunk]
         for s in loaded:
             got[s.name].append(np.asarray(s.score(images, texts), np.float64))
-    return {name: np.concatenate(v).reshape(P, N) for name, v in got.items()}
+    out_PxN = {}
+    for name, parts in got.items():
+        local_PxN = np.full((P, N), np.nan)
+        local_PxN[mine] = np.concatenate(parts).reshape(len(mine), N) if parts else np.zeros((0, N))
+        if jax.process_count() > 1:  # prompt p's row comes from process p % count
+            every = np.asarray(multihost_utils.process_allgather(local_PxN))
+            local_PxN = every[np.arange(P) % jax.process_count(), np.arange(P)]
+        out_PxN[name] = local_PxN
+    return out_PxN
 
 
 def run(opts: Options) -> dict | None:
@@ -162,7 +178,7 @@ def run(opts: Options) -> dict | None:
     if opts.world != "demo" and world_scorers:
         raise UserError(f"--scorers: {world_scorers} score the embedded world's images only (--world=demo)")
     loaders = (_demo_loaders if opts.world == "demo" else _flux_loaders)(opts, specs)
-    out = pathlib.Path(opts.out)
+    out = epath.Path(opts.out)
     settings = _image_settings(opts, prompt_set, specs)
     _check_manifest(out, settings)
     loaded = [scorers.load(n, p) for n, p in scorer_specs]
@@ -170,18 +186,13 @@ def run(opts: Options) -> dict | None:
     if jax.process_index() == 0:
         old = files.read_json(out / MANIFEST) if (out / MANIFEST).exists() else {}
         settings["models"] = {**old.get("models", {}), **settings["models"]}
-        (out / MANIFEST).write_text(json.dumps(settings, indent=2) + "\n")
+        sampling.write_whole(out / MANIFEST, (json.dumps(settings, indent=2) + "\n").encode())
 
     sampling.sample_all(out, loaders, prompt_set.prompts, opts.seeds, opts.batch_size, opts.show_progress)
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
-        multihost_utils.sync_global_devices("pnapo_jax.bench: every image written")
-    if jax.process_index() != 0:
-        return None
-
     P, N = len(prompt_set.prompts), opts.seeds
     scores = {m.name: _score(out, m.name, P, N, prompt_set.prompts, loaded) for m in specs}
+    if jax.process_index() != 0:
+        return None
     higher = {s.name: s.higher_is_better for s in loaded}
     summary = results.summarize(scores, higher, baseline, prompt_set)
     paths = {m.name: [[str(sampling.image_path(pathlib.Path("."), m.name, p, k)) for k in range(N)]

@@ -4,9 +4,9 @@ script, no server, nothing fetched) that opens from disk; after the page loads, 
 data-images-loaded / data-images-total, so a browser test can check that every image showed."""
 
 import html
-import pathlib
 
 import numpy as np
+from etils import epath
 
 from pnapo_jax.bench.prompt_sets import PromptSet
 from pnapo_jax.bench.results import Scores
@@ -86,8 +86,8 @@ def render(summary: dict, tables_md: str, scores: Scores, prompt_set: PromptSet,
 """
 
 
-def write(out: pathlib.Path, summary: dict, tables_md: str, scores: Scores, prompt_set: PromptSet,
-          image_paths: dict[str, list[list[str]]]) -> pathlib.Path:
+def write(out: epath.Path, summary: dict, tables_md: str, scores: Scores, prompt_set: PromptSet,
+          image_paths: dict[str, list[list[str]]]) -> epath.Path:
     path = out / "report.html"
     path.write_text(render(summary, tables_md, scores, prompt_set, image_paths))
     return path

@@ -6,14 +6,16 @@
     run          a training workdir (config.json + checkpoints/): the latest checkpoint's policy, full or LoRA
                  (a LoRA run's base is rebuilt as training built it); RUN_DIR@STEP picks a step
 
-`kind` only reads directory listings, so every model is checked before anything loads or samples.
+`kind` only reads directory listings, so every model is checked before anything loads or samples. Runs and
+transformer folders may be on gs:// (a pod's training workdir); a pipeline folder must be local (its text encoders
+and VAE load from local files).
 """
 
 import dataclasses
 import json
-import os
-import pathlib
 from typing import Any
+
+from etils import epath
 
 from pnapo_jax.errors import UserError
 
@@ -30,13 +32,13 @@ class ModelSpec:
 
 def kind(path: str) -> str:
     """Which of KINDS `path` is; UserError naming it and what was expected otherwise."""
-    folder = pathlib.Path(path)
+    folder = epath.Path(path)
     if (folder / "checkpoints").is_dir() and (folder / "config.json").is_file():
         return "run"
     if (folder / "model_index.json").is_file() and (folder / "transformer" / "config.json").is_file():
         return "pipeline"
     config = folder / "config.json"
-    if config.is_file() and any(f.suffix == ".safetensors" for f in folder.iterdir()):
+    if config.is_file() and any(f.name.endswith(".safetensors") for f in folder.iterdir()):
         try:
             if json.loads(config.read_text()).get("_class_name") == "FluxTransformer2DModel":
                 return "transformer"
@@ -59,13 +61,16 @@ def parse(spec: str) -> list[ModelSpec]:
             raise UserError(f"--models: name {name!r} may hold letters, digits, '_' and '-' only (it names a folder)")
         step = None
         head, at, tail = path.rpartition("@")
-        if at and tail.isdigit() and os.path.isdir(head):
+        if at and tail.isdigit() and epath.Path(head).is_dir():
             path, step = head, int(tail)
         k = kind(path)
+        if k == "pipeline" and "://" in path:
+            raise UserError(f"--models: {item!r}: a pipeline folder must be local (its text encoders and VAE load "
+                            "from local files); copy it here, or give its transformer/ folder")
         if step is not None and k != "run":
             raise UserError(f"--models: {item!r}: @STEP is for training workdirs, {path} is a {k} folder")
         if k == "run":
-            steps = sorted(int(d.name) for d in (pathlib.Path(path) / "checkpoints").iterdir() if d.name.isdigit())
+            steps = sorted(int(d.name) for d in (epath.Path(path) / "checkpoints").iterdir() if d.name.isdigit())
             if not steps or (step is not None and step not in steps):
                 raise UserError(f"--models: {item!r}: {path}/checkpoints has no checkpoint "
                                 f"{'' if step is None else f'for step {step} '}(steps there: {steps})")
@@ -78,8 +83,9 @@ def parse(spec: str) -> list[ModelSpec]:
     return out
 
 
-def load_transformer(spec: ModelSpec, dtype: str = "float32") -> tuple[Any, dict[str, Any]]:
-    """(FluxConfig, variables {"params", "lora"?}) of the model's transformer."""
+def load_transformer(spec: ModelSpec, dtype: str = "float32", shardings: Any = None) -> tuple[Any, dict[str, Any]]:
+    """(FluxConfig, variables {"params", "lora"?}) of the model's transformer; `shardings` (config -> variable
+    shardings) places a transformer folder's weights straight into them (a run's come on its training mesh)."""
     import dataclasses as dc
 
     import jax
@@ -90,6 +96,13 @@ def load_transformer(spec: ModelSpec, dtype: str = "float32") -> tuple[Any, dict
         cfg, variables = sample.checkpoint_policy(spec.path, spec.step)
         variables = jax.tree.map(lambda x: x.astype(dtype), variables)
     else:
-        cfg, params = convert.load_diffusers_transformer(spec.path, dtype)
+        placed = None
+        if shardings is not None:
+            from pnapo_jax.convert import files
+            from pnapo_jax.models import flux
+
+            config = files.read_json(files.resolve_transformer_dir(spec.path) / files.CONFIG_NAME)
+            placed = shardings(flux.FluxConfig.from_diffusers(config, param_dtype=dtype))["params"]
+        cfg, params = convert.load_diffusers_transformer(spec.path, dtype, placed)
         variables = {"params": params}
     return dc.replace(cfg, dtype=dtype, param_dtype=dtype), variables

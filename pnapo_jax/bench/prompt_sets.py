@@ -19,6 +19,8 @@ import io
 import json
 import pathlib
 
+from etils import epath
+
 from pnapo_jax.errors import UserError
 
 FORMATS = ("text", "hpdv2", "parti", "drawbench", "rows", "world")
@@ -56,7 +58,7 @@ def read(path: str, fmt: str = "", prompt_column: str = "") -> PromptSet:
     if fmt == "world":
         out = _world(path.removeprefix("world:"))
     else:
-        file = pathlib.Path(path)
+        file = epath.Path(path)  # local or gs://
         if not file.is_file():
             raise UserError(f"{path}: prompt file not found")
         reader = {"text": _text, "hpdv2": _hpdv2, "parti": _table, "drawbench": _table, "rows": _rows}[fmt]
@@ -66,7 +68,7 @@ def read(path: str, fmt: str = "", prompt_column: str = "") -> PromptSet:
     return out
 
 
-def _text(file: pathlib.Path) -> PromptSet:
+def _text(file: epath.Path) -> PromptSet:
     lines = file.read_text().splitlines()
     blank = [i + 1 for i, line in enumerate(lines) if not line.strip()]
     if blank:
@@ -74,7 +76,7 @@ def _text(file: pathlib.Path) -> PromptSet:
     return PromptSet(file.stem, [line.strip() for line in lines])
 
 
-def _hpdv2(file: pathlib.Path) -> PromptSet:
+def _hpdv2(file: epath.Path) -> PromptSet:
     try:
         data = json.loads(file.read_text())
     except json.JSONDecodeError as e:
@@ -94,10 +96,10 @@ def _pick(columns: list[str], wanted: tuple[str, ...]) -> dict[str, str]:
     return {w: lower[w] for w in wanted if w in lower}
 
 
-def _table(file: pathlib.Path) -> PromptSet:
+def _table(file: epath.Path) -> PromptSet:
     """PartiPrompts' TSV or DrawBench's CSV: a header row, a Prompt(s) column, category columns."""
     delimiter = "\t" if file.suffix.lower() == ".tsv" else ","
-    rows = list(csv.DictReader(io.StringIO(file.read_text(encoding="utf-8-sig")), delimiter=delimiter))
+    rows = list(csv.DictReader(io.StringIO(file.read_bytes().decode("utf-8-sig")), delimiter=delimiter))
     columns = list(rows[0]) if rows else []
     prompt_col = _pick(columns, ("prompt", "prompts"))
     if not prompt_col:
@@ -112,11 +114,11 @@ def _table(file: pathlib.Path) -> PromptSet:
                      {name: [(r[c] or "").strip() for r in rows] for name, c in cats.items()})
 
 
-def _read_rows(file: pathlib.Path) -> list[dict]:
+def _read_rows(file: epath.Path) -> list[dict]:
     if file.suffix.lower() == ".parquet":
         import pyarrow.parquet as pq  # only for parquet files
 
-        return pq.read_table(file).to_pylist()
+        return pq.read_table(io.BytesIO(file.read_bytes())).to_pylist()
     rows = []
     for i, line in enumerate(file.read_text().splitlines(), 1):
         if line.strip():
@@ -127,7 +129,7 @@ def _read_rows(file: pathlib.Path) -> list[dict]:
     return rows
 
 
-def _rows(file: pathlib.Path, prompt_column: str = "") -> PromptSet:
+def _rows(file: epath.Path, prompt_column: str = "") -> PromptSet:
     rows = _read_rows(file)
     columns = list(rows[0]) if rows else []
     col = prompt_column or next((c for c in PROMPT_COLUMNS if c in columns), "")

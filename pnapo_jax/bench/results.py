@@ -3,11 +3,12 @@ bootstrap intervals, per-category tables; written as results.json, scores.csv (o
 results.md (the tables printed at the end)."""
 
 import csv
+import io
 import json
-import pathlib
 from collections.abc import Sequence
 
 import numpy as np
+from etils import epath
 
 from pnapo_jax.bench import stats
 from pnapo_jax.bench.prompt_sets import PromptSet
@@ -39,21 +40,22 @@ def summarize(scores: Scores, higher_is_better: dict[str, bool], baseline: str, 
     return out
 
 
-def write_csv(path: pathlib.Path, scores: Scores, prompt_set: PromptSet, image_paths: dict[str, list[list[str]]],
+def write_csv(path: epath.Path, scores: Scores, prompt_set: PromptSet, image_paths: dict[str, list[list[str]]],
               noise_seed: int) -> None:
     """One row per image: model, prompt, seed, noise index, categories, image file, every score."""
     scorer_names = list(next(iter(scores.values())))
     P, N = next(iter(next(iter(scores.values())).values())).shape
-    with path.open("w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["model", "prompt_index", "seed_index", "noise_index", "noise_seed", "prompt",
-                         *prompt_set.categories, "image", *scorer_names])
-        for m in scores:
-            for p in range(P):
-                cats = [labels[p] for labels in prompt_set.categories.values()]
-                for k in range(N):
-                    writer.writerow([m, p, k, p * N + k, noise_seed, prompt_set.prompts[p], *cats,
-                                     image_paths[m][p][k], *(f"{scores[m][s][p, k]:.6g}" for s in scorer_names)])
+    f = io.StringIO(newline="")
+    writer = csv.writer(f)
+    writer.writerow(["model", "prompt_index", "seed_index", "noise_index", "noise_seed", "prompt",
+                     *prompt_set.categories, "image", *scorer_names])
+    for m in scores:
+        for p in range(P):
+            cats = [labels[p] for labels in prompt_set.categories.values()]
+            for k in range(N):
+                writer.writerow([m, p, k, p * N + k, noise_seed, prompt_set.prompts[p], *cats,
+                                 image_paths[m][p][k], *(f"{scores[m][s][p, k]:.6g}" for s in scorer_names)])
+    path.write_text(f.getvalue())
 
 
 def _cell(d: dict) -> str:
@@ -89,7 +91,7 @@ def markdown(summary: dict) -> str:
     return "\n".join(parts) + "\n"
 
 
-def write(out: pathlib.Path, summary: dict) -> str:
+def write(out: epath.Path, summary: dict) -> str:
     """results.json and results.md; returns the markdown."""
     (out / "results.json").write_text(json.dumps(summary, indent=2) + "\n")
     md = markdown(summary)
