@@ -37,7 +37,7 @@ rounding). Before this protocol the demo ran 100 steps and, on the held-out prom
 import ml_collections
 
 from pnapo_jax.config import defaults, parse_variants
-from pnapo_jax.world import base, latents, text
+from pnapo_jax.world import demo_base, latents, text
 
 VARIANTS = ("independent", "static_beta", "fast")
 
@@ -48,10 +48,10 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c = defaults()
 
     # The world's shipped base model: a ~2.3M-parameter FLUX (same code as FLUX.1-dev), pixel-space latents.
-    for k, v in base.demo_model_config().to_diffusers().items():
+    for k, v in demo_base.demo_model_config().to_diffusers().items():
         if k in c.model:
             c.model[k] = v
-    c.model.pretrained = str(base.DEFAULT_BASE)  # a diffusers transformer folder inside the package
+    c.model.pretrained = str(demo_base.DEFAULT_BASE)  # a diffusers transformer folder inside the package
     c.model.remat_policy = "none"  # small enough to keep every activation
     c.model.attention_impl = "head_major"  # faster than "xla" on XLA:CPU (docs/benchmarks.md)
     c.model.dense_input_barrier = True  # less backward transpose work on XLA:CPU (docs/benchmarks.md)

@@ -15,8 +15,24 @@ from pnapo_jax.errors import UserError
 _DEBUG = flags.DEFINE_bool("debug", False, "Show the full traceback of an expected error instead of one line.")
 
 
+def dashes_to_underscores(argv: list[str]) -> list[str]:
+    """`--dry-run` -> `--dry_run` (and `--nodry-run`) for a defined flag: absl knows only the underscored names,
+    the argparse commands before it took dashes. Nothing after `--` changes."""
+    out = list(argv)
+    for i, arg in enumerate(argv[1:], 1):
+        if arg == "--":
+            break
+        name, eq, value = arg.partition("=")
+        if name.startswith("--") and "-" in name[2:]:
+            flag = name[2:].replace("-", "_")
+            if flag in flags.FLAGS or (flag.startswith("no") and flag[2:] in flags.FLAGS):
+                out[i] = f"--{flag}{eq}{value}"
+    return out
+
+
 def parse_flags(argv: list[str]) -> list[str]:
     """absl parsing, with flag and config mistakes reported as one clear line instead of a traceback."""
+    argv = dashes_to_underscores(argv)
     try:
         rest = flags.FLAGS(argv)
     except (AttributeError, KeyError) as e:  # ml_collections: a field that does not exist
@@ -51,23 +67,38 @@ def _check_config_files() -> None:
                 sys.exit(f"error: --{name}={flag.serialize().partition('=')[2]}: {str(e).splitlines()[-1].strip()}")
 
 
-def run(main: Callable[[list[str]], None]) -> None:
-    """absl's app.run with the shared parser; a UserError ends the command with `error: <its line>`, exit 1."""
+def run(main: Callable[[list[str]], None], argv: list[str] | None = None, arguments: bool = False) -> None:
+    """absl's app.run with the shared parser; a UserError ends the command with `error: <its line>`, exit 1.
+    `arguments`: the command takes arguments after `--` (main gets them after argv[0]); without, any is refused.
+    `argv`: the flags (no program name) of an in-process call, e.g. a test's: parsed afresh, and a command that
+    succeeds returns instead of exiting."""
 
-    def guarded(argv: list[str]) -> None:
+    def guarded(args: list[str]) -> None:
         quiet_logs()
         with one_line_errors(_DEBUG.value):
-            if len(argv) > 1:
-                raise UserError(f"unexpected arguments {argv[1:]}: every input is a --flag (see --help)")
-            main(argv)
+            if len(args) > 1 and not arguments:
+                raise UserError(f"unexpected arguments {args[1:]}: every input is a --flag (see --help)")
+            main(args)
 
-    app.run(guarded, flags_parser=parse_flags)
+    if argv is None:
+        app.run(guarded, flags_parser=parse_flags)
+        return
+    program = main.__module__  # --help lists the flags its module defined
+    flags.FLAGS.unparse_flags()  # flags an earlier call gave do not carry over
+    saved, sys.argv = sys.argv, [program, *argv]
+    try:
+        app.run(guarded, argv=sys.argv, flags_parser=parse_flags)
+    except SystemExit as e:
+        if e.code not in (None, 0):
+            raise
+    finally:
+        sys.argv = saved
 
 
 @contextlib.contextmanager
 def one_line_errors(debug: bool) -> Iterator[None]:
     """A UserError inside ends the process with `error: <its line>` and exit status 1 (`debug`: the traceback).
-    `run` uses it; argparse commands (import_pairs, sweep) wrap their work in it with their own --debug."""
+    `run` uses it."""
     try:
         yield
     except UserError as e:

@@ -127,11 +127,13 @@ def check(config: ml_collections.ConfigDict, num_devices: int | None = None, pat
 
 def check_complete(config: ml_collections.ConfigDict, source: str) -> None:
     """Refuse a config (read from `source`, e.g. a workdir's config.json) that lacks fields, naming them."""
-    required = set(_flat(config_lib.defaults(backbones.backbone_of(config).config_class))) - {"model.backbone"}
+    backbone = backbones.backbone_of(config)
+    required = set(_flat(config_lib.defaults(backbone.config_class))) - {"model.backbone"}
     missing = sorted(required - set(_flat(config)))  # configs saved before backbones had names are FLUX's
+    whose = "" if backbone.name == backbones.DEFAULT else f" with config.model.backbone={backbone.name!r}"
     if missing:
         raise UserError(f"{source} lacks the fields {', '.join('config.' + k for k in missing[:6])}"
-                        f"{' ...' if len(missing) > 6 else ''}: it is not a pnapo_jax run's config")
+                        f"{' ...' if len(missing) > 6 else ''}: it is not a pnapo_jax run's config{whose}")
 
 
 def _device_problems(config: ml_collections.ConfigDict, num_devices: int) -> list[str]:

@@ -121,11 +121,11 @@ def load_demo_pipeline(path: str | os.PathLike | None = None, workdir: str | Non
                        dtype: str = "float32") -> Pipeline:
     """The demo world's sampling: a bare transformer folder (default: the shipped base), or with `workdir` a
     demo run's checkpoint policy, with the world's text table and pixel latents."""
-    from pnapo_jax.world import base, latents
+    from pnapo_jax.world import demo_base, latents
     from pnapo_jax.world import text as world_text
 
     if workdir is None:
-        folder = base.DEFAULT_BASE if path is None else pathlib.Path(path)
+        folder = demo_base.DEFAULT_BASE if path is None else pathlib.Path(path)
         if not (folder / "config.json").exists():
             raise UserError(f"--pipeline={folder}: neither a FLUX pipeline folder (no text_encoder/) nor a "
                              "transformer folder (no config.json)")

@@ -16,8 +16,8 @@ points whose metrics.jsonl already reaches config.train.num_steps; an unfinished
 checkpoint. `python -m pnapo_jax.sweep_report --workdir=...` then tabulates and plots the points.
 """
 
-import argparse
 import ast
+import functools
 import importlib.util
 import itertools
 import re
@@ -27,6 +27,7 @@ import sys
 from pathlib import Path
 
 import ml_collections
+from absl import flags
 
 from pnapo_jax import cli, config_check, metrics
 from pnapo_jax.convert import files
@@ -95,22 +96,23 @@ def check_point(config: ml_collections.ConfigDict, point: Point) -> ml_collectio
     return trial
 
 
-def run_commands(args: argparse.Namespace, points: list[Point]) -> list[list[str]]:
+def run_commands(points: list[Point], config: str, workdir: str, tpu: str, zone: str, overrides: list[str]
+                 ) -> list[list[str]]:
     """One `launch/tpu.sh run` per point."""
-    if len(points) > 1 and "{i}" not in args.tpu:
-        raise UserError(f"--tpu={args.tpu!r} names one TPU for {len(points)} runs: put {{i}} in it")
-    zone = [f"--zone={args.zone}"] if args.zone else []
-    return [[str(TPU_SH), "run", f"--name={args.tpu.format(i=i)}", *zone, f"--config={args.config}",
-             f"--workdir={args.workdir.rstrip('/')}/{point_name(p)}", "--",
-             *(f"--config.{k}={v}" for k, v in p.items()), *args.overrides]
+    if len(points) > 1 and "{i}" not in tpu:
+        raise UserError(f"--tpu={tpu!r} names one TPU for {len(points)} runs: put {{i}} in it")
+    zone_flag = [f"--zone={zone}"] if zone else []
+    return [[str(TPU_SH), "run", f"--name={tpu.format(i=i)}", *zone_flag, f"--config={config}",
+             f"--workdir={workdir.rstrip('/')}/{point_name(p)}", "--",
+             *(f"--config.{k}={v}" for k, v in p.items()), *overrides]
             for i, p in enumerate(points)]
 
 
-def local_commands(args: argparse.Namespace, points: list[Point]) -> list[list[str]]:
+def local_commands(points: list[Point], config: str, workdir: str, overrides: list[str]) -> list[list[str]]:
     """One `python -m pnapo_jax.main` per point, run on this machine."""
-    return [[sys.executable, "-m", "pnapo_jax.main", f"--config={args.config}",
-             f"--workdir={args.workdir.rstrip('/')}/{point_name(p)}", "--progress=false",
-             *(f"--config.{k}={v}" for k, v in p.items()), *args.overrides] for p in points]
+    return [[sys.executable, "-m", "pnapo_jax.main", f"--config={config}",
+             f"--workdir={workdir.rstrip('/')}/{point_name(p)}", "--progress=false",
+             *(f"--config.{k}={v}" for k, v in p.items()), *overrides] for p in points]
 
 
 def finished(workdir: str) -> bool:
@@ -125,35 +127,43 @@ def finished(workdir: str) -> bool:
     return max(steps, default=-1) >= num_steps
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m pnapo_jax.sweep", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", required=True, help="configs/*.py[:variant], as pnapo_jax.main takes it")
-    parser.add_argument("--workdir", required=True, help="sweep root (gs://...): each point writes WORKDIR/NAME")
-    parser.add_argument("--grid", action="append", required=True, metavar="KEY=V1,V2", help="repeat per axis")
-    parser.add_argument("--tpu", default="pnapo-{i}", help="TPU name per point; {i} is the point's index")
-    parser.add_argument("--zone", default="", help="TPU zone (default: $TPU_ZONE in launch/tpu.sh)")
-    parser.add_argument("--local", action="store_true", help="train the points here, one after another")
-    parser.add_argument("--dry-run", action="store_true", help="print the commands instead of running them")
-    parser.add_argument("--debug", action="store_true", help="show the traceback of an expected error")
-    parser.add_argument("overrides", nargs="*", help="after --: overrides every point shares")
-    args = parser.parse_args(argv)
-    with cli.one_line_errors(args.debug):
-        points = parse_grid(args.grid)
-        config = load_config(args.config)
-        fixed = dict(o.removeprefix("--config.").partition("=")[::2] for o in args.overrides
-                     if o.startswith("--config."))
-        for point in points:  # each point's whole config, as its run will check it (the mesh there)
-            config_check.check(check_point(config, {**fixed, **point}))
-        commands = (local_commands if args.local else run_commands)(args, points)
+@functools.cache  # once per process: a second in-process call keeps the first's definitions
+def _define_flags() -> None:
+    flags.DEFINE_string("config", None, "configs/*.py[:variant], as pnapo_jax.main takes it.", required=True)
+    flags.DEFINE_string("workdir", None, "Sweep root (gs://...): each point writes WORKDIR/NAME.", required=True)
+    flags.DEFINE_multi_string("grid", None, "KEY=V1,V2,...: one axis of the grid; repeat per axis.", required=True)
+    flags.DEFINE_string("tpu", "pnapo-{i}", "TPU name per point; {i} is the point's index.")
+    flags.DEFINE_string("zone", "", "TPU zone (default: $TPU_ZONE in launch/tpu.sh).")
+    flags.DEFINE_bool("local", False, "Train the points here, one after another.")
+    flags.DEFINE_bool("dry_run", False, "Print the commands instead of running them (also --dry-run).")
+
+
+def _main(argv: list[str]) -> None:
+    """argv[1:]: the overrides after `--` that every point shares."""
+    f, overrides = flags.FLAGS, argv[1:]
+    points = parse_grid(f.grid)
+    config = load_config(f.config)
+    fixed = dict(o.removeprefix("--config.").partition("=")[::2] for o in overrides if o.startswith("--config."))
+    for point in points:  # each point's whole config, as its run will check it (the mesh there)
+        config_check.check(check_point(config, {**fixed, **point}))
+    if f.local:
+        commands = local_commands(points, f.config, f.workdir, overrides)
+    else:
+        commands = run_commands(points, f.config, f.workdir, f.tpu, f.zone, overrides)
     for point, command in zip(points, commands, strict=True):
-        if args.local and finished(f"{args.workdir.rstrip('/')}/{point_name(point)}"):
+        if f.local and finished(f"{f.workdir.rstrip('/')}/{point_name(point)}"):
             print(f"finished already: {point_name(point)}", flush=True)
             continue
         print(shlex.join(command), flush=True)
-        if not args.dry_run:
+        if not f.dry_run:
             subprocess.run(command, check=True)
 
 
+def main(argv: list[str] | None = None) -> None:
+    """The CLI; `argv`: the flags and `--` overrides of an in-process call (default the command line's)."""
+    _define_flags()
+    cli.run(_main, argv, arguments=True)
+
+
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    main()

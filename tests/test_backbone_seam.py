@@ -158,8 +158,13 @@ def test_the_backbone_checks_its_own_fields(toy, overrides, message):
 def test_a_complete_config_is_the_backbones(toy):
     c = toy_config()
     del c.model["hidden"]
-    with pytest.raises(UserError, match=r"lacks the fields config.model.hidden: it is not"):
+    with pytest.raises(UserError, match=r"lacks the fields config.model.hidden: it is not a pnapo_jax run's config "
+                       r"with config.model.backbone='toy'"):
         config_check.check_complete(c, "config.json")
+    flux = config_lib.defaults()
+    flux.model.backbone = "toy"  # --config.model.backbone=toy on a FLUX config file: the toy's fields are named
+    with pytest.raises(UserError, match=r"the config lacks the fields config.model.activation, config.model.channels"):
+        config_check.check(flux)
     saved = json.loads(config_lib.defaults().to_json_best_effort())
     del saved["model"]["backbone"]  # written before backbones had names: FLUX's
     config_check.check_complete(ml_collections.ConfigDict(saved), "config.json")

@@ -19,7 +19,8 @@ from scipy import stats as scipy_stats
 
 from pnapo_jax.bench import benchmark, models, prompt_sets, sampling, scorers, stats
 from pnapo_jax.errors import UserError
-from pnapo_jax.world import base, grammar
+from pnapo_jax.world import demo_base as base
+from pnapo_jax.world import grammar
 
 DEMO_BASE = str(base.DEFAULT_BASE)
 DEMO_REFLOW = str(base.DEFAULT_BASE.parent / "demo_base_reflow")

@@ -49,3 +49,22 @@ def test_one_line_errors_and_debug(capsys):
         raise UserError("--out=x: not a folder")
     with pytest.raises(KeyError), cli.one_line_errors(debug=False):  # a bug stays a traceback
         raise KeyError("bug")
+
+
+def test_dashed_flag_names_reach_their_underscored_flags():
+    """sweep's `--dry-run` (argparse spelled it so) sets absl's --dry_run; words after `--` and names that are no
+    flag stay as given."""
+    from absl import flags
+
+    flags.DEFINE_bool("dashes_probe_x", False, "A flag for this test only.")
+    argv = ["prog", "--dashes-probe-x", "--nodashes-probe-x", "--not-a-flag=1", "--", "--dashes-probe-x"]
+    assert cli.dashes_to_underscores(argv) == ["prog", "--dashes_probe_x", "--nodashes_probe_x", "--not-a-flag=1",
+                                               "--", "--dashes-probe-x"]
+
+
+def test_no_command_parses_its_flags_with_argparse():
+    """One way to define command-line flags: absl, through cli.run (sweep and import_pairs used argparse)."""
+    import pathlib
+
+    package = pathlib.Path(str(ROOT)) / "pnapo_jax"
+    assert [str(p) for p in package.rglob("*.py") if "import argparse" in p.read_text()] == []

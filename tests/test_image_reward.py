@@ -28,7 +28,8 @@ from PIL import Image
 from pnapo_jax.bench import benchmark, sampling, scorers
 from pnapo_jax.errors import UserError
 from pnapo_jax.rewards import image_reward, load_reward
-from pnapo_jax.world import base, grammar
+from pnapo_jax.world import demo_base as base
+from pnapo_jax.world import grammar
 
 VISION = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, image_size=32, patch_size=8)
 TEXT = dict(hidden_size=24, num_hidden_layers=2, num_attention_heads=4, intermediate_size=40,

@@ -186,7 +186,8 @@ DEMO_PROMPTS = ["a red triangle on the left", "a blue circle at the top"]
 def test_demo_base_samples_as_the_world_samples_it():
     """The shipped demo base has no pipeline folder: the world's text table and pixel latents stand in, on the
     schedule the world's own sampler (generate, the sampling eval) uses."""
-    from pnapo_jax.world import base, latents, reward
+    from pnapo_jax.world import demo_base as base
+    from pnapo_jax.world import latents, reward
 
     demo = sample.load_pipeline(None)
     assert demo.size == 32

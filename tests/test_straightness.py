@@ -9,7 +9,8 @@ import jax
 import numpy as np
 
 from pnapo_jax import flow
-from pnapo_jax.world import base, reflow, straightness
+from pnapo_jax.world import demo_base as base
+from pnapo_jax.world import reflow, straightness
 
 ENV = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu")
 

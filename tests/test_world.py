@@ -8,7 +8,8 @@ import pytest
 from flax import linen as nn
 
 from pnapo_jax.models.flux import init_params
-from pnapo_jax.world import base, components, fidelity, grammar, latents, pretrain, render, reward, text
+from pnapo_jax.world import components, fidelity, grammar, latents, pretrain, render, reward, text
+from pnapo_jax.world import demo_base as base
 
 TRAIN, HELDOUT = grammar.prompts("train"), grammar.prompts("heldout")
 

@@ -12,7 +12,7 @@ DEFAULT = "flux"  # config.defaults()' backbone, and that of configs saved befor
 
 def backbone_of(config: ml_collections.ConfigDict) -> Backbone:
     """The run's backbone; configs written before backbones had names are FLUX's."""
-    name = config.model.get("backbone", DEFAULT)
+    name = (config.get("model") or {}).get("backbone", DEFAULT)  # a config lacking fields is refused by name later
     if name not in BACKBONES:
         raise UserError(f"config.model.backbone={name!r}; known backbones: {', '.join(BACKBONES)}")
     return BACKBONES[name]

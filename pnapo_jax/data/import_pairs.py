@@ -23,7 +23,7 @@ that is not a JSON object, misses a field or names a file that does not load is 
 .npy files load with allow_pickle=False: nothing is unpickled.
 """
 
-import argparse
+import functools
 import itertools
 import json
 import os
@@ -32,6 +32,7 @@ from typing import Any, NamedTuple
 
 import jax.numpy as jnp
 import numpy as np
+from absl import flags
 from PIL import Image, ImageOps
 
 from pnapo_jax import cli
@@ -229,29 +230,30 @@ def import_manifest(
     return ImportReport(report.path, report.written, ties, bad_records.skipped)
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
-        prog="python -m pnapo_jax.data.import_pairs",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    parser.add_argument("--input", required=True, help="JSON-lines manifest (format above)")
-    parser.add_argument(
-        "--out", required=True, help="TFDS data_dir to write; the dataset lands in OUT/pnapo_pairs/1.0.0"
-    )
-    parser.add_argument("--height", type=int, default=1024, help="image height in pixels of every pair")
-    parser.add_argument("--width", type=int, default=1024, help="image width in pixels of every pair")
-    parser.add_argument(
-        "--on_bad_record", choices=ON_BAD_RECORD, default="raise", help="stop at, or drop and count, bad rows"
-    )
-    parser.add_argument("--vae", help="diffusers VAE folder (or pipeline folder) to encode the rows' image files")
-    parser.add_argument("--debug", action="store_true", help="show the traceback of an expected error")
-    args = parser.parse_args(argv)
-    with cli.one_line_errors(args.debug):
-        if args.vae is not None and not os.path.isdir(args.vae):
-            raise UserError(f"--vae={args.vae} is not a folder (a diffusers VAE folder or a pipeline folder)")
-        report = import_manifest(args.input, args.out, args.height, args.width, args.on_bad_record, args.vae)
+@functools.cache  # once per process: a second in-process call (a test's) keeps the first's definitions
+def _define_flags() -> None:
+    flags.DEFINE_string("input", None, "JSON-lines manifest (format above).", required=True)
+    flags.DEFINE_string("out", None, "TFDS data_dir to write; the dataset lands in OUT/pnapo_pairs/1.0.0.",
+                        required=True)
+    flags.DEFINE_integer("height", 1024, "Image height in pixels of every pair.")
+    flags.DEFINE_integer("width", 1024, "Image width in pixels of every pair.")
+    flags.DEFINE_enum("on_bad_record", "raise", list(ON_BAD_RECORD), "Stop at, or drop and count, bad rows.")
+    flags.DEFINE_string("vae", None, "Diffusers VAE folder (or pipeline folder) to encode the rows' image files.")
+
+
+def _main(argv: list[str]) -> None:
+    f = flags.FLAGS
+    if f.vae is not None and not os.path.isdir(f.vae):
+        raise UserError(f"--vae={f.vae} is not a folder (a diffusers VAE folder or a pipeline folder)")
+    report = import_manifest(f.input, f.out, f.height, f.width, f.on_bad_record, f.vae)
     print(f"wrote {report.written} pairs to {report.path}; skipped {report.ties} ties and {report.skipped} bad rows")
+
+
+def main(argv: list[str] | None = None) -> None:
+    """The CLI; `argv`: the flags of an in-process call (default the command line's). Flags are defined here, not
+    at import, so that importing this module beside other commands (--out, --input) does not clash."""
+    _define_flags()
+    cli.run(_main, argv)
 
 
 if __name__ == "__main__":

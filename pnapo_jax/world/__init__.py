@@ -2,7 +2,7 @@
 
 Prompts come from a grammar (`grammar`), images are procedural renderings (`render`), latents are the pixels
 (`latents`), the text encoder is a fixed table (`text`), the base model is a small FLUX transformer pretrained
-on the train prompts (`base`, `pretrain`), and `reward` / `fidelity` score samples. `straightness` measures
+on the train prompts (`demo_base`, `pretrain`), and `reward` / `fidelity` score samples. `straightness` measures
 how far the base's ODE paths bend away from the straight interpolation PNAPO assumes, and `reflow` straightens
 them. `components()` is the world as generation sees one (a `pnapo_jax.sampling.World`), plus the rest of it.
 """
@@ -10,7 +10,7 @@ them. `components()` is the world as generation sees one (a `pnapo_jax.sampling.
 import dataclasses
 from collections.abc import Callable
 
-from pnapo_jax.world import base, fidelity, grammar, latents, render, reward, text
+from pnapo_jax.world import demo_base, fidelity, grammar, latents, render, reward, text
 
 
 @dataclasses.dataclass(frozen=True)
@@ -26,7 +26,7 @@ class DemoWorld:
     fidelity: Callable  # (images, texts) -> [B], distance to the data, lower is better
     prompts: Callable  # split ("train" | "heldout" | "all") -> texts
     load_base: Callable  # () -> (FluxConfig, params)
-    model_id: str = base.MODEL_ID  # names the shipped base in generated records
+    model_id: str = demo_base.MODEL_ID  # names the shipped base in generated records
     latent_h_tokens: int = latents.LATENT_H_TOKENS
     latent_w_tokens: int = latents.LATENT_W_TOKENS
     patch_pixels: int = latents.PATCH_PIXELS
@@ -39,4 +39,4 @@ class DemoWorld:
 def components() -> DemoWorld:
     return DemoWorld(encode_prompts=text.encode_prompts, encode=latents.encode, decode=latents.decode,
                  render=render.render, reward=reward.reward, fidelity=fidelity.fidelity, prompts=grammar.prompts,
-                 load_base=base.load_base)
+                 load_base=demo_base.load_base)

@@ -24,7 +24,7 @@ from pnapo_jax import cli, flow
 from pnapo_jax.errors import UserError
 from pnapo_jax.models import flux
 from pnapo_jax.models.flux import FluxConfig, FluxTransformer, init_params
-from pnapo_jax.world import base, grammar, latents, render, text
+from pnapo_jax.world import demo_base, grammar, latents, render, text
 
 T_SAMPLER = {"kind": "logit_normal", "logit_mean": 0.0, "logit_std": 1.0}
 
@@ -96,14 +96,14 @@ def _main(argv: list[str]) -> None:
     for name in ("steps", "batch"):
         if f[name].value < 1:
             raise UserError(f"--{name}={f[name].value}: must be >= 1")
-    cfg = base.demo_model_config()
+    cfg = demo_base.demo_model_config()
     params, info = pretrain(cfg, f.steps, f.batch, f.lr, f.seed)
-    base.save_base(f.out, cfg, params, info)
+    demo_base.save_base(f.out, cfg, params, info)
     print(f"wrote {f.out}", flush=True)
 
 
 def run() -> None:
-    flags.DEFINE_string("out", str(base.DEFAULT_BASE), "Output folder (a diffusers transformer folder).")
+    flags.DEFINE_string("out", str(demo_base.DEFAULT_BASE), "Output folder (a diffusers transformer folder).")
     flags.DEFINE_integer("steps", 1400, "Training steps.")
     flags.DEFINE_integer("batch", 16, "Renderings per step.")
     flags.DEFINE_float("lr", 1e-3, "Peak AdamW learning rate.")

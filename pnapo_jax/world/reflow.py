@@ -19,10 +19,10 @@ from absl import flags
 from pnapo_jax import cli
 from pnapo_jax.errors import UserError
 from pnapo_jax.models.flux import FluxConfig
-from pnapo_jax.world import base, grammar, pretrain, text
+from pnapo_jax.world import demo_base, grammar, pretrain, text
 
 REFLOW_INFO = "reflow.json"
-SHIPPED = base.DEFAULT_BASE.parent / "demo_base_reflow"  # the shipped base reflowed with this CLI's defaults
+SHIPPED = demo_base.DEFAULT_BASE.parent / "demo_base_reflow"  # the shipped base reflowed with this CLI's defaults
 
 
 def couplings(cfg: FluxConfig, params: Any, pairs: int, seed: int, num_steps: int, batch: int = 64
@@ -30,7 +30,7 @@ def couplings(cfg: FluxConfig, params: Any, pairs: int, seed: int, num_steps: in
     """The base's couplings: x1 (noise) and x0 (its ODE sample) [pairs, I, C], with the prompt embeddings."""
     train = grammar.prompts("train")
     prompts = [train[j % len(train)] for j in range(pairs)]
-    x1, x0 = base.sample_seeded(cfg, params, prompts, np.arange(pairs), seed, num_steps, batch=batch)
+    x1, x0 = demo_base.sample_seeded(cfg, params, prompts, np.arange(pairs), seed, num_steps, batch=batch)
     embeds, pooled = text.encode_prompts(prompts)
     return {"x0": x0, "x1": x1, "embeds": embeds, "pooled": pooled}
 
@@ -63,15 +63,15 @@ def _main(argv: list[str]) -> None:
     for name in ("pairs", "num_steps", "steps", "batch", "log_every"):
         if f[name].value < 1:
             raise UserError(f"--{name}={f[name].value}: must be >= 1")
-    cfg, params = base.load_base(f.base)
+    cfg, params = demo_base.load_base(f.base)
     params, info = reflow(cfg, params, f.pairs, f.steps, f.batch, f.lr, f.seed, f.num_steps, f.log_every)
-    name = base.MODEL_ID if f.base == str(base.DEFAULT_BASE) else f.base
-    base.save_base(f.out, cfg, params, {"base": name, **info}, info_name=REFLOW_INFO)
+    name = demo_base.MODEL_ID if f.base == str(demo_base.DEFAULT_BASE) else f.base
+    demo_base.save_base(f.out, cfg, params, {"base": name, **info}, info_name=REFLOW_INFO)
     print(f"wrote {f.out}", flush=True)
 
 
 def run() -> None:
-    flags.DEFINE_string("base", str(base.DEFAULT_BASE), "The model to reflow (a diffusers transformer folder).")
+    flags.DEFINE_string("base", str(demo_base.DEFAULT_BASE), "The model to reflow (a diffusers transformer folder).")
     flags.DEFINE_string("out", None, "Output folder (a diffusers transformer folder).", required=True)
     flags.DEFINE_integer("pairs", 540, "Couplings (4 noises per train prompt).")
     flags.DEFINE_integer("num_steps", 16, "Euler steps of the couplings' ODE samples (the world's sampling setting).")

@@ -31,7 +31,7 @@ from absl import flags  # noqa: E402
 
 from pnapo_jax import cli, flow  # noqa: E402
 from pnapo_jax.errors import UserError  # noqa: E402
-from pnapo_jax.world import base, fidelity, grammar, latents, reward  # noqa: E402
+from pnapo_jax.world import demo_base, fidelity, grammar, latents, reward  # noqa: E402
 
 
 def path_gap(traj_SxNxIxC: np.ndarray, sigmas_S: np.ndarray) -> dict[str, np.ndarray]:
@@ -63,8 +63,8 @@ def summary(gap: dict[str, np.ndarray]) -> dict[str, float]:
 def measure(folder: str, prompts: Sequence[str], seed: int, num_steps: int, guidance: float, batch: int
             ) -> dict[str, Any]:
     """The gaps, their summary, and the endpoints' mean reward and fidelity for one base and solver."""
-    cfg, params = base.load_base(folder)
-    _, traj = base.sample_seeded(cfg, params, prompts, np.arange(len(prompts)), seed, num_steps, guidance, batch,
+    cfg, params = demo_base.load_base(folder)
+    _, traj = demo_base.sample_seeded(cfg, params, prompts, np.arange(len(prompts)), seed, num_steps, guidance, batch,
                                  return_trajectory=True)
     gap = path_gap(traj, np.asarray(flow.flux_sigmas(num_steps, traj.shape[2])))
     images = latents.decode(traj[-1])
@@ -125,7 +125,7 @@ def _main(argv: list[str]) -> None:
 
 
 def run() -> None:
-    flags.DEFINE_multi_string("base", [str(base.DEFAULT_BASE)], "Base model folder(s) (diffusers transformer).")
+    flags.DEFINE_multi_string("base", [str(demo_base.DEFAULT_BASE)], "Base model folder(s) (diffusers transformer).")
     flags.DEFINE_string("out", None, "Folder for straightness.json and straightness.png.", required=True)
     flags.DEFINE_list("num_steps", ["16"], "Euler steps, one measurement each (the world samples with 16).")
     flags.DEFINE_enum("split", "all", grammar.SPLITS, "Prompts to sample.")

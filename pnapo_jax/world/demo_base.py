@@ -57,9 +57,8 @@ def sample_latents(cfg: FluxConfig, params: Any, prompts: Sequence[str], noise_B
 
 
 def sample(cfg: FluxConfig, params: Any, prompts: Sequence[str], seed: int, num_steps: int = 20) -> np.ndarray:
-    """[B, 32, 32, 3] images from the model, Euler from N(0, I) noise drawn from `seed` (FluxPipeline schedule)."""
-    noise = jax.random.normal(jax.random.key(seed), (len(prompts), *LATENT_SHAPE))
-    return latents.decode(np.asarray(sample_latents(cfg, params, prompts, noise, num_steps)))
+    """[B, 32, 32, 3] images from the model: prompt n from noise n of `seed` by `sample_seeded`."""
+    return latents.decode(sample_seeded(cfg, params, prompts, range(len(prompts)), seed, num_steps)[1])
 
 
 def sample_seeded(cfg: FluxConfig, params: Any, prompts: Sequence[str], seeds_N: Sequence[int], seed: int,
@@ -67,7 +66,13 @@ def sample_seeded(cfg: FluxConfig, params: Any, prompts: Sequence[str], seeds_N:
                   ) -> tuple[np.ndarray, np.ndarray]:
     """Sample prompt n from its own noise `flow.seeded_noise(seed, seeds_N[n])` (reproducible by its seed alone),
     in batches of `batch` (the last padded, so that one compile serves all). Returns (noises [N, I, C], final
-    latents [N, I, C] or with `return_trajectory` every solver state [num_steps + 1, N, I, C])."""
+    latents [N, I, C] or with `return_trajectory` every solver state [num_steps + 1, N, I, C]).
+
+    The noise is drawn as packed tokens [I, C], the layout of pair generation (pnapo_jax.sampling.Sampler), whose
+    records' seeds name their noises. `python -m pnapo_jax.sample` draws FluxPipeline's unpacked [C, H, W] and
+    packs it (its --noise files and seeds share diffusers' `latents=` layout, for FLUX folders and the demo base
+    alike); both layouts are fixed by what they reproduce (recorded pairs, sample's outputs), so they stay two.
+    Either way the noise is `flow.seeded_noise` and the sampler `sample_latents` / `flow.euler_sample`."""
     N, batch = len(prompts), min(batch, len(prompts))
     noise_NxIxC = np.asarray(flow.seeded_noise(seed, np.asarray(seeds_N), LATENT_SHAPE))
     out = []
