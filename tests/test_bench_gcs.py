@@ -13,7 +13,8 @@ from memory_gcs import gcs  # noqa: F401 (the fixture)
 
 from pnapo_jax import sweep, sweep_report
 from pnapo_jax.bench import benchmark, sampling
-from pnapo_jax.world import base, grammar
+from pnapo_jax.world import demo_base as base
+from pnapo_jax.world import grammar
 
 DEMO_BASE = str(base.DEFAULT_BASE)
 DEMO_REFLOW = str(base.DEFAULT_BASE.parent / "demo_base_reflow")

@@ -19,7 +19,7 @@ from etils import epath
 
 from pnapo_jax import flow
 from pnapo_jax.bench import benchmark, sampling
-from pnapo_jax.world import base
+from pnapo_jax.world import demo_base as base
 
 HOSTS, DEVICES_PER_HOST, DIE_AFTER = 2, 4, 6  # process 1 dies after writing DIE_AFTER of its images
 DEMO_BASE = str(base.DEFAULT_BASE)
