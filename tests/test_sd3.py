@@ -123,3 +123,32 @@ def test_bad_configs_refused():
         sd3.SD3Config.from_diffusers(dict(TINY["sd3_medium"], qk_norm="layer_norm"))
     with pytest.raises(ValueError, match="dual_attention_layers"):
         sd3.SD3Config.from_diffusers(dict(TINY["sd3_medium"], dual_attention_layers=(3,)))
+
+
+@pytest.mark.slow  # ~2 min on the shared 2-core box (two compiles of the scanned model)
+def test_sharded_on_8_devices_equals_one_device():
+    """Scanned SD3.5-Medium-style model on a data=2, fsdp=2, tensor=2 mesh with the default logical rules."""
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    from pnapo_jax import config as config_lib
+    from pnapo_jax import sharding
+
+    cfg = sd3.SD3Config.from_diffusers(TINY["sd35_medium"], scan_layers=True)
+    params = sd3.scan_params(params_from_torch(torch_sd3("sd35_medium"), dataclasses.replace(cfg, scan_layers=False)),
+                             cfg)
+    inputs = random_inputs(cfg, 4, 3, 4, 6)
+    arrays = {k: v for k, v in inputs.items() if k not in ("h_tokens", "w_tokens")}
+    apply = jax.jit(lambda p, a: sd3.SD3Transformer(cfg).apply({"params": p}, **a, h_tokens=3, w_tokens=4))
+    ref = apply(params, arrays)
+    mesh = sharding.make_mesh(sd3.nn.FrozenDict(data=2, fsdp=2, tensor=2))
+    rules = config_lib.DEFAULT_RULES
+    shardings = sharding.logical_shardings(jax.eval_shape(lambda: sd3.init_params(cfg, jax.random.key(0))), mesh,
+                                           rules)
+    sharded = jax.device_put(params, shardings)
+    assert sharded["blocks_0_3"]["attn2"]["to_q"]["kernel"].sharding.spec == P(None, "fsdp", "tensor")
+    batched = jax.device_put(arrays, NamedSharding(mesh, P(sharding.BATCH_AXES)))
+    with jax.set_mesh(mesh), sd3.nn.logical_axis_rules(rules):
+        out = apply(sharded, batched)
+    assert len(out.sharding.device_set) == 8
+    np.testing.assert_allclose(np.asarray(out), np.asarray(ref), atol=1e-5 * float(np.abs(ref).max()))
