@@ -55,10 +55,12 @@ def test_diffusers_config_round_trip_and_runs():
     assert list(sd3.scanned_stacks(cfg)) == ["blocks_0_3", "blocks_3_4"]
 
 
-@pytest.mark.parametrize("name", ["sd35_medium", "sd3_medium"])
-@pytest.mark.parametrize("variant", [dict(scan_layers=True), dict(remat_policy="full"),
-                                     dict(remat_policy="save_named", scan_layers=True),
-                                     dict(CPU_FAST, remat_policy="save_named", scan_layers=True)])
+@pytest.mark.parametrize("name,variant", [
+    ("sd35_medium", dict(scan_layers=True)),  # runs: 3 dual blocks, 1 plain block, the last block
+    pytest.param("sd35_medium", dict(remat_policy="full"), marks=pytest.mark.slow),  # ~2 min: compile-bound
+    pytest.param("sd35_medium", dict(CPU_FAST, remat_policy="save_named", scan_layers=True), marks=pytest.mark.slow),
+    ("sd3_medium", dict(remat_policy="save_named", scan_layers=True)),  # runs: 2 plain blocks, the last block
+])
 def test_scan_and_remat_equal_plain(name, variant):
     cfg = sd3.SD3Config.from_diffusers(TINY[name])
     params = params_from_torch(torch_sd3(name), cfg)
@@ -69,8 +71,9 @@ def test_scan_and_remat_equal_plain(name, variant):
     def loss(p, c):
         return (sd3.SD3Transformer(c).apply({"params": p}, **inputs) ** 2).mean()
 
-    l0, g0 = jax.value_and_grad(loss)(params, cfg)
-    l1, g1 = jax.value_and_grad(loss)(vparams, vcfg)
+    value_and_grad = jax.jit(jax.value_and_grad(loss), static_argnums=1)
+    l0, g0 = value_and_grad(params, cfg)
+    l1, g1 = value_and_grad(vparams, vcfg)
     if vcfg.scan_layers:
         g1 = sd3.unscan_params(g1, cfg)
     np.testing.assert_allclose(l1, l0, rtol=1e-6)
@@ -79,7 +82,7 @@ def test_scan_and_remat_equal_plain(name, variant):
 
 def test_scanned_init_layout_and_round_trip():
     cfg = sd3.SD3Config.from_diffusers(TINY["sd35_medium"], scan_layers=True)
-    boxed = sd3.init_params(cfg, jax.random.key(0))
+    boxed = jax.jit(lambda key: sd3.init_params(cfg, key))(jax.random.key(0))
     p = sd3.nn.meta.unbox(boxed)
     assert sorted(k for k in p if "blocks" in k) == ["blocks_0_3", "blocks_3_4", "transformer_blocks_4"]
     assert p["blocks_0_3"]["attn2"]["to_q"]["kernel"].shape == (3, 16, 16)
@@ -94,8 +97,9 @@ def test_bf16_compute_close_to_fp32():
     cfg = sd3.SD3Config.from_diffusers(TINY["sd35_medium"])
     params = params_from_torch(torch_sd3("sd35_medium"), cfg)
     inputs = random_inputs(cfg, 2, 3, 4, 6)
-    ref = sd3.SD3Transformer(cfg).apply({"params": params}, **inputs)
-    bf = sd3.SD3Transformer(dataclasses.replace(cfg, dtype="bfloat16")).apply({"params": params}, **inputs)
+    apply = lambda c: jax.jit(sd3.SD3Transformer(c).apply, static_argnames=("h_tokens", "w_tokens"))
+    ref = apply(cfg)({"params": params}, **inputs)
+    bf = apply(dataclasses.replace(cfg, dtype="bfloat16"))({"params": params}, **inputs)
     assert bf.dtype == jax.numpy.bfloat16
     assert _rel_err(np.asarray(bf, np.float32), np.asarray(ref)) < 5e-2
 
@@ -119,3 +123,32 @@ def test_bad_configs_refused():
         sd3.SD3Config.from_diffusers(dict(TINY["sd3_medium"], qk_norm="layer_norm"))
     with pytest.raises(ValueError, match="dual_attention_layers"):
         sd3.SD3Config.from_diffusers(dict(TINY["sd3_medium"], dual_attention_layers=(3,)))
+
+
+@pytest.mark.slow  # ~2 min on the shared 2-core box (two compiles of the scanned model)
+def test_sharded_on_8_devices_equals_one_device():
+    """Scanned SD3.5-Medium-style model on a data=2, fsdp=2, tensor=2 mesh with the default logical rules."""
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    from pnapo_jax import config as config_lib
+    from pnapo_jax import sharding
+
+    cfg = sd3.SD3Config.from_diffusers(TINY["sd35_medium"], scan_layers=True)
+    params = sd3.scan_params(params_from_torch(torch_sd3("sd35_medium"), dataclasses.replace(cfg, scan_layers=False)),
+                             cfg)
+    inputs = random_inputs(cfg, 4, 3, 4, 6)
+    arrays = {k: v for k, v in inputs.items() if k not in ("h_tokens", "w_tokens")}
+    apply = jax.jit(lambda p, a: sd3.SD3Transformer(cfg).apply({"params": p}, **a, h_tokens=3, w_tokens=4))
+    ref = apply(params, arrays)
+    mesh = sharding.make_mesh(sd3.nn.FrozenDict(data=2, fsdp=2, tensor=2))
+    rules = config_lib.DEFAULT_RULES
+    shardings = sharding.logical_shardings(jax.eval_shape(lambda: sd3.init_params(cfg, jax.random.key(0))), mesh,
+                                           rules)
+    sharded = jax.device_put(params, shardings)
+    assert sharded["blocks_0_3"]["attn2"]["to_q"]["kernel"].sharding.spec == P(None, "fsdp", "tensor")
+    batched = jax.device_put(arrays, NamedSharding(mesh, P(sharding.BATCH_AXES)))
+    with jax.set_mesh(mesh), sd3.nn.logical_axis_rules(rules):
+        out = apply(sharded, batched)
+    assert len(out.sharding.device_set) == 8
+    np.testing.assert_allclose(np.asarray(out), np.asarray(ref), atol=1e-5 * float(np.abs(ref).max()))

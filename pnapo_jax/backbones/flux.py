@@ -1,7 +1,6 @@
 """FLUX.1 as a backbone (pnapo_jax.backbones.interface): the Flax port (pnapo_jax.models.flux) with its diffusers and
 BFL weights (pnapo_jax.convert), configured by config.model and config.lora."""
 
-import dataclasses
 import functools
 from typing import Any
 
@@ -9,7 +8,14 @@ import jax
 import ml_collections
 
 from pnapo_jax import convert, text
-from pnapo_jax.backbones.interface import DTYPES, Backbone, field_problems, name_list
+from pnapo_jax.backbones.interface import (
+    DTYPES,
+    Backbone,
+    EveryName,
+    adapter_layer_names,
+    field_problems,
+    model_config_from,
+)
 from pnapo_jax.data.schema import SextupleSpec
 from pnapo_jax.errors import UserError
 from pnapo_jax.models import flux, vae
@@ -18,10 +24,7 @@ from pnapo_jax.models.layers import ATTENTION_IMPLS, check_attention_impl
 
 def model_config(config: ml_collections.ConfigDict) -> flux.FluxConfig:
     """The model config: config.model's FluxConfig fields plus config.lora."""
-    names = {f.name for f in dataclasses.fields(flux.FluxConfig)}
-    kw = {k: tuple(v) if isinstance(v, list | tuple) else v for k, v in config.model.items() if k in names}
-    return flux.FluxConfig(**kw, lora_rank=config.lora.rank, lora_alpha=config.lora.alpha,
-                           lora_targets=name_list(config.lora.targets))
+    return model_config_from(config, flux.FluxConfig)
 
 
 def init(cfg: flux.FluxConfig, rng: jax.Array) -> dict[str, Any]:
@@ -115,19 +118,8 @@ def _lora_layer_names(guidance: bool) -> frozenset[str]:
     probe = flux.FluxConfig(in_channels=4, num_layers=1, num_single_layers=1, attention_head_dim=8,
                             num_attention_heads=1, joint_attention_dim=4, pooled_projection_dim=4,
                             guidance_embeds=guidance, axes_dims_rope=(2, 2, 4), lora_rank=1,
-                            lora_targets=_Everything())
-    model = flux.FluxTransformer(probe)
-    shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), **flux.dummy_inputs(probe)))
-    paths = jax.tree_util.tree_flatten_with_path(shapes.get("lora", {}))[0]
-    keys = [[getattr(k, "key", None) for k in path] for path, _ in paths]
-    return frozenset(ks[ks.index(leaf) - 1] for ks in keys for leaf in ("lora_a", "lora_b") if leaf in ks)
-
-
-class _Everything(tuple):
-    """A targets tuple that contains every name: finds which layers could take adapters."""
-
-    def __contains__(self, name: object) -> bool:
-        return True
+                            lora_targets=EveryName())
+    return adapter_layer_names(jax.eval_shape(lambda: init(probe, jax.random.key(0))))
 
 
 SAVE_FORMATS = ("diffusers", "bfl")

@@ -72,6 +72,28 @@ def name_list(value: str | tuple | list) -> tuple[str, ...]:
     return tuple(name.strip() for item in items for name in str(item).split(",") if name.strip())
 
 
+def model_config_from(config: Config, config_class: type) -> Any:
+    """A backbone's model config: config.model's fields of `config_class` plus config.lora (rank, alpha, targets)."""
+    names = {f.name for f in dataclasses.fields(config_class)}
+    kw = {k: tuple(v) if isinstance(v, list | tuple) else v for k, v in config.model.items() if k in names}
+    return config_class(**kw, lora_rank=config.lora.rank, lora_alpha=config.lora.alpha,
+                        lora_targets=name_list(config.lora.targets))
+
+
+class EveryName(tuple):
+    """A lora_targets tuple that contains every name: a probe model built with it shows which layers take adapters."""
+
+    def __contains__(self, name: object) -> bool:
+        return True
+
+
+def adapter_layer_names(variables: Any) -> frozenset[str]:
+    """The names of the layers holding `lora_a` / `lora_b` in a (shape) variables tree {"params", "lora"?}."""
+    paths = jax.tree_util.tree_flatten_with_path(variables.get("lora", {}))[0]
+    keys = [[getattr(k, "key", None) for k in path] for path, _ in paths]
+    return frozenset(ks[ks.index(leaf) - 1] for ks in keys for leaf in ("lora_a", "lora_b") if leaf in ks)
+
+
 def field_problems(config: Config, enums: Mapping[str, tuple], minima: Mapping[str, tuple[float, bool]]
                    ) -> list[str]:
     """One line per field ("model.dtype") of `config` outside its allowed values (`enums`) or below its lowest

@@ -2,7 +2,6 @@
 diffusers and single-file weights (pnapo_jax.convert.sd3), configured by config.model and config.lora. Records are
 FLUX's packed 2x2 latent tokens; the text states are SD3's joined CLIP-L + CLIP-G + T5 sequence."""
 
-import dataclasses
 import functools
 from typing import Any
 
@@ -10,8 +9,14 @@ import jax
 import ml_collections
 
 from pnapo_jax import convert
-from pnapo_jax.backbones.flux import _Everything
-from pnapo_jax.backbones.interface import DTYPES, Backbone, field_problems, name_list
+from pnapo_jax.backbones.interface import (
+    DTYPES,
+    Backbone,
+    EveryName,
+    adapter_layer_names,
+    field_problems,
+    model_config_from,
+)
 from pnapo_jax.convert import sd3 as convert_sd3
 from pnapo_jax.data.schema import SextupleSpec
 from pnapo_jax.errors import UserError
@@ -24,10 +29,7 @@ SAVE_FORMATS = PRETRAINED_FORMATS
 
 def model_config(config: ml_collections.ConfigDict) -> sd3.SD3Config:
     """The model config: config.model's SD3Config fields plus config.lora."""
-    names = {f.name for f in dataclasses.fields(sd3.SD3Config)}
-    kw = {k: tuple(v) if isinstance(v, list | tuple) else v for k, v in config.model.items() if k in names}
-    return sd3.SD3Config(**kw, lora_rank=config.lora.rank, lora_alpha=config.lora.alpha,
-                         lora_targets=name_list(config.lora.targets))
+    return model_config_from(config, sd3.SD3Config)
 
 
 def init(cfg: sd3.SD3Config, rng: jax.Array) -> dict[str, Any]:
@@ -115,11 +117,8 @@ def _lora_layer_names() -> frozenset[str]:
     probe = sd3.SD3Config(in_channels=4, num_layers=3, attention_head_dim=8, num_attention_heads=1,
                           joint_attention_dim=4, caption_projection_dim=8, pooled_projection_dim=4, out_channels=4,
                           pos_embed_max_size=4, dual_attention_layers=(0,), qk_norm="rms_norm", lora_rank=1,
-                          lora_targets=_Everything())
-    shapes = jax.eval_shape(lambda: init(probe, jax.random.key(0)))
-    paths = jax.tree_util.tree_flatten_with_path(shapes.get("lora", {}))[0]
-    keys = [[getattr(k, "key", None) for k in path] for path, _ in paths]
-    return frozenset(ks[ks.index(leaf) - 1] for ks in keys for leaf in ("lora_a", "lora_b") if leaf in ks)
+                          lora_targets=EveryName())
+    return adapter_layer_names(jax.eval_shape(lambda: init(probe, jax.random.key(0))))
 
 
 BACKBONE = Backbone(
