@@ -105,6 +105,7 @@ def test_cli_compiles_the_tiny_step_for_v5p_8():
     assert r["step_time_lower_bound_s"] == pytest.approx(r["flops_per_step"] / 4 / 459e12, rel=0.01)
 
 
+@pytest.mark.slow  # two compiles: 26 CPU-s each, 125 s wall on the shared box at load 30
 @needs_libtpu
 def test_offload_moves_the_saved_block_inputs_to_host_memory():
     """remat_policy=offload lowers for TPU: the block inputs the backward pass needs (one double-stream and one
