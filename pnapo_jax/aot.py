@@ -172,6 +172,7 @@ def analyze(config: ml_collections.ConfigDict, topology: str, hbm_gib: float | N
     total = None if None in hbm.values() else sum(hbm.values())
     flops = matmul_flops(traced.jaxpr.jaxpr)
     xla_flops = compiled.cost_analysis().get("flops", 0.0) * chips if compiled else None  # per chip in XLA
+    ma = compiled and compiled.memory_analysis()
     return {
         "topology": topology, "topology_desc": desc, "chip": gen, "chips": chips, "mesh": dict(setup.mesh.shape),
         "global_batch_size": config.train.global_batch_size, "grad_accum_steps": config.train.grad_accum_steps,
@@ -179,6 +180,10 @@ def analyze(config: ml_collections.ConfigDict, topology: str, hbm_gib: float | N
         "fits": compiled is not None and total <= capacity,
         "hbm_per_chip_gib": total and round(total, 2), "hbm_capacity_gib": capacity,
         "hbm_breakdown_gib": {k: v and round(v, 2) for k, v in hbm.items()},
+        # what is live at once at XLA's peak (arguments included): the temporaries above are the allocation
+        # the compiled program reserves, which is larger on TPU; host memory: remat_policy="offload"'s saves
+        "hbm_peak_live_gib": ma and round(ma.peak_memory_in_bytes / GiB, 2),
+        "host_temporaries_per_chip_gib": ma and float(f"{ma.host_temp_size_in_bytes / GiB:.3g}"),
         "flops_per_step": flops,
         "flops_source": "jaxpr matmul count: scan trip counts and remat recompute included (used for the bound)",
         "xla_cost_analysis_flops_per_step": xla_flops,  # counts each scanned block once: shown, not used

@@ -105,6 +105,22 @@ def test_cli_compiles_the_tiny_step_for_v5p_8():
     assert r["step_time_lower_bound_s"] == pytest.approx(r["flops_per_step"] / 4 / 459e12, rel=0.01)
 
 
+@pytest.mark.slow  # two compiles: 26 CPU-s each, 125 s wall on the shared box at load 30
+@needs_libtpu
+def test_offload_moves_the_saved_block_inputs_to_host_memory():
+    """remat_policy=offload lowers for TPU: the block inputs the backward pass needs (one double-stream and one
+    single-stream layer, 4 images x (16 + 8) tokens x 32 features per chip, fp32 here) go to host memory."""
+    reports = {policy: _cli("--topology=v5p-8", "--config.model.scan_layers=True",
+                            f"--config.model.remat_policy={policy}") for policy in ("full", "offload")}
+    (rc_full, full), (rc, offload) = reports["full"], reports["offload"]
+    assert rc_full == rc == 0 and full["fits"] and offload["fits"]
+    assert full["host_temporaries_per_chip_gib"] == 0
+    saved = 2 * 4 * (16 + 8) * 32 * 4 / 2**30
+    assert offload["host_temporaries_per_chip_gib"] >= saved
+    assert full["hbm_peak_live_gib"] <= full["hbm_per_chip_gib"] + 0.01
+    assert offload["flops_per_step"] == full["flops_per_step"]  # the same recompute, only the saves move
+
+
 @needs_libtpu
 def test_cli_exits_nonzero_when_the_step_does_not_fit():
     # 4096 image tokens x 64 images per v5e chip: XLA runs out of HBM for the attention temporaries at once

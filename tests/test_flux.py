@@ -1,6 +1,7 @@
 """The Flax FLUX transformer against diffusers' FluxTransformer2DModel (torch, CPU, fp32)."""
 
 import dataclasses
+import re
 
 import jax
 import numpy as np
@@ -72,6 +73,7 @@ def test_guidance_required_when_embedded():
 @pytest.mark.parametrize("variant", [dict(scan_layers=True), dict(remat_policy="full"),
                                      dict(remat_policy="save_named", scan_layers=True), CPU_FAST,
                                      dict(CPU_FAST, remat_policy="save_named", scan_layers=True),
+                                     dict(remat_policy="offload", scan_layers=True), dict(remat_policy="offload"),
                                      pytest.param(dict(SPLASH, remat_policy="save_named", scan_layers=True),
                                                   marks=pytest.mark.slow)])  # ~2 min interpreted, idle box
 def test_scan_and_remat_equal_plain(variant):
@@ -90,6 +92,23 @@ def test_scan_and_remat_equal_plain(variant):
         g1 = flux.unscan_params(g1, cfg)
     np.testing.assert_allclose(l1, l0, rtol=1e-6)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5 * np.abs(b).max() + 1e-12), g1, g0)
+
+
+def test_offload_keeps_block_inputs_on_host(capsys):
+    """remat_policy="offload" saves each scanned block's input (the carry) in host memory, not in device memory:
+    the backward pass's residuals stacked over the layers are the block inputs, all host-resident."""
+    cfg = flux.FluxConfig.from_diffusers(TINY, scan_layers=True, num_single_layers=3)
+    params = flux.init_params(cfg, jax.random.key(0))
+    inputs = random_inputs(cfg, 2, 4, 4, 8)
+    stacked = {}
+    for policy in ("full", "offload"):
+        c = dataclasses.replace(cfg, remat_policy=policy)
+        loss = lambda p, c=c: (flux.FluxTransformer(c).apply({"params": p}, **inputs) ** 2).mean()
+        jax.ad_checkpoint.print_saved_residuals(loss, params)  # one line each: "bf16<host>[2,2,24,32] output of..."
+        lines = capsys.readouterr().out.splitlines()
+        stacked[policy] = sorted(ln.split()[0] for ln in lines if re.match(r"\w+(<host>)?\[[23],2,", ln))
+    assert stacked["full"] == ["f32[2,2,16,32]", "f32[2,2,8,32]", "f32[3,2,24,32]"]  # (img, txt); the joint one
+    assert stacked["offload"] == [s.replace("[", "<host>[", 1) for s in stacked["full"]]
 
 
 def test_scan_roundtrip_and_init_layout():

@@ -29,7 +29,10 @@ from pnapo_jax.models.layers import (
 DIFFUSERS_FIELDS = ("patch_size", "in_channels", "out_channels", "num_layers", "num_single_layers",
                     "attention_head_dim", "num_attention_heads", "joint_attention_dim",
                     "pooled_projection_dim", "guidance_embeds", "axes_dims_rope")
-REMAT_POLICIES = ("none", "full", "save_named")
+REMAT_POLICIES = ("none", "full", "save_named", "offload")
+# "offload": full remat, but each block's input (the scan carry saved for the backward pass, BLOCK_INPUT) goes to
+# host memory instead of HBM, as MaxText's/MaxDiffusion's offload policies do; docs/tpu_fit.md has the figures.
+BLOCK_INPUT = "block_input"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,7 +55,7 @@ class FluxConfig:
     dtype: str = "float32"  # compute dtype ("bfloat16" on TPU)
     param_dtype: str = "float32"  # storage dtype of the parameters
     scan_layers: bool = False  # nn.scan over each block stack (faster compiles, stacked params)
-    remat_policy: str = "none"  # none | full | save_named
+    remat_policy: str = "none"  # REMAT_POLICIES: none | full | save_named | offload
     remat_saved_names: tuple[str, ...] = ("qkv", "attn_out")  # kept by save_named
     lora_rank: int = 0  # > 0: LoRA adapters (collection "lora") on the Dense layers named in lora_targets
     lora_alpha: float = 0.0  # LoRA scale is alpha / rank; 0 means alpha = rank
@@ -113,6 +116,10 @@ def _remat(module_cls: type[nn.Module], cfg: FluxConfig) -> type[nn.Module]:
     policy = None
     if cfg.remat_policy == "save_named":
         policy = jax.checkpoint_policies.save_only_these_names(*cfg.remat_saved_names)
+    if cfg.remat_policy == "offload":
+        policy = jax.checkpoint_policies.save_and_offload_only_these_names(
+            names_which_can_be_saved=(), names_which_can_be_offloaded=(BLOCK_INPUT,),
+            offload_src="device", offload_dst="pinned_host")
     return nn.remat(module_cls, policy=policy, prevent_cse=not cfg.scan_layers)
 
 
@@ -215,7 +222,7 @@ class DoubleStreamBlock(nn.Module):
     @nn.compact
     def __call__(self, carry, temb_BxD, cos, sin):
         cfg = self.cfg
-        img, txt = carry
+        img, txt = (checkpoint_name(a, BLOCK_INPUT) for a in carry)
         i_shift, i_scale, i_gate, i_shift2, i_scale2, i_gate2 = AdaLNModulation(cfg, 6, name="norm1")(temb_BxD)
         t_shift, t_scale, t_gate, t_shift2, t_scale2, t_gate2 = AdaLNModulation(
             cfg, 6, name="norm1_context")(temb_BxD)
@@ -236,6 +243,7 @@ class SingleStreamBlock(nn.Module):
     @nn.compact
     def __call__(self, x_BxLxD, temb_BxD, cos, sin):
         cfg = self.cfg
+        x_BxLxD = checkpoint_name(x_BxLxD, BLOCK_INPUT)
         shift, scale, gate = AdaLNModulation(cfg, 3, name="norm")(temb_BxD)
         h = layer_norm(x_BxLxD) * (1 + scale) + shift
         mlp = _dense(cfg, 4 * cfg.inner_dim, ("embed", "mlp"), "proj_mlp")(h)
