@@ -79,6 +79,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.optim.weight_decay = 0.0
 
     c.train.num_steps = 75  # picked on train_val (docstring): 100 went past the peak
+    c.train.ema_decay = 0.95  # evals, export and sampling use the EMA of the weights (a ~20-step window; docstring)
     c.train.global_batch_size = 16
     c.train.log_every = 10
     c.train.eval_every = 0  # the sampling eval below is what this demo is about
@@ -111,4 +112,5 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         c.generate.images_per_prompt = 2
         c.generate.max_prompts = 32
         c.pnapo.n1, c.pnapo.n2 = 5, 15
+        c.train.ema_decay = 0.0  # 20 steps: an EMA would still be mostly the base
     return c
