@@ -168,14 +168,15 @@ class Checkpointer:
                             "number of hosts", step, restored, restored)
         return state
 
-    def restore_params(self, step: int | None, abstract_params: Any) -> tuple[int, Any]:
-        """(step, trainable params) of `step`, default the newest checkpoint that restores (export, sampling): no
-        optimizer state is read, which for a full fine-tune would triple the memory needed."""
-        abstract = {"params": abstract_params}
+    def restore_params(self, step: int | None, abstract_params: Any, key: str = "params") -> tuple[int, Any]:
+        """(step, state[key]) of `step` (key: "params", or "ema" for their moving average), default the newest
+        checkpoint that restores (export, sampling): no optimizer state is read, which for a full fine-tune
+        would triple the memory needed."""
+        abstract = {key: abstract_params}
         args = ocp.args.Composite(state=ocp.args.PyTreeRestore(
             abstract, ocp.checkpoint_utils.construct_restore_args(abstract), partial_restore=True))
         steps = self.all_steps() if step is None else [step]
-        return self._newest_restoring(steps, lambda s: self.manager.restore(s, args=args)["state"]["params"])
+        return self._newest_restoring(steps, lambda s: self.manager.restore(s, args=args)["state"][key])
 
     def _newest_restoring(self, steps: list[int], restore: Callable[[int], Any]) -> tuple[int, Any]:
         """(step, restore(step)) for the newest of `steps` that restores. Each newer one that does not is named

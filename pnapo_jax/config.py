@@ -121,6 +121,7 @@ def defaults(model_config: type | None = None) -> ml_collections.ConfigDict:
     c.train.log_every = 10  # steps between metric lines
     c.train.eval_every = 0  # steps between evals on data.eval_path (0: never)
     c.train.eval_batches = 4  # batches per eval
+    c.train.ema_decay = 0.0  # > 0: keep an EMA of the trained params, which evals, export and sampling use; 0: off
     c.train.max_nonfinite_steps = 20  # stop (one line) after this many non-finite updates in a row; 0: never
 
     # Input pipeline (pnapo_jax.data). Shapes are in packed tokens: image_tokens = (H/16) * (W/16) for FLUX.

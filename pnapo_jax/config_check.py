@@ -36,6 +36,7 @@ MINIMA = {
     "seed": (0, True),
     "train.num_steps": (1, True), "train.global_batch_size": (1, True), "train.grad_accum_steps": (1, True),
     "train.log_every": (1, True), "train.eval_every": (0, True), "train.eval_batches": (1, True),
+    "train.ema_decay": (0, True),
     "checkpoint.every_steps": (1, True), "checkpoint.keep": (1, True),
     "lora.rank": (0, True), "lora.alpha": (0, True),
     "pnapo.beta": (0, False), "pnapo.n1": (0, True), "pnapo.num_t_buckets": (1, True),
@@ -68,7 +69,7 @@ def _problems(config: ml_collections.ConfigDict) -> list[str]:
         out.append(f"config.pnapo.tau is {p.tau}; it must be > 0 with config.pnapo.use_gap")
     if p.use_schedule and p.n2 <= p.n1:
         out.append(f"config.pnapo.n2={p.n2} must be > config.pnapo.n1={p.n1} with config.pnapo.use_schedule")
-    for k in ("optim.b1", "optim.b2"):
+    for k in ("optim.b1", "optim.b2", "train.ema_decay"):
         if isinstance(get(config, k), int | float) and get(config, k) >= 1:
             out.append(f"config.{k} is {get(config, k)}; it must be < 1")
     if config.eval.sample_every > 0 and config.generate.world == "demo":
@@ -177,6 +178,8 @@ def check_resume(config: ml_collections.ConfigDict, workdir: str | epath.Path,
     fixed = {k: v for k, v in changed.items() if k in RESUME_FIXED + backbones.backbone_of(config).resume_fixed}
     if (saved.get("optim.grad_clip", 0) > 0) != (now["optim.grad_clip"] > 0):  # another optimizer state tree
         fixed["optim.grad_clip"] = (saved.get("optim.grad_clip"), now["optim.grad_clip"])
+    if (saved.get("train.ema_decay", 0) > 0) != (now["train.ema_decay"] > 0):  # a state with or without the EMA
+        fixed["train.ema_decay"] = (saved.get("train.ema_decay", 0.0), now["train.ema_decay"])
     if fixed:
         raise UserError(f"{workdir} holds a run whose checkpoints do not fit this config: "
                         + ", ".join(f"config.{k} was {a!r}, now {b!r}" for k, (a, b) in sorted(fixed.items()))

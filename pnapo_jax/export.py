@@ -33,13 +33,16 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
         config = ml_collections.ConfigDict(json.loads(path.read_text()))
     except json.JSONDecodeError as e:
         raise UserError(f"{path} is not JSON ({e}): --workdir must be a training workdir") from None
+    if "ema_decay" not in config.train:  # runs from before train.ema_decay kept no EMA
+        config.train.ema_decay = 0.0
     config_check.check_complete(config, str(path))
     config.mesh.data, config.mesh.fsdp, config.mesh.tensor = 1, -1, 1
     return config
 
 
 def restore_params(setup: Setup, workdir: str, step: int | None = None) -> tuple[int, Any]:
-    """(step, trainable params) of a checkpoint, default the newest that restores; optimizer state is not read.
+    """(step, trained params) of a checkpoint, default the newest that restores: their EMA when the run kept one
+    (config.train.ema_decay > 0), as its sampling evals used; optimizer state is not read.
     The workdir is only read (a run may be training in it): nothing there is deleted or written."""
     directory = epath.Path(workdir) / "checkpoints"
     if not directory.exists():
@@ -49,7 +52,7 @@ def restore_params(setup: Setup, workdir: str, step: int | None = None) -> tuple
         steps = ckpt.all_steps()
         if step is not None and step not in steps:
             raise UserError(f"no checkpoint for step {step} in {directory}; available steps: {steps}")
-        return ckpt.restore_params(step, setup.abstract_params)
+        return ckpt.restore_params(step, setup.abstract_params, setup.evaluated_key)
     finally:
         ckpt.close()
 

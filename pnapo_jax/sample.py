@@ -75,7 +75,7 @@ def checkpoint_policy(workdir: str, step: int | None = None, backbone: str | Non
                         f"{backbone}'s")
     _, trained = export.restore_params(setup, workdir, step)
     frozen = {"base": setup_lib.base_params(setup)} if setup.lora else {}
-    return setup.model_cfg, setup_lib.policy_variables(setup, {"params": trained}, frozen)
+    return setup.model_cfg, setup_lib.policy_variables(setup, trained, frozen)
 
 
 def load_pipeline(path: str | os.PathLike, workdir: str | None = None, step: int | None = None,

@@ -2,8 +2,10 @@
 the weights' shapes and shardings (computed once), the pretrained weights, the train state and its policy and
 reference views. The optimizer is built only when something trains (the first use of `Setup.tx`).
 
-State is a plain dict {step, params, opt_state, rng}: `params` are what trains (all weights, or only the LoRA
-adapters). The frozen side is separate and never donated: {"ref": reference weights} for a full fine-tune, or
+State is a plain dict {step, params, opt_state, rng} (+ `ema` with train.ema_decay > 0): `params` are what trains
+(all weights, or only the LoRA adapters); `ema` is their exponential moving average, which evaluation, export and
+sampling use instead when it is on (it is in the checkpoint, so a resume continues it exactly). The frozen side is
+separate and never donated: {"ref": reference weights} for a full fine-tune, or
 {"base": base weights} with LoRA, where the reference is the same base applied without adapters.
 """
 
@@ -67,6 +69,16 @@ class Setup:
         return self.config.lora.rank > 0
 
     @property
+    def ema(self) -> bool:
+        """Whether the state keeps an EMA of the trained params (config.train.ema_decay > 0)."""
+        return self.config.train.ema_decay > 0
+
+    @property
+    def evaluated_key(self) -> str:
+        """The state entry that evaluation, export and sampling use: the EMA when it is on, else the params."""
+        return "ema" if self.ema else "params"
+
+    @property
     def image_tokens(self) -> int:
         return self.config.data.latent_h_tokens * self.config.data.latent_w_tokens
 
@@ -121,8 +133,9 @@ class Setup:
     @functools.cached_property
     def state_shardings(self) -> State:
         rep = sharding.replicated(self.mesh)
-        return {"step": rep, "params": self.variable_shardings[self._trainable],
-                "opt_state": self.opt_state_shardings, "rng": rep}
+        params = self.variable_shardings[self._trainable]
+        return {"step": rep, "params": params, "opt_state": self.opt_state_shardings, "rng": rep,
+                **({"ema": params} if self.ema else {})}
 
     @functools.cached_property
     def frozen_shardings(self) -> Any:
@@ -133,13 +146,15 @@ class Setup:
         """ShapeDtypeStructs with shardings: the restore target of a checkpoint."""
         trainable = nn.meta.unbox(self._boxed[self._trainable])
         shapes = jax.eval_shape(lambda: {"step": jnp.zeros((), jnp.int32), "params": trainable,
-                                         "opt_state": self.tx.init(trainable), "rng": jax.random.PRNGKey(0)})
+                                         "opt_state": self.tx.init(trainable), "rng": jax.random.PRNGKey(0),
+                                         **({"ema": trainable} if self.ema else {})})
         return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes,
                             self.state_shardings)
 
     @property
     def abstract_params(self) -> Any:
-        """The trained params of a checkpoint (its `state["params"]`) as ShapeDtypeStructs; no optimizer needed."""
+        """The trained params of a checkpoint (its `state["params"]`, or `state["ema"]`: the same shapes) as
+        ShapeDtypeStructs; no optimizer needed."""
         return self.abstract_variables[self._trainable]
 
     @functools.cached_property
@@ -189,15 +204,28 @@ def init_state(setup: Setup, base: Any) -> tuple[State, Any]:
         else:
             params = base
         opt_state = jax.jit(setup.tx.init, out_shardings=setup.opt_state_shardings)(params)
+        # the EMA starts at the starting params, in buffers of its own (the train state is donated)
+        copy = lambda p: jax.jit(lambda q: jax.tree.map(jnp.copy, q), out_shardings=setup.state_shardings["ema"])(p)
+        ema = {"ema": copy(params)} if setup.ema else {}
     state = {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": opt_state,
-             "rng": jax.random.PRNGKey(setup.config.seed)}
+             "rng": jax.random.PRNGKey(setup.config.seed), **ema}
     state = jax.device_put(state, setup.state_shardings)
     return state, {setup.frozen_key: frozen}
 
 
-def policy_variables(setup: Setup, state: State, frozen: Any) -> dict[str, Any]:
-    """The policy as model variables: trained params, or frozen base + trained adapters."""
-    return {"params": frozen["base"], "lora": state["params"]} if setup.lora else {"params": state["params"]}
+def ema_update(decay: float, ema: Any, params: Any) -> Any:
+    """One step of the exponential moving average: decay * ema + (1 - decay) * params, leaf by leaf."""
+    return jax.tree.map(lambda e, p: (decay * e + (1 - decay) * p).astype(e.dtype), ema, params)
+
+
+def evaluated_params(setup: Setup, state: State) -> Any:
+    """What evaluation uses of the state: the EMA of the trained params when train.ema_decay > 0, else them."""
+    return state[setup.evaluated_key]
+
+
+def policy_variables(setup: Setup, trained: Any, frozen: Any) -> dict[str, Any]:
+    """The policy as model variables: `trained` params, or frozen base + `trained` adapters."""
+    return {"params": frozen["base"], "lora": trained} if setup.lora else {"params": trained}
 
 
 def reference_variables(setup: Setup, frozen: Any) -> dict[str, Any]:

@@ -11,7 +11,7 @@ import optax
 
 from pnapo_jax import config_check, flow, objective, sharding
 from pnapo_jax.backbones import record_conditioning
-from pnapo_jax.setup import Setup, State, learning_rate
+from pnapo_jax.setup import Setup, State, ema_update, evaluated_params, learning_rate
 
 Metrics = dict[str, jax.Array]
 
@@ -69,7 +69,8 @@ def train_step(setup: Setup, state: State, frozen: Any, batch: dict[str, jax.Arr
     metrics = {**metrics, "grad_norm": optax.global_norm(grads),
                "lr": learning_rate(setup.config.optim, setup.config.train.num_steps)(step),
                "skipped_updates": opt_state.total_notfinite, "nonfinite_streak": opt_state.notfinite_count}
-    return {"step": step + 1, "params": params, "opt_state": opt_state, "rng": state["rng"]}, metrics
+    ema = {"ema": ema_update(setup.config.train.ema_decay, state["ema"], params)} if setup.ema else {}
+    return {"step": step + 1, "params": params, "opt_state": opt_state, "rng": state["rng"], **ema}, metrics
 
 
 def eval_step(setup: Setup, state: State, frozen: Any, batch: dict[str, jax.Array]) -> Metrics:
@@ -77,7 +78,7 @@ def eval_step(setup: Setup, state: State, frozen: Any, batch: dict[str, jax.Arra
     rng = jax.random.fold_in(jax.random.PRNGKey(setup.config.seed), 2**31 - 1)
     t_rng, noise_rng = jax.random.split(rng)
     t_B = _sample_t(setup, t_rng, batch["x0_w"].shape[0])
-    _, metrics = _loss_fn(setup, frozen)(state["params"], batch, t_B, noise_rng, state["step"])
+    _, metrics = _loss_fn(setup, frozen)(evaluated_params(setup, state), batch, t_B, noise_rng, state["step"])
     return metrics
 
 

@@ -14,7 +14,15 @@ from etils import epath
 from pnapo_jax import backbones, config_check, generate, reference, sharding, worlds
 from pnapo_jax import workdir as run_dir
 from pnapo_jax.errors import UserError
-from pnapo_jax.setup import Setup, base_params, init_state, make_setup, policy_variables, reference_variables
+from pnapo_jax.setup import (
+    Setup,
+    base_params,
+    evaluated_params,
+    init_state,
+    make_setup,
+    policy_variables,
+    reference_variables,
+)
 from pnapo_jax.step import Metrics, jit_steps, with_rules
 
 
@@ -156,7 +164,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices:
         def evaluate_samples(step: int) -> None:
             nonlocal evaluated
             writer.phase("evaluating")
-            metrics, images, rewards = sample_eval(policy_variables(setup, state, frozen))
+            metrics, images, rewards = sample_eval(policy_variables(setup, evaluated_params(setup, state), frozen))
             evaluated = writer.write(step, metrics)
             if jax.process_index() == 0:
                 from pnapo_jax import report
