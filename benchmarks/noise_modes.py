@@ -40,7 +40,8 @@ import ml_collections  # noqa: E402
 from pnapo_jax import metrics, train  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
-METHODS = {"PNAPO": "", "Flow-DPO (independent noise)": "independent", "PNAPO, static beta": "static_beta"}
+METHODS = {"PNAPO": "", "Flow-DPO (independent noise)": "independent", "PNAPO, static beta": "static_beta",
+           "independent noise, unshared (one per image)": "independent_unshared"}
 
 
 def demo_config(*variants: str) -> ml_collections.ConfigDict:
@@ -134,7 +135,8 @@ def frontier(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
 def plot(results: dict[str, Any], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(7, 5))
     base = next(iter(results["runs"].values()))[0]["evals"][0]
-    for (method, runs), color in zip(results["runs"].items(), ("C0", "C1", "C2"), strict=False):
+    for i, (method, runs) in enumerate(results["runs"].items()):
+        color = f"C{i}"
         pts = [(e["eval/fidelity_mean"], e["eval/reward_mean"]) for r in runs for e in r["evals"] if e["step"] > 0]
         ax.scatter(*zip(*pts, strict=True), s=12, alpha=0.35, color=color)
         ax.plot(*zip(*frontier(pts), strict=True), "-o", ms=3, color=color, label=method)
@@ -215,8 +217,8 @@ if __name__ == "__main__":
     parser.add_argument("--base", default="", help="base model folder (default: the shipped demo base)")
     parser.add_argument("--demo_variant", default="", help="a configs/demo_cpu.py variant added to every run "
                         "(fast: seconds, for tests and notebooks)")
-    parser.add_argument("--methods", default="all", help="all, or comma-separated of: '' (PNAPO), independent, "
-                        "static_beta")
+    parser.add_argument("--methods", default="all", help="all, or comma-separated of: '' (PNAPO), "
+                        + ", ".join(v for v in METHODS.values() if v))
     parser.add_argument("--betas", default="200,1000", help="the tuning grid's betas")
     parser.add_argument("--lrs", default="1e-5,4e-5", help="the tuning grid's learning rates")
     parser.add_argument("--tune_seed", type=int, default=0)

@@ -39,7 +39,7 @@ import ml_collections
 from pnapo_jax.config import defaults, parse_variants
 from pnapo_jax.world import base, latents, text
 
-VARIANTS = ("independent", "static_beta", "fast")
+VARIANTS = ("independent", "independent_unshared", "static_beta", "fast")
 
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
@@ -96,6 +96,8 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
 
     if "independent" in variants:
         c.pnapo.noise_mode = "independent"
+    if "independent_unshared" in variants:  # a fresh noise per image, not shared by the pair (issue 18)
+        c.pnapo.noise_mode = "independent_unshared"
     if "static_beta" in variants:
         c.pnapo.use_gap = False
         c.pnapo.use_schedule = False

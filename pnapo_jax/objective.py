@@ -7,7 +7,9 @@ For a pair (winner w, loser l) and one t shared by both images,
     L = -log σ(-β_scale * s),   β_scale = β_eff (convention "beta") or β_eff / 2 (convention "half_beta")
 
 PNAPO takes x1 = the recorded noise each image was generated from (`noise_mode="recorded"`); the
-Diffusion-DPO / Flow-DPO baseline draws one fresh Gaussian shared by the pair (`noise_mode="independent"`).
+Diffusion-DPO / Flow-DPO baseline draws one fresh Gaussian shared by the pair (`noise_mode="independent"`);
+`noise_mode="independent_unshared"` draws a fresh Gaussian for each image, so a comparison can tell the sharing
+(common random numbers: the pair's noise terms cancel in s) from the independence of the trajectory.
 β_eff = β f(reward gap) g(step) is PNAPO's dynamic regularisation (`dynamic_beta`).
 
 The model is a velocity function v(params, x_t, t, conditioning) (pnapo_jax.backbones makes one per backbone): the
@@ -42,7 +44,7 @@ class LossConfig:
 
     beta: float = 2000.0  # the paper's β for FLUX (5000 for SD3-M), in the "beta" convention
     scale_convention: str = "beta"  # "beta" | "half_beta" (see SCALE_CONVENTIONS)
-    noise_mode: str = "recorded"  # "recorded" (PNAPO) | "independent" (Diffusion-DPO / Flow-DPO)
+    noise_mode: str = "recorded"  # "recorded" (PNAPO) | "independent" (Flow-DPO) | "independent_unshared"
     use_gap: bool = True  # f(gap) = 2σ(gap/τ) - 1; False -> f = 1
     tau: float = 1.0  # reward-gap scale, in the reward's own units
     use_schedule: bool = True  # g(step): cosine from 1 (step <= n1) to 1/2 (step > n2); False -> g = 1
@@ -121,6 +123,7 @@ def make_pair_inputs(batch: Mapping[str, jax.Array], t_B: jax.Array, rng: jax.Ar
 
     "recorded" (PNAPO): x1 is each image's own stored prior noise (batch x1_w / x1_l); `rng` is unused.
     "independent" (Diffusion-DPO / Flow-DPO): x1 is one Gaussian drawn from `rng`, shared by winner and loser.
+    "independent_unshared": winner and loser each get their own Gaussian, from the two halves of `rng`'s split.
     """
     x0_w, x0_l = batch["x0_w"], batch["x0_l"]
     if noise_mode == "recorded":
@@ -129,10 +132,14 @@ def make_pair_inputs(batch: Mapping[str, jax.Array], t_B: jax.Array, rng: jax.Ar
             raise KeyError(f"noise_mode='recorded' (PNAPO) needs the recorded prior noises {missing} in the batch; "
                            "this data has none, so train with noise_mode='independent' (Diffusion-DPO baseline)")
         x1_w, x1_l = batch["x1_w"], batch["x1_l"]
-    elif noise_mode == "independent":
+    elif noise_mode in ("independent", "independent_unshared"):
         if rng is None:
-            raise ValueError("noise_mode='independent' draws a fresh noise each step: pass an rng key")
-        x1_w = x1_l = jax.random.normal(rng, x0_w.shape, jnp.float32)
+            raise ValueError(f"noise_mode={noise_mode!r} draws a fresh noise each step: pass an rng key")
+        if noise_mode == "independent":
+            x1_w = x1_l = jax.random.normal(rng, x0_w.shape, jnp.float32)
+        else:
+            rng_w, rng_l = jax.random.split(rng)
+            x1_w, x1_l = (jax.random.normal(k, x0_w.shape, jnp.float32) for k in (rng_w, rng_l))
     else:
         raise ValueError(f"noise_mode must be one of {NOISE_MODES}, got {noise_mode!r}")
     t_B = jnp.asarray(t_B, jnp.float32)

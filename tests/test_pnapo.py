@@ -152,6 +152,47 @@ def test_independent_noise_is_fresh_and_shared_by_the_pair():
     assert np.abs(np.asarray(other.xt_w) - np.asarray(pair.xt_w)).min() > 0
 
 
+def test_independent_unshared_noise_is_fresh_and_separate_per_image():
+    """noise_mode='independent_unshared': winner and loser each get their own N(0, 1) draw from the rng's two
+    halves (issue 18's missing cell); 'independent' still shares one draw."""
+    cfg = flux.FluxConfig.from_diffusers(torch_flux().config)
+    batch = _pair_batch(cfg)
+    t = np.array([0.1, 0.25, 0.6, 0.9], np.float32)
+    key = jax.random.key(3)
+    pair = objective.make_pair_inputs(batch, t, key, "independent_unshared")
+    noise_w = np.asarray(pair.target_w + batch["x0_w"])
+    noise_l = np.asarray(pair.target_l + batch["x0_l"])
+    key_w, key_l = jax.random.split(key)
+    np.testing.assert_allclose(noise_w, jax.random.normal(key_w, batch["x0_w"].shape), atol=1e-5)
+    np.testing.assert_allclose(noise_l, jax.random.normal(key_l, batch["x0_l"].shape), atol=1e-5)
+    assert np.abs(noise_w - noise_l).min() > 0  # no element shared
+    assert abs(np.corrcoef(noise_w.ravel(), noise_l.ravel())[0, 1]) < 0.1
+    for noise in (noise_w, noise_l):  # N(0, 1): 1024 draws each
+        assert abs(noise.mean()) < 0.15 and abs(noise.std() - 1) < 0.1
+    tt = t[:, None, None]
+    np.testing.assert_allclose(pair.xt_w, (1 - tt) * batch["x0_w"] + tt * noise_w, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(pair.xt_l, (1 - tt) * batch["x0_l"] + tt * noise_l, rtol=1e-5, atol=1e-5)
+    no_noise = objective.make_pair_inputs(_pair_batch(cfg, with_noise=False), t, key, "independent_unshared")
+    jax.tree.map(np.testing.assert_array_equal, no_noise, pair)  # the recorded noises are ignored
+    shared = objective.make_pair_inputs(batch, t, key, "independent")
+    np.testing.assert_allclose(shared.target_w + batch["x0_w"], shared.target_l + batch["x0_l"], atol=1e-5)
+
+
+def test_independent_unshared_loss_matches_numpy(tiny):
+    """pair_loss in independent_unshared mode = NumPy's DPO loss on errors at each image's own fresh noise."""
+    cfg = objective.LossConfig(beta=3.0, use_gap=False, use_schedule=False, noise_mode="independent_unshared")
+    t = np.array([0.1, 0.3, 0.55, 0.9], np.float32)
+    key = jax.random.key(7)
+    loss, metrics = jax.jit(_loss_fn(tiny, cfg, t, rng=key))(tiny["policy"], tiny["ref"])
+    batch = {k: np.asarray(v) for k, v in tiny["batch"].items()}
+    noise = dict(zip("wl", (np.asarray(jax.random.normal(k, batch["x0_w"].shape))
+                            for k in jax.random.split(key)), strict=True))
+    errs = [_np_err(tiny, p, batch, t, s, noise[s]) for p in (tiny["policy"], tiny["ref"]) for s in "wl"]
+    loss_B, want, _ = _np_preference(*errs, cfg.beta, 1.0)
+    np.testing.assert_allclose(float(loss), loss_B.mean(), rtol=2e-4)
+    _assert_metrics(metrics, want, rtol=2e-4)
+
+
 def test_recorded_mode_without_noise_points_to_independent():
     batch = _pair_batch(flux.FluxConfig.from_diffusers(torch_flux().config), with_noise=False)
     with pytest.raises(KeyError, match="noise_mode='independent'"):
@@ -202,6 +243,17 @@ def _loss_fn(tiny, cfg, t, rng=None, step=0):
     return loss
 
 
+def _np_err(tiny, params, batch, t, s, x1):
+    """Per-example velocity MSE (float64) of image s ("w" / "l") at noise x1: one [B] forward per model and image,
+    separately from pair_loss's [2B] one."""
+    tt = t[:, None, None]
+    v = jax.jit(tiny["apply"])(params, hidden_states=(1 - tt) * batch[f"x0_{s}"] + tt * x1,
+                               encoder_hidden_states=batch["prompt_embeds"],
+                               pooled_projections=batch["pooled_prompt_embeds"], timestep=t, img_ids=tiny["img_ids"],
+                               txt_ids=tiny["txt_ids"], guidance=np.full(B, GUIDANCE, np.float32))
+    return ((x1 - batch[f"x0_{s}"] - np.asarray(v, np.float64)) ** 2).mean(axis=(1, 2))
+
+
 def test_pair_loss_metrics_match_numpy(tiny):
     cfg = objective.LossConfig(beta=3.0, scale_convention="half_beta", tau=0.5, n1=10, n2=30, num_t_buckets=4)
     t = np.array([0.1, 0.3, 0.35, 0.9], np.float32)  # bucket 2 stays empty
@@ -209,15 +261,7 @@ def test_pair_loss_metrics_match_numpy(tiny):
     _, metrics = jax.jit(_loss_fn(tiny, cfg, t, step=step))(tiny["policy"], tiny["ref"])
 
     batch = {k: np.asarray(v) for k, v in tiny["batch"].items()}
-    tt = t[:, None, None]
-    apply = jax.jit(tiny["apply"])  # one [B] forward per model and image, separately from pair_loss's [2B] one
-
-    def err(params, s):
-        v = apply(params, hidden_states=(1 - tt) * batch[f"x0_{s}"] + tt * batch[f"x1_{s}"],
-                  encoder_hidden_states=batch["prompt_embeds"], pooled_projections=batch["pooled_prompt_embeds"],
-                  timestep=t, img_ids=tiny["img_ids"], txt_ids=tiny["txt_ids"],
-                  guidance=np.full(B, GUIDANCE, np.float32))
-        return ((batch[f"x1_{s}"] - batch[f"x0_{s}"] - np.asarray(v, np.float64)) ** 2).mean(axis=(1, 2))
+    err = lambda params, s: _np_err(tiny, params, batch, t, s, batch[f"x1_{s}"])
 
     beta = _np_dynamic_beta(cfg.beta, batch["reward_gap"], step, True, cfg.tau, True, cfg.n1, cfg.n2)
     loss_B, want, _ = _np_preference(err(tiny["policy"], "w"), err(tiny["policy"], "l"), err(tiny["ref"], "w"),

@@ -18,7 +18,9 @@ pnapo_jax.data.pipeline.global_batch turns them into global jax.Arrays. Stored r
 text, generation metadata): see pnapo_jax/data/schema.py.
 """
 
-NOISE_MODES = ("recorded", "independent")  # x1 = each image's recorded noise (PNAPO) | one fresh draw per pair
+# x1 = each image's recorded noise (PNAPO) | one fresh draw shared by the pair (Flow-DPO) | two fresh draws, one per
+# image (issue 18's missing cell: Flow-DPO's independence without its sharing)
+NOISE_MODES = ("recorded", "independent", "independent_unshared")
 LATENT_KEYS = ("x0_w", "x0_l")
 NOISE_KEYS = ("x1_w", "x1_l")
 TEXT_KEYS = ("prompt_embeds", "pooled_prompt_embeds")
