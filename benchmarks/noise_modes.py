@@ -41,7 +41,8 @@ from pnapo_jax import metrics, train  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 METHODS = {"PNAPO": "", "Flow-DPO (independent noise)": "independent", "PNAPO, static beta": "static_beta",
-           "independent noise, unshared (one per image)": "independent_unshared"}
+           "independent noise, unshared (one per image)": "independent_unshared", "PNAPO, IPO objective": "ipo",
+           "PNAPO + winner SFT": "sft"}
 
 
 def demo_config(*variants: str) -> ml_collections.ConfigDict:

@@ -24,6 +24,7 @@ from pnapo_jax.models import flux, layers
 ENUMS = {
     "pnapo.noise_mode": NOISE_MODES,
     "pnapo.scale_convention": tuple(objective.SCALE_CONVENTIONS),
+    "pnapo.objective": objective.OBJECTIVES,
     "optim.schedule": config_lib.SCHEDULES,
     "model.remat_policy": flux.REMAT_POLICIES,
     "model.attention_impl": tuple(layers.ATTENTION_IMPLS),
@@ -44,7 +45,7 @@ MINIMA = {
     "train.log_every": (1, True), "train.eval_every": (0, True), "train.eval_batches": (1, True),
     "checkpoint.every_steps": (1, True), "checkpoint.keep": (1, True),
     "lora.rank": (0, True), "lora.alpha": (0, True),
-    "pnapo.beta": (0, False), "pnapo.n1": (0, True), "pnapo.num_t_buckets": (1, True),
+    "pnapo.beta": (0, False), "pnapo.n1": (0, True), "pnapo.num_t_buckets": (1, True), "pnapo.sft_weight": (0, True),
     "optim.lr": (0, True), "optim.warmup_steps": (0, True), "optim.b1": (0, True), "optim.b2": (0, True),
     "optim.eps": (0, False), "optim.weight_decay": (0, True), "optim.grad_clip": (0, True),
     "t_sampling.logit_std": (0, False), "t_sampling.mode_scale": (0, True),

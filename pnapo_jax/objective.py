@@ -31,6 +31,10 @@ from pnapo_jax.data.batch import NOISE_KEYS, NOISE_MODES
 # β_scale / β: diffusers' research DPO script and PNAPO use β itself; Salesforce Diffusion-DPO writes
 # `inside = -0.5 * beta * (model_diff - ref_diff)`, so its β is twice ours for the same loss.
 SCALE_CONVENTIONS = {"beta": 1.0, "half_beta": 0.5}
+# "dpo": -log σ(m) of the margin m = -β_scale s, which keeps falling as m grows (e.g. by pushing the loser's
+# error up without bound); "ipo": (m - 1/2)^2, IPO's bounded objective (Azar et al. 2023, (h - 1/(2τ))^2 with
+# h = -s, τ = β_scale) times β_scale^2, so its gradient at m = 0 is twice DPO's rather than β_scale^2 smaller.
+OBJECTIVES = ("dpo", "ipo")
 
 Metrics = dict[str, jax.Array]
 # velocity(params, x_t [N, I, C], t [N], conditioning) -> predicted velocity [N, I, C]; the conditioning is a pytree
@@ -50,20 +54,30 @@ class LossConfig:
     use_schedule: bool = True  # g(step): cosine from 1 (step <= n1) to 1/2 (step > n2); False -> g = 1
     n1: int = 200
     n2: int = 1000
-    num_t_buckets: int = 4  # loss is also reported per t in [k/n, (k+1)/n)
+    num_t_buckets: int = 4  # loss and the four velocity errors are also reported per t in [k/n, (k+1)/n)
+    objective: str = "dpo"  # "dpo" | "ipo" (bounded; see OBJECTIVES)
+    sft_weight: float = 0.0  # loss += sft_weight * the policy's winner error (an SFT term on the winners)
 
 
 def _preference_terms(err_w_B: jax.Array, err_l_B: jax.Array, ref_err_w_B: jax.Array, ref_err_l_B: jax.Array,
-                      beta: jax.Array | float, scale_convention: str) -> tuple[jax.Array, Metrics]:
+                      beta: jax.Array | float, scale_convention: str, objective: str = "dpo",
+                      sft_weight: float = 0.0) -> tuple[jax.Array, Metrics]:
     """Per-example losses [B] and the batch metrics; shared by `preference_loss` and `pair_loss`."""
     if scale_convention not in SCALE_CONVENTIONS:
         raise ValueError(f"scale_convention must be one of {tuple(SCALE_CONVENTIONS)}, got {scale_convention!r}")
+    if objective not in OBJECTIVES:
+        raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
     beta_B = jnp.broadcast_to(jnp.asarray(beta, jnp.float32), err_w_B.shape)
     beta_scale_B = SCALE_CONVENTIONS[scale_convention] * beta_B
     chosen_B = -beta_scale_B * (err_w_B - ref_err_w_B)  # DPO implicit rewards
     rejected_B = -beta_scale_B * (err_l_B - ref_err_l_B)
-    loss_B = -jax.nn.log_sigmoid(chosen_B - rejected_B)  # chosen - rejected = -β_scale * s
-    metrics = {
+    margin_B = chosen_B - rejected_B  # = -β_scale * s
+    loss_B = -jax.nn.log_sigmoid(margin_B) if objective == "dpo" else jnp.square(margin_B - 0.5)
+    extra = {}
+    if sft_weight:
+        extra = {"loss/preference": loss_B.mean(), "loss/sft": sft_weight * err_w_B.mean()}
+        loss_B = loss_B + sft_weight * err_w_B
+    metrics = {**extra,
         "loss": loss_B.mean(),
         "rewards/chosen": chosen_B.mean(),
         "rewards/rejected": rejected_B.mean(),
@@ -79,14 +93,17 @@ def _preference_terms(err_w_B: jax.Array, err_l_B: jax.Array, ref_err_w_B: jax.A
 
 
 def preference_loss(err_w_B: jax.Array, err_l_B: jax.Array, ref_err_w_B: jax.Array, ref_err_l_B: jax.Array,
-                    beta: jax.Array | float, scale_convention: str = "beta") -> tuple[jax.Array, Metrics]:
-    """DPO loss mean(-log σ(-β_scale s)) from per-example velocity errors [B]; β scalar or [B].
+                    beta: jax.Array | float, scale_convention: str = "beta", objective: str = "dpo",
+                    sft_weight: float = 0.0) -> tuple[jax.Array, Metrics]:
+    """DPO loss mean(-log σ(-β_scale s)) from per-example velocity errors [B]; β scalar or [B]. `objective`
+    "ipo" takes mean((-β_scale s - 1/2)^2) instead; `sft_weight` adds that times mean(err_w).
 
     Metrics use TRL DPOTrainer names: rewards/chosen = mean(-β_scale (err_w - ref_err_w)), rewards/rejected
     likewise, rewards/accuracies = mean(chosen > rejected) (Diffusion-DPO's implicit_acc), rewards/margins;
     beta_eff is the mean β before the convention's scale; mse/* are the raw errors.
     """
-    loss_B, metrics = _preference_terms(err_w_B, err_l_B, ref_err_w_B, ref_err_l_B, beta, scale_convention)
+    loss_B, metrics = _preference_terms(err_w_B, err_l_B, ref_err_w_B, ref_err_l_B, beta, scale_convention,
+                                        objective, sft_weight)
     return loss_B.mean(), metrics
 
 
@@ -155,14 +172,15 @@ def _velocity_errors(velocity: VelocityFn, params: Any, xt_2BxIxC: jax.Array, t_
     return jnp.split(err_2B, 2)
 
 
-def _t_bucket_metrics(loss_B: jax.Array, t_B: jax.Array, num_buckets: int) -> Metrics:
-    """Mean loss per t bucket [k/n, (k+1)/n) (0 when empty, never NaN) and the bucket counts."""
+def _t_bucket_metrics(per_example: Mapping[str, jax.Array], t_B: jax.Array, num_buckets: int) -> Metrics:
+    """Means of each [B] array per t bucket [k/n, (k+1)/n) as `{name}{k}` (0 when empty, never NaN), and the
+    bucket counts as count/t_bucket_{k}."""
     bucket_B = flow.t_bucket(t_B, num_buckets)
     out = {}
     for k in range(num_buckets):
         mask_B = (bucket_B == k).astype(jnp.float32)
         count = mask_B.sum()
-        out[f"loss/t_bucket_{k}"] = (loss_B * mask_B).sum() / jnp.maximum(count, 1.0)
+        out.update({f"{name}{k}": (x_B * mask_B).sum() / jnp.maximum(count, 1.0) for name, x_B in per_example.items()})
         out[f"count/t_bucket_{k}"] = count
     return out
 
@@ -186,5 +204,9 @@ def pair_loss(policy_params: Any, batch: Mapping[str, jax.Array], t_B: jax.Array
     err_w_B, err_l_B = _velocity_errors(policy_velocity, policy_params, *inputs, target)
     ref_err_w_B, ref_err_l_B = jax.lax.stop_gradient(_velocity_errors(ref_velocity, ref_params, *inputs, target))
     beta_B = dynamic_beta(cfg.beta, batch["reward_gap"], step, cfg)
-    loss_B, metrics = _preference_terms(err_w_B, err_l_B, ref_err_w_B, ref_err_l_B, beta_B, cfg.scale_convention)
-    return loss_B.mean(), {**metrics, **_t_bucket_metrics(loss_B, t_B, cfg.num_t_buckets)}
+    loss_B, metrics = _preference_terms(err_w_B, err_l_B, ref_err_w_B, ref_err_l_B, beta_B, cfg.scale_convention,
+                                        cfg.objective, cfg.sft_weight)
+    # per t: where the loss falls, and whether by the winner's error going down or the loser's going up
+    per_t = {"loss/t_bucket_": loss_B, "err/policy_w_t": err_w_B, "err/policy_l_t": err_l_B,
+             "err/ref_w_t": ref_err_w_B, "err/ref_l_t": ref_err_l_B}
+    return loss_B.mean(), {**metrics, **_t_bucket_metrics(per_t, t_B, cfg.num_t_buckets)}

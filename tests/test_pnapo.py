@@ -21,17 +21,26 @@ def _np_sigmoid(x):
     return 1.0 / (1.0 + np.exp(-x))
 
 
-def _np_preference(err_w, err_l, ref_w, ref_l, beta, scale):
-    """(loss_B, metrics, d mean-loss / d (err_w, err_l, ref_w, ref_l)) in float64, written out by hand."""
+def _np_preference(err_w, err_l, ref_w, ref_l, beta, scale, objective_name="dpo", sft_weight=0.0):
+    """(loss_B, metrics, d mean-loss / d (err_w, err_l, ref_w, ref_l)) in float64, written out by hand.
+    "ipo": (logit - 1/2)^2 (IPO, Azar et al., in DPO's units); sft_weight adds sft_weight * err_w."""
     err_w, err_l, ref_w, ref_l = (np.asarray(a, np.float64) for a in (err_w, err_l, ref_w, ref_l))
     beta = np.broadcast_to(np.asarray(beta, np.float64), err_w.shape)
     bs = scale * beta
     chosen, rejected = -bs * (err_w - ref_w), -bs * (err_l - ref_l)
     logits = -bs * ((err_w - ref_w) - (err_l - ref_l))
-    loss_B = -_np_log_sigmoid(logits)
-    d_err_w = bs * _np_sigmoid(-logits) / len(logits)  # dL/dlogit = -σ(-logit), dlogit/derr_w = -bs
-    grads = (d_err_w, -d_err_w, -d_err_w, d_err_w)
+    if objective_name == "dpo":
+        loss_B = -_np_log_sigmoid(logits)
+        d_logit = -_np_sigmoid(-logits)  # dL/dlogit
+    else:
+        loss_B = (logits - 0.5) ** 2
+        d_logit = 2 * (logits - 0.5)
+    d_pref_w = -bs * d_logit / len(logits)  # dlogit/derr_w = -bs
+    grads = (d_pref_w + sft_weight / len(logits), -d_pref_w, -d_pref_w, d_pref_w)
+    metrics = {"loss/preference": loss_B.mean(), "loss/sft": sft_weight * err_w.mean()} if sft_weight else {}
+    loss_B = loss_B + sft_weight * err_w
     metrics = {
+        **metrics,
         "loss": loss_B.mean(), "rewards/chosen": chosen.mean(), "rewards/rejected": rejected.mean(),
         "rewards/accuracies": (chosen > rejected).mean(), "rewards/margins": (chosen - rejected).mean(),
         "beta_eff": beta.mean(), "mse/policy_w": err_w.mean(), "mse/policy_l": err_l.mean(),
@@ -58,7 +67,8 @@ def _assert_metrics(got, want, rtol):
 
 @pytest.mark.parametrize("convention", ["beta", "half_beta"])
 @pytest.mark.parametrize("per_example_beta", [False, True])
-def test_preference_loss_and_grad_match_numpy(convention, per_example_beta):
+@pytest.mark.parametrize("objective_name,sft_weight", [("dpo", 0.0), ("ipo", 0.0), ("dpo", 0.7), ("ipo", 0.7)])
+def test_preference_loss_and_grad_match_numpy(convention, per_example_beta, objective_name, sft_weight):
     rng = np.random.default_rng(0)
     ref_w, ref_l = (rng.uniform(0.5, 1.5, 16).astype(np.float32) for _ in range(2))
     err_w, err_l = (r + rng.normal(0, 1e-3, 16).astype(np.float32) for r in (ref_w, ref_l))
@@ -66,13 +76,28 @@ def test_preference_loss_and_grad_match_numpy(convention, per_example_beta):
     errs = tuple(jnp.asarray(a) for a in (err_w, err_l, ref_w, ref_l))
 
     (loss, metrics), grads = jax.value_and_grad(objective.preference_loss, argnums=(0, 1, 2, 3), has_aux=True)(
-        *errs, beta, convention)
-    loss_B, want, want_grads = _np_preference(err_w, err_l, ref_w, ref_l, beta, objective.SCALE_CONVENTIONS[convention])
+        *errs, beta, convention, objective_name, sft_weight)
+    loss_B, want, want_grads = _np_preference(err_w, err_l, ref_w, ref_l, beta, objective.SCALE_CONVENTIONS[convention],
+                                              objective_name, sft_weight)
+    assert set(metrics) == set(want)
     assert 0 < want["rewards/accuracies"] < 1  # both signs present
     np.testing.assert_allclose(float(loss), loss_B.mean(), rtol=1e-5)
     _assert_metrics(metrics, want, rtol=1e-5)
     for g, w in zip(grads, want_grads, strict=True):
         np.testing.assert_allclose(np.asarray(g), w, rtol=1e-4, atol=1e-7)
+
+
+def test_ipo_is_bounded_where_dpo_keeps_falling():
+    """Pushing the loser's error up lowers DPO's loss without end; IPO's is least at margin 1/2 and rises past it."""
+    ref = jnp.asarray([1.0]), jnp.asarray([1.0])
+    loss = lambda name, loser_err: float(objective.preference_loss(
+        jnp.asarray([1.0]), jnp.asarray([loser_err]), *ref, 10.0, "beta", name)[0])
+    dpo = [loss("dpo", 1.0 + d) for d in (0.0, 0.05, 0.2, 1.0)]
+    ipo = [loss("ipo", 1.0 + d) for d in (0.0, 0.05, 0.2, 1.0)]  # margins 0, 1/2, 2, 10
+    assert all(b < a for a, b in zip(dpo, dpo[1:], strict=False))
+    np.testing.assert_allclose(ipo, [0.25, 0.0, 2.25, 90.25], rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="objective"):
+        objective.preference_loss(jnp.ones(1), jnp.ones(1), *ref, 10.0, "beta", "kto")
 
 
 def test_half_beta_convention_is_beta_halved():
@@ -264,14 +289,16 @@ def test_pair_loss_metrics_match_numpy(tiny):
     err = lambda params, s: _np_err(tiny, params, batch, t, s, batch[f"x1_{s}"])
 
     beta = _np_dynamic_beta(cfg.beta, batch["reward_gap"], step, True, cfg.tau, True, cfg.n1, cfg.n2)
-    loss_B, want, _ = _np_preference(err(tiny["policy"], "w"), err(tiny["policy"], "l"), err(tiny["ref"], "w"),
-                                     err(tiny["ref"], "l"), beta, 0.5)
+    errs = {"policy_w": err(tiny["policy"], "w"), "policy_l": err(tiny["policy"], "l"),
+            "ref_w": err(tiny["ref"], "w"), "ref_l": err(tiny["ref"], "l")}
+    loss_B, want, _ = _np_preference(*errs.values(), beta, 0.5)
     assert 0 < want["rewards/accuracies"] < 1
     bucket = [0, 1, 1, 3]
     for k in range(4):
         in_k = [i for i in range(B) if bucket[i] == k]
         want[f"count/t_bucket_{k}"] = len(in_k)
         want[f"loss/t_bucket_{k}"] = loss_B[in_k].mean() if in_k else 0.0
+        want.update({f"err/{name}_t{k}": e[in_k].mean() if in_k else 0.0 for name, e in errs.items()})
     assert set(metrics) == set(want)
     _assert_metrics(metrics, want, rtol=2e-4)
 
