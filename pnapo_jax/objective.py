@@ -164,12 +164,16 @@ def make_pair_inputs(batch: Mapping[str, jax.Array], t_B: jax.Array, rng: jax.Ar
                       flow.velocity_target(x0_w, x1_w), flow.velocity_target(x0_l, x1_l))
 
 
-def _velocity_errors(velocity: VelocityFn, params: Any, xt_2BxIxC: jax.Array, t_2B: jax.Array, cond_2B: Any,
-                     target_2BxIxC: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Per-example mean squared velocity error (float32) of one [2B] forward, split into (winner, loser)."""
-    v = velocity(params, xt_2BxIxC, t_2B, cond_2B).astype(jnp.float32)
-    err_2B = jnp.mean(jnp.square(target_2BxIxC.astype(jnp.float32) - v), axis=tuple(range(1, v.ndim)))
-    return jnp.split(err_2B, 2)
+def pair_errors(velocity: VelocityFn, params: Any, pair: PairInputs, t_B: jax.Array, cond: Any
+                ) -> tuple[jax.Array, jax.Array]:
+    """Per-example mean squared velocity errors (float32) [B] of (winner, loser), in one [2B] forward (winner rows
+    first); `cond` is the pair's conditioning (a pytree of [B, ...] arrays, shared by winner and loser)."""
+    cat = lambda w, l: jnp.concatenate([w, l], axis=0)
+    t_B = jnp.asarray(t_B, jnp.float32)
+    v = velocity(params, cat(pair.xt_w, pair.xt_l), cat(t_B, t_B), jax.tree.map(lambda c: cat(c, c), cond))
+    target = cat(pair.target_w, pair.target_l).astype(jnp.float32)
+    err_2B = jnp.mean(jnp.square(target - v.astype(jnp.float32)), axis=tuple(range(1, v.ndim)))
+    return tuple(jnp.split(err_2B, 2))
 
 
 def _t_bucket_metrics(per_example: Mapping[str, jax.Array], t_B: jax.Array, num_buckets: int) -> Metrics:
@@ -187,22 +191,21 @@ def _t_bucket_metrics(per_example: Mapping[str, jax.Array], t_B: jax.Array, num_
 
 def pair_loss(policy_params: Any, batch: Mapping[str, jax.Array], t_B: jax.Array, rng: jax.Array | None,
               step: jax.Array | int, *, policy_velocity: VelocityFn, ref_velocity: VelocityFn, ref_params: Any,
-              cond: Any, cfg: Any) -> tuple[jax.Array, Metrics]:
+              cond: Any, cfg: Any, ref_errors: tuple[jax.Array, jax.Array] | None = None) -> tuple[jax.Array, Metrics]:
     """The PNAPO loss of a batch of pairs and its metrics; differentiable in `policy_params` (first argument,
     for `jax.value_and_grad(pair_loss, has_aux=True)`).
 
     Winner and loser go through each model in one [2B] forward (winner rows first). The reference output is
     under stop_gradient. t_B [B] in [0, 1], rng feeds the independent noise, step the β schedule; `cond` is the
-    pair's conditioning (a pytree of [B, ...] arrays, shared by winner and loser).
+    pair's conditioning (a pytree of [B, ...] arrays, shared by winner and loser). `ref_errors` (winner, loser)
+    [B], e.g. from the reference-error cache, replace the reference forward.
     """
     pair = make_pair_inputs(batch, t_B, rng, cfg.noise_mode)
-    cat = lambda w, l: jnp.concatenate([w, l], axis=0)  # winner rows, then loser rows
     t_B = jnp.asarray(t_B, jnp.float32)
-    inputs = (cat(pair.xt_w, pair.xt_l), cat(t_B, t_B), jax.tree.map(lambda c: cat(c, c), cond))
-    target = cat(pair.target_w, pair.target_l)
-
-    err_w_B, err_l_B = _velocity_errors(policy_velocity, policy_params, *inputs, target)
-    ref_err_w_B, ref_err_l_B = jax.lax.stop_gradient(_velocity_errors(ref_velocity, ref_params, *inputs, target))
+    err_w_B, err_l_B = pair_errors(policy_velocity, policy_params, pair, t_B, cond)
+    if ref_errors is None:
+        ref_errors = pair_errors(ref_velocity, ref_params, pair, t_B, cond)
+    ref_err_w_B, ref_err_l_B = jax.lax.stop_gradient(ref_errors)
     beta_B = dynamic_beta(cfg.beta, batch["reward_gap"], step, cfg)
     loss_B, metrics = _preference_terms(err_w_B, err_l_B, ref_err_w_B, ref_err_l_B, beta_B, cfg.scale_convention,
                                         cfg.objective, cfg.sft_weight)
