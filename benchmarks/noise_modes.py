@@ -4,6 +4,7 @@ without dynamic beta, on the same pairs, for the same steps, each tuned on the s
     python benchmarks/noise_modes.py --out=/tmp/noise_modes                 # ~1 h on 2 free cores
     python benchmarks/noise_modes.py --out=/tmp/nm_reflow --base=DIR        # from another base (e.g. reflowed)
     python benchmarks/noise_modes.py --out=/tmp/nm --tune=false --pick=/tmp/noise_modes/picked.json  # reuse a pick
+    python benchmarks/noise_modes.py --out=/tmp/nm --methods=independent_unshared,ipo,sft   # issue 18's cells
 
 Stages (every run is resumable: a finished run is read back, not redone):
 1. Pairs: the base model generates noise-tracked pairs for the world's train prompts once (configs/demo_cpu.py's
@@ -218,8 +219,9 @@ if __name__ == "__main__":
     parser.add_argument("--base", default="", help="base model folder (default: the shipped demo base)")
     parser.add_argument("--demo_variant", default="", help="a configs/demo_cpu.py variant added to every run "
                         "(fast: seconds, for tests and notebooks)")
-    parser.add_argument("--methods", default="all", help="all, or comma-separated of: '' (PNAPO), "
-                        + ", ".join(v for v in METHODS.values() if v))
+    parser.add_argument("--methods", default=",independent,static_beta", help="all, or comma-separated of: '' "
+                        "(PNAPO), " + ", ".join(v for v in METHODS.values() if v) + " (default: the paper's three, "
+                        "as in the README's table)")
     parser.add_argument("--betas", default="200,1000", help="the tuning grid's betas")
     parser.add_argument("--lrs", default="1e-5,4e-5", help="the tuning grid's learning rates")
     parser.add_argument("--tune_seed", type=int, default=0)
