@@ -158,14 +158,19 @@ def test_recorded_noise_uses_each_images_own_noise():
     np.testing.assert_allclose(pair.xt_l[3], batch["x1_l"][3])
 
 
-def test_independent_noise_is_fresh_and_shared_by_the_pair():
+def _fresh_noise_pair(noise_mode: str):
+    """(cfg, batch, t, key, pair inputs, winner's noise, loser's noise) of a fresh-noise mode."""
     cfg = flux.FluxConfig.from_diffusers(torch_flux().config)
     batch = _pair_batch(cfg)
     t = np.array([0.1, 0.25, 0.6, 0.9], np.float32)
     key = jax.random.key(3)
-    pair = objective.make_pair_inputs(batch, t, key, "independent")
-    noise_w = np.asarray(pair.target_w + batch["x0_w"])
-    noise_l = np.asarray(pair.target_l + batch["x0_l"])
+    pair = objective.make_pair_inputs(batch, t, key, noise_mode)
+    noise_w, noise_l = (np.asarray(getattr(pair, f"target_{s}") + batch[f"x0_{s}"]) for s in "wl")
+    return cfg, batch, t, key, pair, noise_w, noise_l
+
+
+def test_independent_noise_is_fresh_and_shared_by_the_pair():
+    cfg, batch, t, key, pair, noise_w, noise_l = _fresh_noise_pair("independent")
     np.testing.assert_allclose(noise_w, noise_l, atol=1e-5)  # one noise for both images
     np.testing.assert_allclose(noise_w, jax.random.normal(key, batch["x0_w"].shape), atol=1e-5)
     tt = t[:, None, None]
@@ -180,13 +185,7 @@ def test_independent_noise_is_fresh_and_shared_by_the_pair():
 def test_independent_unshared_noise_is_fresh_and_separate_per_image():
     """noise_mode='independent_unshared': winner and loser each get their own N(0, 1) draw from the rng's two
     halves (issue 18's missing cell); 'independent' still shares one draw."""
-    cfg = flux.FluxConfig.from_diffusers(torch_flux().config)
-    batch = _pair_batch(cfg)
-    t = np.array([0.1, 0.25, 0.6, 0.9], np.float32)
-    key = jax.random.key(3)
-    pair = objective.make_pair_inputs(batch, t, key, "independent_unshared")
-    noise_w = np.asarray(pair.target_w + batch["x0_w"])
-    noise_l = np.asarray(pair.target_l + batch["x0_l"])
+    cfg, batch, t, key, pair, noise_w, noise_l = _fresh_noise_pair("independent_unshared")
     key_w, key_l = jax.random.split(key)
     np.testing.assert_allclose(noise_w, jax.random.normal(key_w, batch["x0_w"].shape), atol=1e-5)
     np.testing.assert_allclose(noise_l, jax.random.normal(key_l, batch["x0_l"].shape), atol=1e-5)
