@@ -74,10 +74,43 @@ def evals(workdir: Path) -> list[dict[str, float]]:
     return [x for x in lines if "eval/reward_mean" in x]
 
 
+def run_dir(args: argparse.Namespace, method: str, beta: float, lr: float, seed: int) -> Path:
+    return Path(args.out) / "runs" / f"{METHODS[method] or 'pnapo'}_beta{beta:g}_lr{lr:g}_seed{seed}"
+
+
+ERROR_NAMES = ("policy_w", "ref_w", "policy_l", "ref_l")
+
+
+def last_errors(workdir: Path) -> dict[str, float]:
+    """The per-t velocity errors (err/{policy,ref}_{w,l}_t{k}) of a run's last train line that has them."""
+    path = workdir / "metrics.jsonl"
+    lines = [x for x in metrics.read_lines(path) if "err/policy_w_t0" in x] if path.exists() else []
+    return {k: v for k, v in lines[-1].items() if k.startswith(("err/", "count/t_bucket_"))} if lines else {}
+
+
+def error_table(runs: dict[str, list[dict]]) -> list[str]:
+    """Markdown rows: per method and t bin, the mean over its runs (of bins that held examples) of the policy's
+    and the reference's winner / loser errors at the last train line: did the loss fall by the winner's error
+    going down, or by the loser's going up?"""
+    rows = ["| method | t bin | policy w | ref w | policy l | ref l | (policy - ref) w | (policy - ref) l |",
+            "|---|---|---|---|---|---|---|---|"]
+    for method, rs in runs.items():
+        errs = [r["errors"] for r in rs if r.get("errors")]
+        k = 0
+        while errs and f"err/policy_w_t{k}" in errs[0]:
+            held = [e for e in errs if e.get(f"count/t_bucket_{k}", 1) > 0]
+            m = {n: statistics.mean(e[f"err/{n}_t{k}"] for e in held) if held else float("nan")
+                 for n in ERROR_NAMES}
+            rows.append(f"| {method} | {k} | " + " | ".join(f"{m[n]:.4f}" for n in ERROR_NAMES) +
+                        f" | {m['policy_w'] - m['ref_w']:+.4f} | {m['policy_l'] - m['ref_l']:+.4f} |")
+            k += 1
+    return rows
+
+
 def run(args: argparse.Namespace, method: str, beta: float, lr: float, seed: int, pairs: str,
         eval_every: int) -> list[dict]:
     """Train one run (or read it back when it finished before); its eval lines."""
-    workdir = Path(args.out) / "runs" / f"{METHODS[method] or 'pnapo'}_beta{beta:g}_lr{lr:g}_seed{seed}"
+    workdir = run_dir(args, method, beta, lr, seed)
     done = evals(workdir)
     if not done or done[-1]["step"] < args.steps:
         config = run_config(args, METHODS[method], beta, lr, seed, pairs, eval_every)
@@ -179,7 +212,8 @@ def main(args: argparse.Namespace) -> None:
         print(f"{method}: picked beta {p['beta']:g}, lr {p['lr']:g}", flush=True)
     (out / "picked.json").write_text(json.dumps(picked, indent=2))
 
-    runs = {m: [dict(seed=s, evals=run(args, m, picked[m]["beta"], picked[m]["lr"], s, pairs, args.eval_every))
+    runs = {m: [dict(seed=s, evals=run(args, m, picked[m]["beta"], picked[m]["lr"], s, pairs, args.eval_every),
+                     errors=last_errors(run_dir(args, m, picked[m]["beta"], picked[m]["lr"], s)))
                 for s in seeds] for m in methods}
     results = dict(args=vars(args), picked=picked, fidelity_bound=args.fidelity_bound,
                    runs={m: [*runs[m], *tuning.get(m, [])] for m in methods}, seeds=runs)
@@ -211,6 +245,8 @@ def report(results: dict[str, Any], args: argparse.Namespace) -> None:
               f"{mean_std([e['eval/reward_mean'] - e['eval/reward_base_mean'] for e in last])} | "
               f"{mean_std([e['eval/win_rate_vs_base'] for e in last])} | "
               f"{mean_std([e['eval/fidelity_mean'] / e['eval/fidelity_base_mean'] for e in last])} |")
+    print("\nVelocity errors per t bin at the last train line, mean over seeds (metrics.jsonl's err/*):")
+    print("\n".join(error_table(seeds)))
 
 
 if __name__ == "__main__":
