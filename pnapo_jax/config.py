@@ -78,9 +78,8 @@ def defaults() -> ml_collections.ConfigDict:
     c.pnapo = ml_collections.ConfigDict(dataclasses.asdict(LossConfig()))
     # diffusers' FLUX DreamBooth README trains with --guidance_scale=1 (the scripts' argparse default is 3.5).
     c.pnapo.guidance = 1.0  # guidance input of guidance-distilled models in training (the model's conditioning)
-    # Reference errors read from a cache computed once per (record, grid t) instead of a reference forward per step
-    # (needs noise_mode "recorded" and t_sampling.kind "grid"; pnapo_jax/ref_cache.py).
-    c.pnapo.ref_cache = False
+    c.pnapo.ref_cache = False  # reference errors from a cache made once per (record, grid t), no reference forward
+    # a step (needs noise_mode "recorded" and t_sampling.kind "grid"; pnapo_jax/ref_cache.py)
     c.pnapo.ref_cache_dir = ""  # where the cache lives ("" = WORKDIR/ref_cache); a rerun reuses it
 
     # Training t ~ kind; logit_normal is sigmoid(N(logit_mean, logit_std)); mode uses mode_scale.

@@ -129,23 +129,18 @@ def _losses(workdir) -> dict[int, float]:
     return {d["step"]: d["loss"] for d in lines if "loss" in d}
 
 
-def test_cached_training_resumes_exactly_and_matches_uncached(tmp_path):
-    """8 steps straight == 4 steps, a restart, 4 more (the cache read back, not rebuilt); and the same losses as
-    the uncached run to float tolerance."""
+def test_cached_training_resumes_exactly(tmp_path):
+    """4 steps straight == 2 steps, a restart, 2 more, the cache read back, not rebuilt (the cached step equals
+    the uncached one: test_cached_step_equals_uncached_step)."""
     config = _config(True)
-    config.train.num_steps, config.checkpoint.every_steps = 8, 4
+    config.train.num_steps, config.checkpoint.every_steps, config.train.log_every = 4, 2, 1
     train.train_and_evaluate(config, str(tmp_path / "straight"), show_progress=False)
     half = _config(True)
-    half.train.num_steps, half.checkpoint.every_steps = 4, 4
+    half.train.num_steps, half.checkpoint.every_steps, half.train.log_every = 2, 2, 1
     train.train_and_evaluate(half, str(tmp_path / "resumed"), show_progress=False)
     chunk = tmp_path / "resumed" / "ref_cache" / "errors_000000000.npy"
     mtime = chunk.stat().st_mtime_ns
     train.train_and_evaluate(config, str(tmp_path / "resumed"), show_progress=False)
     assert chunk.stat().st_mtime_ns == mtime
-    assert _losses(tmp_path / "resumed") == _losses(tmp_path / "straight")
-    plain = _config(False)
-    plain.train.num_steps, plain.checkpoint.every_steps = 8, 8
-    train.train_and_evaluate(plain, str(tmp_path / "uncached"), show_progress=False)
-    a, b = _losses(tmp_path / "straight"), _losses(tmp_path / "uncached")
-    assert a.keys() == b.keys()
-    np.testing.assert_allclose([a[k] for k in a], [b[k] for k in a], rtol=1e-4)
+    losses = _losses(tmp_path / "straight")
+    assert sorted(losses) == [1, 2, 3, 4] and _losses(tmp_path / "resumed") == losses
