@@ -144,3 +144,11 @@ def test_cached_training_resumes_exactly(tmp_path):
     assert chunk.stat().st_mtime_ns == mtime
     losses = _losses(tmp_path / "straight")
     assert sorted(losses) == [1, 2, 3, 4] and _losses(tmp_path / "resumed") == losses
+
+
+def test_aot_compiles_the_cached_step_with_the_cached_errors_in_its_batch():
+    from pnapo_jax import aot
+
+    batch = aot.abstract_batch(make_setup(_config(True), jax.devices()[:1]))
+    assert batch["ref_err_w"].shape == batch["ref_err_l"].shape == (8, GRID)
+    assert "ref_err_w" not in aot.abstract_batch(make_setup(_config(False), jax.devices()[:1]))
