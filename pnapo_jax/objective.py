@@ -164,15 +164,20 @@ def make_pair_inputs(batch: Mapping[str, jax.Array], t_B: jax.Array, rng: jax.Ar
                       flow.velocity_target(x0_w, x1_w), flow.velocity_target(x0_l, x1_l))
 
 
-def pair_errors(velocity: VelocityFn, params: Any, pair: PairInputs, t_B: jax.Array, cond: Any
-                ) -> tuple[jax.Array, jax.Array]:
-    """Per-example mean squared velocity errors (float32) [B] of (winner, loser), in one [2B] forward (winner rows
-    first); `cond` is the pair's conditioning (a pytree of [B, ...] arrays, shared by winner and loser)."""
+def stacked_inputs(pair: PairInputs, t_B: jax.Array, cond: Any) -> tuple[jax.Array, jax.Array, Any, jax.Array]:
+    """(x_t [2B, I, C], t [2B], conditioning [2B, ...], target [2B, I, C]): winner rows, then loser rows, for one
+    [2B] forward per model; `cond` is the pair's conditioning (a pytree of [B, ...] arrays)."""
     cat = lambda w, l: jnp.concatenate([w, l], axis=0)
     t_B = jnp.asarray(t_B, jnp.float32)
-    v = velocity(params, cat(pair.xt_w, pair.xt_l), cat(t_B, t_B), jax.tree.map(lambda c: cat(c, c), cond))
-    target = cat(pair.target_w, pair.target_l).astype(jnp.float32)
-    err_2B = jnp.mean(jnp.square(target - v.astype(jnp.float32)), axis=tuple(range(1, v.ndim)))
+    return (cat(pair.xt_w, pair.xt_l), cat(t_B, t_B), jax.tree.map(lambda c: cat(c, c), cond),
+            cat(pair.target_w, pair.target_l))
+
+
+def velocity_errors(velocity: VelocityFn, params: Any, xt_2BxIxC: jax.Array, t_2B: jax.Array, cond_2B: Any,
+                    target_2BxIxC: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Per-example mean squared velocity error (float32) of one [2B] forward, split into (winner, loser)."""
+    v = velocity(params, xt_2BxIxC, t_2B, cond_2B).astype(jnp.float32)
+    err_2B = jnp.mean(jnp.square(target_2BxIxC.astype(jnp.float32) - v), axis=tuple(range(1, v.ndim)))
     return tuple(jnp.split(err_2B, 2))
 
 
@@ -202,9 +207,10 @@ def pair_loss(policy_params: Any, batch: Mapping[str, jax.Array], t_B: jax.Array
     """
     pair = make_pair_inputs(batch, t_B, rng, cfg.noise_mode)
     t_B = jnp.asarray(t_B, jnp.float32)
-    err_w_B, err_l_B = pair_errors(policy_velocity, policy_params, pair, t_B, cond)
+    inputs = stacked_inputs(pair, t_B, cond)  # built once for both models
+    err_w_B, err_l_B = velocity_errors(policy_velocity, policy_params, *inputs)
     if ref_errors is None:
-        ref_errors = pair_errors(ref_velocity, ref_params, pair, t_B, cond)
+        ref_errors = velocity_errors(ref_velocity, ref_params, *inputs)
     ref_err_w_B, ref_err_l_B = jax.lax.stop_gradient(ref_errors)
     beta_B = dynamic_beta(cfg.beta, batch["reward_gap"], step, cfg)
     loss_B, metrics = _preference_terms(err_w_B, err_l_B, ref_err_w_B, ref_err_l_B, beta_B, cfg.scale_convention,

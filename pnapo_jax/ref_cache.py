@@ -53,7 +53,8 @@ def _errors_fn(setup: Setup, guidance: float) -> Callable:
         t_B = jnp.full(batch["x0_w"].shape[:1], t, jnp.float32)
         pair = objective.make_pair_inputs(batch, t_B, None, "recorded")
         cond = record_conditioning(setup.backbone, batch, guidance)
-        return jnp.stack(objective.pair_errors(velocity, params, pair, t_B, cond), axis=-1)
+        return jnp.stack(objective.velocity_errors(velocity, params, *objective.stacked_inputs(pair, t_B, cond)),
+                         axis=-1)
 
     return with_rules(setup, jax.jit(errors))
 
