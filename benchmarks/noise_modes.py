@@ -4,6 +4,7 @@ without dynamic beta, on the same pairs, for the same steps, each tuned on the s
     python benchmarks/noise_modes.py --out=/tmp/noise_modes                 # ~1 h on 2 free cores
     python benchmarks/noise_modes.py --out=/tmp/nm_reflow --base=DIR        # from another base (e.g. reflowed)
     python benchmarks/noise_modes.py --out=/tmp/nm --tune=false --pick=/tmp/noise_modes/picked.json  # reuse a pick
+    python benchmarks/noise_modes.py --out=/tmp/nm --methods=independent_unshared,ipo,sft   # issue 18's cells
 
 Stages (every run is resumable: a finished run is read back, not redone):
 1. Pairs: the base model generates noise-tracked pairs for the world's train prompts once (configs/demo_cpu.py's
@@ -40,7 +41,9 @@ import ml_collections  # noqa: E402
 from pnapo_jax import metrics, train  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
-METHODS = {"PNAPO": "", "Flow-DPO (independent noise)": "independent", "PNAPO, static beta": "static_beta"}
+METHODS = {"PNAPO": "", "Flow-DPO (independent noise)": "independent", "PNAPO, static beta": "static_beta",
+           "independent noise, unshared (one per image)": "independent_unshared", "PNAPO, IPO objective": "ipo",
+           "PNAPO + winner SFT": "sft"}
 
 
 def demo_config(*variants: str) -> ml_collections.ConfigDict:
@@ -71,10 +74,43 @@ def evals(workdir: Path) -> list[dict[str, float]]:
     return [x for x in lines if "eval/reward_mean" in x]
 
 
+def run_dir(args: argparse.Namespace, method: str, beta: float, lr: float, seed: int) -> Path:
+    return Path(args.out) / "runs" / f"{METHODS[method] or 'pnapo'}_beta{beta:g}_lr{lr:g}_seed{seed}"
+
+
+ERROR_NAMES = ("policy_w", "ref_w", "policy_l", "ref_l")
+
+
+def last_errors(workdir: Path) -> dict[str, float]:
+    """The per-t velocity errors (err/{policy,ref}_{w,l}_t{k}) of a run's last train line that has them."""
+    path = workdir / "metrics.jsonl"
+    lines = [x for x in metrics.read_lines(path) if "err/policy_w_t0" in x] if path.exists() else []
+    return {k: v for k, v in lines[-1].items() if k.startswith(("err/", "count/t_bucket_"))} if lines else {}
+
+
+def error_table(runs: dict[str, list[dict]]) -> list[str]:
+    """Markdown rows: per method and t bin, the mean over its runs (of bins that held examples) of the policy's
+    and the reference's winner / loser errors at the last train line: did the loss fall by the winner's error
+    going down, or by the loser's going up?"""
+    rows = ["| method | t bin | policy w | ref w | policy l | ref l | (policy - ref) w | (policy - ref) l |",
+            "|---|---|---|---|---|---|---|---|"]
+    for method, rs in runs.items():
+        errs = [r["errors"] for r in rs if r.get("errors")]
+        k = 0
+        while errs and f"err/policy_w_t{k}" in errs[0]:
+            held = [e for e in errs if e.get(f"count/t_bucket_{k}", 1) > 0]
+            m = {n: statistics.mean(e[f"err/{n}_t{k}"] for e in held) if held else float("nan")
+                 for n in ERROR_NAMES}
+            rows.append(f"| {method} | {k} | " + " | ".join(f"{m[n]:.4f}" for n in ERROR_NAMES) +
+                        f" | {m['policy_w'] - m['ref_w']:+.4f} | {m['policy_l'] - m['ref_l']:+.4f} |")
+            k += 1
+    return rows
+
+
 def run(args: argparse.Namespace, method: str, beta: float, lr: float, seed: int, pairs: str,
         eval_every: int) -> list[dict]:
     """Train one run (or read it back when it finished before); its eval lines."""
-    workdir = Path(args.out) / "runs" / f"{METHODS[method] or 'pnapo'}_beta{beta:g}_lr{lr:g}_seed{seed}"
+    workdir = run_dir(args, method, beta, lr, seed)
     done = evals(workdir)
     if not done or done[-1]["step"] < args.steps:
         config = run_config(args, METHODS[method], beta, lr, seed, pairs, eval_every)
@@ -134,7 +170,8 @@ def frontier(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
 def plot(results: dict[str, Any], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(7, 5))
     base = next(iter(results["runs"].values()))[0]["evals"][0]
-    for (method, runs), color in zip(results["runs"].items(), ("C0", "C1", "C2"), strict=False):
+    for i, (method, runs) in enumerate(results["runs"].items()):
+        color = f"C{i}"
         pts = [(e["eval/fidelity_mean"], e["eval/reward_mean"]) for r in runs for e in r["evals"] if e["step"] > 0]
         ax.scatter(*zip(*pts, strict=True), s=12, alpha=0.35, color=color)
         ax.plot(*zip(*frontier(pts), strict=True), "-o", ms=3, color=color, label=method)
@@ -175,7 +212,8 @@ def main(args: argparse.Namespace) -> None:
         print(f"{method}: picked beta {p['beta']:g}, lr {p['lr']:g}", flush=True)
     (out / "picked.json").write_text(json.dumps(picked, indent=2))
 
-    runs = {m: [dict(seed=s, evals=run(args, m, picked[m]["beta"], picked[m]["lr"], s, pairs, args.eval_every))
+    runs = {m: [dict(seed=s, evals=run(args, m, picked[m]["beta"], picked[m]["lr"], s, pairs, args.eval_every),
+                     errors=last_errors(run_dir(args, m, picked[m]["beta"], picked[m]["lr"], s)))
                 for s in seeds] for m in methods}
     results = dict(args=vars(args), picked=picked, fidelity_bound=args.fidelity_bound,
                    runs={m: [*runs[m], *tuning.get(m, [])] for m in methods}, seeds=runs)
@@ -207,6 +245,8 @@ def report(results: dict[str, Any], args: argparse.Namespace) -> None:
               f"{mean_std([e['eval/reward_mean'] - e['eval/reward_base_mean'] for e in last])} | "
               f"{mean_std([e['eval/win_rate_vs_base'] for e in last])} | "
               f"{mean_std([e['eval/fidelity_mean'] / e['eval/fidelity_base_mean'] for e in last])} |")
+    print("\nVelocity errors per t bin at the last train line, mean over seeds (metrics.jsonl's err/*):")
+    print("\n".join(error_table(seeds)))
 
 
 if __name__ == "__main__":
@@ -215,8 +255,9 @@ if __name__ == "__main__":
     parser.add_argument("--base", default="", help="base model folder (default: the shipped demo base)")
     parser.add_argument("--demo_variant", default="", help="a configs/demo_cpu.py variant added to every run "
                         "(fast: seconds, for tests and notebooks)")
-    parser.add_argument("--methods", default="all", help="all, or comma-separated of: '' (PNAPO), independent, "
-                        "static_beta")
+    parser.add_argument("--methods", default=",independent,static_beta", help="all, or comma-separated of: '' "
+                        "(PNAPO), " + ", ".join(v for v in METHODS.values() if v) + " (default: the paper's three, "
+                        "as in the README's table)")
     parser.add_argument("--betas", default="200,1000", help="the tuning grid's betas")
     parser.add_argument("--lrs", default="1e-5,4e-5", help="the tuning grid's learning rates")
     parser.add_argument("--tune_seed", type=int, default=0)

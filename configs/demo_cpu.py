@@ -45,7 +45,7 @@ import ml_collections
 from pnapo_jax.config import defaults, parse_variants
 from pnapo_jax.world import demo_base, latents, text
 
-VARIANTS = ("independent", "static_beta", "fast")
+VARIANTS = ("independent", "independent_unshared", "static_beta", "ipo", "sft", "fast")
 
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
@@ -103,6 +103,12 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
 
     if "independent" in variants:
         c.pnapo.noise_mode = "independent"
+    if "independent_unshared" in variants:  # a fresh noise per image, not shared by the pair (issue 18)
+        c.pnapo.noise_mode = "independent_unshared"
+    if "ipo" in variants:  # the bounded objective (issue 18): the loss stops falling at margin 1/2
+        c.pnapo.objective = "ipo"
+    if "sft" in variants:  # a winner SFT term; an untuned guess at DPO's gradient scale (beta 500 x sigma ~ 250)
+        c.pnapo.sft_weight = 100.0
     if "static_beta" in variants:
         c.pnapo.use_gap = False
         c.pnapo.use_schedule = False

@@ -33,7 +33,7 @@ from jax.extend import core as jcore
 from ml_collections import config_flags
 
 from pnapo_jax import cli, flow, sharding
-from pnapo_jax.data.batch import REWARD_KEYS
+from pnapo_jax.data.batch import REF_CACHE_KEYS, REWARD_KEYS
 from pnapo_jax.data.pipeline import batch_keys
 from pnapo_jax.errors import UserError
 from pnapo_jax.models import t5, vae
@@ -95,8 +95,11 @@ def abstract_batch(setup: Setup) -> dict[str, jax.ShapeDtypeStruct]:
     c = setup.config
     trailing = {**setup.record_spec.array_shapes(), **dict.fromkeys(REWARD_KEYS, ())}
     sh = sharding.batch_sharding(setup.mesh)
+    if c.pnapo.ref_cache:  # the cached reference errors at every grid t (pnapo_jax/ref_cache.py)
+        trailing.update(dict.fromkeys(REF_CACHE_KEYS, (c.t_sampling.grid_size,)))
+    keys = batch_keys(c.pnapo.noise_mode) + (REF_CACHE_KEYS if c.pnapo.ref_cache else ())
     return {k: jax.ShapeDtypeStruct((c.train.global_batch_size, *trailing[k]), jnp.float32, sharding=sh)
-            for k in batch_keys(c.pnapo.noise_mode)}
+            for k in keys}
 
 
 def matmul_flops(jaxpr: jcore.Jaxpr) -> int:

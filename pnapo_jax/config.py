@@ -93,13 +93,17 @@ def defaults(model_config: type | None = None) -> ml_collections.ConfigDict:
     # diffusers' FLUX DreamBooth README trains with --guidance_scale=1 (the scripts' argparse default is 3.5).
     # A backbone without a guidance input (not guidance-distilled) ignores it.
     c.pnapo.guidance = 1.0  # guidance input of guidance-distilled models in training (the model's conditioning)
+    c.pnapo.ref_cache = False  # reference errors from a cache made once per (record, grid t), no reference forward
+    # a step (needs noise_mode "recorded" and t_sampling.kind "grid"; pnapo_jax/ref_cache.py)
+    c.pnapo.ref_cache_dir = ""  # where the cache lives ("" = WORKDIR/ref_cache); a rerun reuses it
 
     # Training t ~ kind; logit_normal is sigmoid(N(logit_mean, logit_std)); mode uses mode_scale.
     c.t_sampling = ml_collections.ConfigDict()
-    c.t_sampling.kind = "uniform"  # uniform | logit_normal | mode
+    c.t_sampling.kind = "uniform"  # uniform | logit_normal | mode | grid (grid_size fixed t: (j + 1/2) / grid_size)
     c.t_sampling.logit_mean = 0.0  # logit-normal location (0: centred on t = 0.5)
     c.t_sampling.logit_std = 1.0  # logit-normal scale
     c.t_sampling.mode_scale = 1.29  # SD3's mode sampler scale
+    c.t_sampling.grid_size = 8  # t points of the grid sampler
     c.t_sampling.resolution_shift = False  # apply FLUX's resolution-dependent shift (mu from image tokens)
 
     # AdamW with global-norm clipping and linear warmup; updates with non-finite gradients are skipped.

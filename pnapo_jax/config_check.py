@@ -23,6 +23,7 @@ from pnapo_jax.errors import UserError
 ENUMS = {
     "pnapo.noise_mode": NOISE_MODES,
     "pnapo.scale_convention": tuple(objective.SCALE_CONVENTIONS),
+    "pnapo.objective": objective.OBJECTIVES,
     "optim.schedule": config_lib.SCHEDULES,
     "model.reference_dtype": DTYPES,
     "t_sampling.kind": flow.T_KINDS,
@@ -39,10 +40,10 @@ MINIMA = {
     "train.ema_decay": (0, True),
     "checkpoint.every_steps": (1, True), "checkpoint.keep": (1, True),
     "lora.rank": (0, True), "lora.alpha": (0, True),
-    "pnapo.beta": (0, False), "pnapo.n1": (0, True), "pnapo.num_t_buckets": (1, True),
+    "pnapo.beta": (0, False), "pnapo.n1": (0, True), "pnapo.num_t_buckets": (1, True), "pnapo.sft_weight": (0, True),
     "optim.lr": (0, True), "optim.warmup_steps": (0, True), "optim.b1": (0, True), "optim.b2": (0, True),
     "optim.eps": (0, False), "optim.weight_decay": (0, True), "optim.grad_clip": (0, True),
-    "t_sampling.logit_std": (0, False), "t_sampling.mode_scale": (0, True),
+    "t_sampling.logit_std": (0, False), "t_sampling.mode_scale": (0, True), "t_sampling.grid_size": (1, True),
     "data.latent_h_tokens": (1, True), "data.latent_w_tokens": (1, True), "data.text_len": (1, True),
     "data.synthetic_num": (1, True), "data.worker_count": (0, True),
     "generate.images_per_prompt": (2, True), "generate.num_steps": (1, True), "generate.min_gap": (0, True),
@@ -67,6 +68,10 @@ def _problems(config: ml_collections.ConfigDict) -> list[str]:
                    f"config.train.grad_accum_steps={t.grad_accum_steps}")
     if p.use_gap and p.tau <= 0:
         out.append(f"config.pnapo.tau is {p.tau}; it must be > 0 with config.pnapo.use_gap")
+    if p.ref_cache and (p.noise_mode != "recorded" or config.t_sampling.kind != "grid"):
+        out.append(f"config.pnapo.ref_cache needs config.pnapo.noise_mode='recorded' and config.t_sampling.kind="
+                   f"'grid' (then the reference's errors depend only on the record and t); got {p.noise_mode!r}, "
+                   f"{config.t_sampling.kind!r}")
     if p.use_schedule and p.n2 <= p.n1:
         out.append(f"config.pnapo.n2={p.n2} must be > config.pnapo.n1={p.n1} with config.pnapo.use_schedule")
     for k in ("optim.b1", "optim.b2", "train.ema_decay"):

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.scipy.special import ndtri
 
-T_KINDS = ("uniform", "logit_normal", "mode")
+T_KINDS = ("uniform", "logit_normal", "mode", "grid")
 
 
 def _expand(t_B: jax.Array, x: jax.Array) -> jax.Array:
@@ -47,12 +47,21 @@ def time_shift(mu: float | jax.Array, t: jax.Array) -> jax.Array:
     return e / (e + (1 / jnp.asarray(t) - 1))
 
 
+def grid_index(u_B: jax.Array, grid_size: int) -> jax.Array:
+    """The cell of u in [0, 1) among `grid_size` equal cells: the "grid" t sampler's point index."""
+    return jnp.clip(jnp.floor(u_B * grid_size), 0, grid_size - 1).astype(jnp.int32)
+
+
 def t_from_uniform(u_B: jax.Array, kind: str = "uniform", logit_mean: float = 0.0, logit_std: float = 1.0,
-                   mode_scale: float = 1.29, shift_mu: float | None = None) -> jax.Array:
+                   mode_scale: float = 1.29, shift_mu: float | None = None, grid_size: int = 8) -> jax.Array:
     """Map u ~ U(0, 1) to a training t. One transform of one uniform draw, so that samplers can be compared
     on identical draws (and stratified u can be used): logit-normal is sigmoid(mean + std * Phi^-1(u)),
-    mode is SD3's u -> 1 - u - scale (cos^2(pi u / 2) - 1 + u). `shift_mu` then applies `time_shift`."""
-    if kind == "uniform":
+    mode is SD3's u -> 1 - u - scale (cos^2(pi u / 2) - 1 + u), grid is the midpoint (j + 1/2) / grid_size of
+    u's cell j (a fixed set of t, so the reference's errors can be cached per record). `shift_mu` then applies
+    `time_shift`."""
+    if kind == "grid":
+        t = (grid_index(u_B, grid_size) + 0.5) / grid_size
+    elif kind == "uniform":
         t = u_B
     elif kind == "logit_normal":
         t = jax.nn.sigmoid(logit_mean + logit_std * ndtri(u_B))

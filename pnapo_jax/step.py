@@ -11,30 +11,54 @@ import optax
 
 from pnapo_jax import config_check, flow, objective, sharding
 from pnapo_jax.backbones import record_conditioning
+from pnapo_jax.data.batch import REF_CACHE_KEYS
 from pnapo_jax.setup import Setup, State, ema_update, evaluated_params, learning_rate
 
 Metrics = dict[str, jax.Array]
 
 
-def _loss_fn(setup: Setup, frozen: Any) -> Callable:
-    """(trainable params, batch, t_B, rng, step) -> (loss, metrics): the policy and the frozen reference."""
+def reference_velocity(setup: Setup) -> objective.VelocityFn:
+    """(frozen[setup.frozen_key], x, t, c) -> the reference's velocity (with LoRA: the base, adapters off)."""
+    return lambda p, x, t, c: setup.velocity({"params": p}, x, t, c)
+
+
+def _loss_fn(setup: Setup, frozen: Any, cached_reference: bool = False) -> Callable:
+    """(trainable params, batch, t_B, rng, step) -> (loss, metrics): the policy and the frozen reference, or with
+    `cached_reference` the reference errors the batch carries ([B] ref_err_w / ref_err_l, see `_cached_errors`)."""
     velocity = setup.velocity
     if setup.lora:
         policy = lambda lora, x, t, c: velocity({"params": frozen["base"], "lora": lora}, x, t, c)
     else:
         policy = lambda p, x, t, c: velocity({"params": p}, x, t, c)
-    ref = lambda p, x, t, c: velocity({"params": p}, x, t, c)
+    ref = reference_velocity(setup)
     cfg = setup.config.pnapo
     return lambda params, batch, t_B, rng, step: objective.pair_loss(
         params, batch, t_B, rng, step, policy_velocity=policy, ref_velocity=ref,
-        ref_params=frozen[setup.frozen_key], cond=record_conditioning(setup.backbone, batch, cfg.guidance), cfg=cfg)
+        ref_params=frozen[setup.frozen_key], cond=record_conditioning(setup.backbone, batch, cfg.guidance), cfg=cfg,
+        ref_errors=tuple(batch[k] for k in REF_CACHE_KEYS) if cached_reference else None)
+
+
+def _t_kwargs(setup: Setup) -> dict[str, Any]:
+    t = setup.config.t_sampling
+    mu = flow.resolution_mu(setup.image_tokens) if t.resolution_shift else None
+    return dict(kind=t.kind, logit_mean=t.logit_mean, logit_std=t.logit_std, mode_scale=t.mode_scale, shift_mu=mu,
+                grid_size=t.grid_size)
 
 
 def _sample_t(setup: Setup, rng: jax.Array, batch: int) -> jax.Array:
-    t = setup.config.t_sampling
-    mu = flow.resolution_mu(setup.image_tokens) if t.resolution_shift else None
-    return flow.sample_t(rng, batch, kind=t.kind, logit_mean=t.logit_mean, logit_std=t.logit_std,
-                         mode_scale=t.mode_scale, shift_mu=mu)
+    return flow.sample_t(rng, batch, **_t_kwargs(setup))
+
+
+def grid_t(setup: Setup) -> jax.Array:
+    """[G] the t of the "grid" sampler's points, in index order: what the reference-error cache is computed at."""
+    g = setup.config.t_sampling.grid_size
+    return flow.t_from_uniform((jnp.arange(g, dtype=jnp.float32) + 0.5) / g, **{**_t_kwargs(setup), "kind": "grid"})
+
+
+def _cached_errors(batch: dict[str, jax.Array], u_B: jax.Array, grid_size: int) -> dict[str, jax.Array]:
+    """The batch with its cached reference errors [B, G] narrowed to [B], each at its grid point of u."""
+    j_Bx1 = flow.grid_index(u_B, grid_size)[:, None]
+    return {**batch, **{k: jnp.take_along_axis(batch[k], j_Bx1, axis=1)[:, 0] for k in REF_CACHE_KEYS}}
 
 
 def _split_micro(x_BxN: jax.Array, k: int) -> jax.Array:
@@ -47,8 +71,12 @@ def train_step(setup: Setup, state: State, frozen: Any, batch: dict[str, jax.Arr
     step = state["step"]
     t_rng, noise_rng = jax.random.split(jax.random.fold_in(state["rng"], step))
     B = batch["x0_w"].shape[0]
-    t_B = _sample_t(setup, t_rng, B)
-    grad_fn = jax.value_and_grad(_loss_fn(setup, frozen), has_aux=True)
+    u_B = jax.random.uniform(t_rng, (B,))  # flow.sample_t's draw, kept for the cache's grid index
+    t_B = flow.t_from_uniform(u_B, **_t_kwargs(setup))
+    cached = setup.config.pnapo.ref_cache
+    if cached:
+        batch = _cached_errors(batch, u_B, setup.config.t_sampling.grid_size)
+    grad_fn = jax.value_and_grad(_loss_fn(setup, frozen, cached), has_aux=True)
     k = setup.config.train.grad_accum_steps
     if k == 1:
         (_, metrics), grads = grad_fn(state["params"], batch, t_B, noise_rng, step)

@@ -38,13 +38,14 @@ def make_source(config: ml_collections.ConfigDict, path: str, seed_offset: int =
     return open_source(kind, path, spec, d.synthetic_num, config.seed + seed_offset)
 
 
-def make_train_loader(config: ml_collections.ConfigDict, source: Any, first_step: int = 0) -> Any:
+def make_train_loader(config: ml_collections.ConfigDict, source: Any, first_step: int = 0,
+                      per_record: dict[str, np.ndarray] | None = None) -> Any:
     from pnapo_jax.data.pipeline import LoaderConfig, make_loader
 
     d = config.data
     cfg = LoaderConfig(global_batch_size=config.train.global_batch_size, seed=config.seed,
                        worker_count=d.worker_count, on_bad_record=d.on_bad_record)
-    return make_loader(source, cfg, config.pnapo.noise_mode, first_step=first_step)
+    return make_loader(source, cfg, config.pnapo.noise_mode, first_step=first_step, per_record=per_record)
 
 
 def _eval_batches(config: ml_collections.ConfigDict, setup: Setup) -> list[dict[str, jax.Array]] | None:
@@ -131,16 +132,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices:
         if jax.process_index() == 0:  # export and eval scripts rebuild the model from it
             (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
         logging.info("mesh %s; model %s", dict(setup.mesh.shape), setup.model_cfg)
-        source = make_source(config, pairs_path(config, workdir, show_progress))
+        data = pairs_path(config, workdir, show_progress)
+        source = make_source(config, data)
         same_hosts = start is not None and ckpt.has_data_state(start)
         if start is not None and not same_hosts:  # the saved positions are per host: start at the step's batch
             logging.warning("checkpoint %d was written by another number of hosts: data resumes at global batch "
                             "%d (exact unless records were skipped as bad)", start, start)
-        loader = make_train_loader(config, source, first_step=0 if same_hosts or start is None else start)
-        stack.callback(loader.close)
         base = base_params(setup)
         state, frozen = init_state(setup, base)
         del base
+        cache = None
+        if config.pnapo.ref_cache:
+            from pnapo_jax import ref_cache
+
+            cache = ref_cache.load_or_build(config, setup, frozen, source, data, workdir, say)
+        loader = make_train_loader(config, source, 0 if same_hosts or start is None else start, cache)
+        stack.callback(loader.close)
         resuming = start is not None
         if resuming:  # the newest checkpoint that restores: a damaged newest one falls back to an older one
             state = ckpt.restore(start, setup.abstract_state, loader.iterator if same_hosts else None)

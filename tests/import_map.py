@@ -33,7 +33,7 @@ LAYERS = {
     # what every command builds on
     "pnapo_jax.setup": 7,
     "pnapo_jax.sampling": 8, "pnapo_jax.step": 8,
-    "pnapo_jax.pipeline_world": 9, "pnapo_jax.worlds": 10, "pnapo_jax.report": 10,
+    "pnapo_jax.pipeline_world": 9, "pnapo_jax.worlds": 10, "pnapo_jax.report": 10, "pnapo_jax.ref_cache": 9,
     # commands, beside each other and under the loop
     "pnapo_jax.generate": 11, "pnapo_jax.evaluate": 11, "pnapo_jax.export": 11, "pnapo_jax.sample": 11,
     "pnapo_jax.aot": 11, "pnapo_jax.bench": 11,

@@ -74,6 +74,10 @@ def test_demo_cpu_variants_match_the_shipped_base(arg):
     ({"lora.rank": 4, "lora.targets": ("to_qq",)}, "config.lora.targets"),
     ({"pnapo.beta": 0.0}, "config.pnapo.beta"),
     ({"pnapo.n1": 12, "pnapo.n2": 4}, "config.pnapo.n2"),
+    ({"pnapo.objective": "kto"}, "config.pnapo.objective"),
+    ({"pnapo.sft_weight": -1.0}, "config.pnapo.sft_weight"),
+    ({"t_sampling.grid_size": 0}, "config.t_sampling.grid_size"),
+    ({"pnapo.ref_cache": True}, "config.pnapo.ref_cache"),  # t_sampling.kind is "uniform"
     ({"mesh.data": 0}, "config.mesh"),
 ])
 def test_a_bad_field_is_named_before_any_work(overrides, field):

@@ -2,6 +2,7 @@
 tests/test_notebooks.py's ablation notebook exercises)."""
 
 import importlib.util
+import json
 import pathlib
 
 import pytest
@@ -46,3 +47,23 @@ def test_best_gain_and_steps_to(nm):
 def test_frontier_keeps_the_upper_left_points(nm):
     points = [(1.0, 0.5), (1.1, 0.4), (1.2, 0.6), (1.3, 0.6), (2.0, 0.7), (0.9, 0.45)]
     assert nm.frontier(points) == [(0.9, 0.45), (1.0, 0.5), (1.2, 0.6), (2.0, 0.7)]
+
+
+def test_error_table_reads_the_per_t_errors_of_each_run(nm, tmp_path):
+    """The per-t error table from runs' metrics.jsonl: the last train line with err/*, empty bins skipped."""
+    lines = [{"step": 10, "loss": 0.6, **{f"err/{n}_t{k}": 9.0 for n in nm.ERROR_NAMES for k in (0, 1)}},
+             {"step": 20, "loss": 0.5, "count/t_bucket_0": 2, "count/t_bucket_1": 0,
+              "err/policy_w_t0": 0.1, "err/ref_w_t0": 0.2, "err/policy_l_t0": 0.5, "err/ref_l_t0": 0.3,
+              **{f"err/{n}_t1": 0.0 for n in nm.ERROR_NAMES}},
+             {"step": 20, "eval/reward_mean": 0.7}]
+    runs = {}
+    for seed, scale in ((1, 1.0), (2, 3.0)):
+        workdir = tmp_path / f"s{seed}"
+        workdir.mkdir()
+        scaled = [{k: v * scale if k.startswith("err/") else v for k, v in x.items()} for x in lines]
+        (workdir / "metrics.jsonl").write_text("\n".join(json.dumps(x) for x in scaled) + "\n")
+        runs.setdefault("m", []).append(dict(seed=seed, errors=nm.last_errors(workdir)))
+    assert nm.last_errors(tmp_path / "none") == {}
+    rows = nm.error_table(runs)
+    assert rows[2] == "| m | 0 | 0.2000 | 0.4000 | 1.0000 | 0.6000 | -0.2000 | +0.4000 |"
+    assert rows[3] == "| m | 1 | nan | nan | nan | nan | +nan | +nan |"  # the bin held no example

@@ -21,17 +21,26 @@ def _np_sigmoid(x):
     return 1.0 / (1.0 + np.exp(-x))
 
 
-def _np_preference(err_w, err_l, ref_w, ref_l, beta, scale):
-    """(loss_B, metrics, d mean-loss / d (err_w, err_l, ref_w, ref_l)) in float64, written out by hand."""
+def _np_preference(err_w, err_l, ref_w, ref_l, beta, scale, objective_name="dpo", sft_weight=0.0):
+    """(loss_B, metrics, d mean-loss / d (err_w, err_l, ref_w, ref_l)) in float64, written out by hand.
+    "ipo": (logit - 1/2)^2 (IPO, Azar et al., in DPO's units); sft_weight adds sft_weight * err_w."""
     err_w, err_l, ref_w, ref_l = (np.asarray(a, np.float64) for a in (err_w, err_l, ref_w, ref_l))
     beta = np.broadcast_to(np.asarray(beta, np.float64), err_w.shape)
     bs = scale * beta
     chosen, rejected = -bs * (err_w - ref_w), -bs * (err_l - ref_l)
     logits = -bs * ((err_w - ref_w) - (err_l - ref_l))
-    loss_B = -_np_log_sigmoid(logits)
-    d_err_w = bs * _np_sigmoid(-logits) / len(logits)  # dL/dlogit = -σ(-logit), dlogit/derr_w = -bs
-    grads = (d_err_w, -d_err_w, -d_err_w, d_err_w)
+    if objective_name == "dpo":
+        loss_B = -_np_log_sigmoid(logits)
+        d_logit = -_np_sigmoid(-logits)  # dL/dlogit
+    else:
+        loss_B = (logits - 0.5) ** 2
+        d_logit = 2 * (logits - 0.5)
+    d_pref_w = -bs * d_logit / len(logits)  # dlogit/derr_w = -bs
+    grads = (d_pref_w + sft_weight / len(logits), -d_pref_w, -d_pref_w, d_pref_w)
+    metrics = {"loss/preference": loss_B.mean(), "loss/sft": sft_weight * err_w.mean()} if sft_weight else {}
+    loss_B = loss_B + sft_weight * err_w
     metrics = {
+        **metrics,
         "loss": loss_B.mean(), "rewards/chosen": chosen.mean(), "rewards/rejected": rejected.mean(),
         "rewards/accuracies": (chosen > rejected).mean(), "rewards/margins": (chosen - rejected).mean(),
         "beta_eff": beta.mean(), "mse/policy_w": err_w.mean(), "mse/policy_l": err_l.mean(),
@@ -58,7 +67,8 @@ def _assert_metrics(got, want, rtol):
 
 @pytest.mark.parametrize("convention", ["beta", "half_beta"])
 @pytest.mark.parametrize("per_example_beta", [False, True])
-def test_preference_loss_and_grad_match_numpy(convention, per_example_beta):
+@pytest.mark.parametrize("objective_name,sft_weight", [("dpo", 0.0), ("ipo", 0.0), ("dpo", 0.7), ("ipo", 0.7)])
+def test_preference_loss_and_grad_match_numpy(convention, per_example_beta, objective_name, sft_weight):
     rng = np.random.default_rng(0)
     ref_w, ref_l = (rng.uniform(0.5, 1.5, 16).astype(np.float32) for _ in range(2))
     err_w, err_l = (r + rng.normal(0, 1e-3, 16).astype(np.float32) for r in (ref_w, ref_l))
@@ -66,13 +76,28 @@ def test_preference_loss_and_grad_match_numpy(convention, per_example_beta):
     errs = tuple(jnp.asarray(a) for a in (err_w, err_l, ref_w, ref_l))
 
     (loss, metrics), grads = jax.value_and_grad(objective.preference_loss, argnums=(0, 1, 2, 3), has_aux=True)(
-        *errs, beta, convention)
-    loss_B, want, want_grads = _np_preference(err_w, err_l, ref_w, ref_l, beta, objective.SCALE_CONVENTIONS[convention])
+        *errs, beta, convention, objective_name, sft_weight)
+    loss_B, want, want_grads = _np_preference(err_w, err_l, ref_w, ref_l, beta, objective.SCALE_CONVENTIONS[convention],
+                                              objective_name, sft_weight)
+    assert set(metrics) == set(want)
     assert 0 < want["rewards/accuracies"] < 1  # both signs present
     np.testing.assert_allclose(float(loss), loss_B.mean(), rtol=1e-5)
     _assert_metrics(metrics, want, rtol=1e-5)
     for g, w in zip(grads, want_grads, strict=True):
         np.testing.assert_allclose(np.asarray(g), w, rtol=1e-4, atol=1e-7)
+
+
+def test_ipo_is_bounded_where_dpo_keeps_falling():
+    """Pushing the loser's error up lowers DPO's loss without end; IPO's is least at margin 1/2 and rises past it."""
+    ref = jnp.asarray([1.0]), jnp.asarray([1.0])
+    loss = lambda name, loser_err: float(objective.preference_loss(
+        jnp.asarray([1.0]), jnp.asarray([loser_err]), *ref, 10.0, "beta", name)[0])
+    dpo = [loss("dpo", 1.0 + d) for d in (0.0, 0.05, 0.2, 1.0)]
+    ipo = [loss("ipo", 1.0 + d) for d in (0.0, 0.05, 0.2, 1.0)]  # margins 0, 1/2, 2, 10
+    assert all(b < a for a, b in zip(dpo, dpo[1:], strict=False))
+    np.testing.assert_allclose(ipo, [0.25, 0.0, 2.25, 90.25], rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="objective"):
+        objective.preference_loss(jnp.ones(1), jnp.ones(1), *ref, 10.0, "beta", "kto")
 
 
 def test_half_beta_convention_is_beta_halved():
@@ -133,14 +158,19 @@ def test_recorded_noise_uses_each_images_own_noise():
     np.testing.assert_allclose(pair.xt_l[3], batch["x1_l"][3])
 
 
-def test_independent_noise_is_fresh_and_shared_by_the_pair():
+def _fresh_noise_pair(noise_mode: str):
+    """(cfg, batch, t, key, pair inputs, winner's noise, loser's noise) of a fresh-noise mode."""
     cfg = flux.FluxConfig.from_diffusers(torch_flux().config)
     batch = _pair_batch(cfg)
     t = np.array([0.1, 0.25, 0.6, 0.9], np.float32)
     key = jax.random.key(3)
-    pair = objective.make_pair_inputs(batch, t, key, "independent")
-    noise_w = np.asarray(pair.target_w + batch["x0_w"])
-    noise_l = np.asarray(pair.target_l + batch["x0_l"])
+    pair = objective.make_pair_inputs(batch, t, key, noise_mode)
+    noise_w, noise_l = (np.asarray(getattr(pair, f"target_{s}") + batch[f"x0_{s}"]) for s in "wl")
+    return cfg, batch, t, key, pair, noise_w, noise_l
+
+
+def test_independent_noise_is_fresh_and_shared_by_the_pair():
+    cfg, batch, t, key, pair, noise_w, noise_l = _fresh_noise_pair("independent")
     np.testing.assert_allclose(noise_w, noise_l, atol=1e-5)  # one noise for both images
     np.testing.assert_allclose(noise_w, jax.random.normal(key, batch["x0_w"].shape), atol=1e-5)
     tt = t[:, None, None]
@@ -150,6 +180,41 @@ def test_independent_noise_is_fresh_and_shared_by_the_pair():
     jax.tree.map(np.testing.assert_array_equal, no_noise, pair)
     other = objective.make_pair_inputs(batch, t, jax.random.key(4), "independent")
     assert np.abs(np.asarray(other.xt_w) - np.asarray(pair.xt_w)).min() > 0
+
+
+def test_independent_unshared_noise_is_fresh_and_separate_per_image():
+    """noise_mode='independent_unshared': winner and loser each get their own N(0, 1) draw from the rng's two
+    halves (issue 18's missing cell); 'independent' still shares one draw."""
+    cfg, batch, t, key, pair, noise_w, noise_l = _fresh_noise_pair("independent_unshared")
+    key_w, key_l = jax.random.split(key)
+    np.testing.assert_allclose(noise_w, jax.random.normal(key_w, batch["x0_w"].shape), atol=1e-5)
+    np.testing.assert_allclose(noise_l, jax.random.normal(key_l, batch["x0_l"].shape), atol=1e-5)
+    assert np.abs(noise_w - noise_l).min() > 0  # no element shared
+    assert abs(np.corrcoef(noise_w.ravel(), noise_l.ravel())[0, 1]) < 0.1
+    for noise in (noise_w, noise_l):  # N(0, 1): 1024 draws each
+        assert abs(noise.mean()) < 0.15 and abs(noise.std() - 1) < 0.1
+    tt = t[:, None, None]
+    np.testing.assert_allclose(pair.xt_w, (1 - tt) * batch["x0_w"] + tt * noise_w, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(pair.xt_l, (1 - tt) * batch["x0_l"] + tt * noise_l, rtol=1e-5, atol=1e-5)
+    no_noise = objective.make_pair_inputs(_pair_batch(cfg, with_noise=False), t, key, "independent_unshared")
+    jax.tree.map(np.testing.assert_array_equal, no_noise, pair)  # the recorded noises are ignored
+    shared = objective.make_pair_inputs(batch, t, key, "independent")
+    np.testing.assert_allclose(shared.target_w + batch["x0_w"], shared.target_l + batch["x0_l"], atol=1e-5)
+
+
+def test_independent_unshared_loss_matches_numpy(tiny):
+    """pair_loss in independent_unshared mode = NumPy's DPO loss on errors at each image's own fresh noise."""
+    cfg = objective.LossConfig(beta=3.0, use_gap=False, use_schedule=False, noise_mode="independent_unshared")
+    t = np.array([0.1, 0.3, 0.55, 0.9], np.float32)
+    key = jax.random.key(7)
+    loss, metrics = jax.jit(_loss_fn(tiny, cfg, t, rng=key))(tiny["policy"], tiny["ref"])
+    batch = {k: np.asarray(v) for k, v in tiny["batch"].items()}
+    noise = dict(zip("wl", (np.asarray(jax.random.normal(k, batch["x0_w"].shape))
+                            for k in jax.random.split(key)), strict=True))
+    errs = [_np_err(tiny, p, batch, t, s, noise[s]) for p in (tiny["policy"], tiny["ref"]) for s in "wl"]
+    loss_B, want, _ = _np_preference(*errs, cfg.beta, 1.0)
+    np.testing.assert_allclose(float(loss), loss_B.mean(), rtol=2e-4)
+    _assert_metrics(metrics, want, rtol=2e-4)
 
 
 def test_recorded_mode_without_noise_points_to_independent():
@@ -202,6 +267,17 @@ def _loss_fn(tiny, cfg, t, rng=None, step=0):
     return loss
 
 
+def _np_err(tiny, params, batch, t, s, x1):
+    """Per-example velocity MSE (float64) of image s ("w" / "l") at noise x1: one [B] forward per model and image,
+    separately from pair_loss's [2B] one."""
+    tt = t[:, None, None]
+    v = jax.jit(tiny["apply"])(params, hidden_states=(1 - tt) * batch[f"x0_{s}"] + tt * x1,
+                               encoder_hidden_states=batch["prompt_embeds"],
+                               pooled_projections=batch["pooled_prompt_embeds"], timestep=t, img_ids=tiny["img_ids"],
+                               txt_ids=tiny["txt_ids"], guidance=np.full(B, GUIDANCE, np.float32))
+    return ((x1 - batch[f"x0_{s}"] - np.asarray(v, np.float64)) ** 2).mean(axis=(1, 2))
+
+
 def test_pair_loss_metrics_match_numpy(tiny):
     cfg = objective.LossConfig(beta=3.0, scale_convention="half_beta", tau=0.5, n1=10, n2=30, num_t_buckets=4)
     t = np.array([0.1, 0.3, 0.35, 0.9], np.float32)  # bucket 2 stays empty
@@ -209,25 +285,19 @@ def test_pair_loss_metrics_match_numpy(tiny):
     _, metrics = jax.jit(_loss_fn(tiny, cfg, t, step=step))(tiny["policy"], tiny["ref"])
 
     batch = {k: np.asarray(v) for k, v in tiny["batch"].items()}
-    tt = t[:, None, None]
-    apply = jax.jit(tiny["apply"])  # one [B] forward per model and image, separately from pair_loss's [2B] one
-
-    def err(params, s):
-        v = apply(params, hidden_states=(1 - tt) * batch[f"x0_{s}"] + tt * batch[f"x1_{s}"],
-                  encoder_hidden_states=batch["prompt_embeds"], pooled_projections=batch["pooled_prompt_embeds"],
-                  timestep=t, img_ids=tiny["img_ids"], txt_ids=tiny["txt_ids"],
-                  guidance=np.full(B, GUIDANCE, np.float32))
-        return ((batch[f"x1_{s}"] - batch[f"x0_{s}"] - np.asarray(v, np.float64)) ** 2).mean(axis=(1, 2))
+    err = lambda params, s: _np_err(tiny, params, batch, t, s, batch[f"x1_{s}"])
 
     beta = _np_dynamic_beta(cfg.beta, batch["reward_gap"], step, True, cfg.tau, True, cfg.n1, cfg.n2)
-    loss_B, want, _ = _np_preference(err(tiny["policy"], "w"), err(tiny["policy"], "l"), err(tiny["ref"], "w"),
-                                     err(tiny["ref"], "l"), beta, 0.5)
+    errs = {"policy_w": err(tiny["policy"], "w"), "policy_l": err(tiny["policy"], "l"),
+            "ref_w": err(tiny["ref"], "w"), "ref_l": err(tiny["ref"], "l")}
+    loss_B, want, _ = _np_preference(*errs.values(), beta, 0.5)
     assert 0 < want["rewards/accuracies"] < 1
     bucket = [0, 1, 1, 3]
     for k in range(4):
         in_k = [i for i in range(B) if bucket[i] == k]
         want[f"count/t_bucket_{k}"] = len(in_k)
         want[f"loss/t_bucket_{k}"] = loss_B[in_k].mean() if in_k else 0.0
+        want.update({f"err/{name}_t{k}": e[in_k].mean() if in_k else 0.0 for name, e in errs.items()})
     assert set(metrics) == set(want)
     _assert_metrics(metrics, want, rtol=2e-4)
 

@@ -48,17 +48,19 @@ def batch_keys(noise_mode: str) -> tuple[str, ...]:
 
 
 class _ReadPair:
-    """index -> the batch-contract arrays of one record, or the RecordError it raised (judged downstream)."""
+    """index -> the batch-contract arrays of one record (with its rows of `per_record`), or the RecordError it
+    raised (judged downstream)."""
 
-    def __init__(self, source: PairSource, keys: tuple[str, ...]):
-        self._source, self._keys = source, keys
+    def __init__(self, source: PairSource, keys: tuple[str, ...], per_record: Mapping[str, np.ndarray] | None):
+        self._source, self._keys, self._per_record = source, keys, dict(per_record or {})
 
     def __call__(self, index: int) -> dict[str, np.ndarray] | RecordError:
         try:
             record = self._source[index]
         except RecordError as error:
             return error
-        return {key: np.asarray(record[key], np.float32) for key in self._keys}
+        return {**{key: np.asarray(record[key], np.float32) for key in self._keys},
+                **{key: np.asarray(rows[index], np.float32) for key, rows in self._per_record.items()}}
 
 
 class _BadRecordGate:
@@ -144,10 +146,15 @@ def make_loader(
     noise_mode: str,
     shard: grain.sharding.ShardOptions | None = None,
     first_step: int = 0,
+    per_record: Mapping[str, np.ndarray] | None = None,
 ) -> Loader:
     """Host-local batches of `source` for `noise_mode` from global batch `first_step` on; `shard` defaults to one
-    slice of each global batch per JAX process. Only whole global batches are read."""
+    slice of each global batch per JAX process. Only whole global batches are read. `per_record` adds arrays
+    [len(source), ...] row by record index (the reference-error cache)."""
     check_noise_mode(source.spec, noise_mode)
+    for key, rows in (per_record or {}).items():
+        if len(rows) != len(source):
+            raise UserError(f"{key} has {len(rows)} rows for a source of {len(source)} records")
     bad_records = BadRecords(cfg.on_bad_record)
     shard = shard or grain.sharding.ShardByJaxProcess()
     if cfg.global_batch_size % shard.shard_count:
@@ -160,7 +167,7 @@ def make_loader(
     records = (
         grain.MapDataset.range(host_records)
         .map(_HostSlice(order, cfg.global_batch_size, shard, first_step))
-        .map(_ReadPair(source, batch_keys(noise_mode)))
+        .map(_ReadPair(source, batch_keys(noise_mode), per_record))
         .to_iter_dataset(grain.ReadOptions(num_threads=cfg.read_threads, prefetch_buffer_size=cfg.prefetch_records))
     )
     if cfg.worker_count:
