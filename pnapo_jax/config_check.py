@@ -131,6 +131,22 @@ def check(config: ml_collections.ConfigDict, num_devices: int | None = None, pat
         raise UserError("; ".join(problems))
 
 
+# Fields added after runs were first saved. A saved config without one ran with the behaviour its default keeps
+# (the feature off), so readers of older workdirs (export, sample, evaluate) fill it in rather than refuse the run.
+ADDED_FIELDS = ("train.ema_decay", "pnapo.objective", "pnapo.sft_weight", "pnapo.ref_cache", "pnapo.ref_cache_dir",
+                "t_sampling.grid_size")
+
+
+def with_added_fields(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """`config` (a saved run's, unlocked) with every ADDED_FIELDS field it lacks set to its default."""
+    defaults = config_lib.defaults(backbones.backbone_of(config).config_class)
+    for key in ADDED_FIELDS:
+        section, name = key.split(".")
+        if section in config and name not in config[section]:
+            config[section][name] = defaults[section][name]
+    return config
+
+
 def check_complete(config: ml_collections.ConfigDict, source: str) -> None:
     """Refuse a config (read from `source`, e.g. a workdir's config.json) that lacks fields, naming them."""
     backbone = backbones.backbone_of(config)

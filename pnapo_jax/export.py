@@ -33,9 +33,7 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
         config = ml_collections.ConfigDict(json.loads(path.read_text()))
     except json.JSONDecodeError as e:
         raise UserError(f"{path} is not JSON ({e}): --workdir must be a training workdir") from None
-    if "ema_decay" not in config.train:  # runs from before train.ema_decay kept no EMA
-        config.train.ema_decay = 0.0
-    config_check.check_complete(config, str(path))
+    config_check.check_complete(config_check.with_added_fields(config), str(path))
     config.mesh.data, config.mesh.fsdp, config.mesh.tensor = 1, -1, 1
     return config
 

@@ -146,3 +146,26 @@ def test_a_harmless_change_on_resume_is_allowed_and_said(tmp_path):
     said = []
     config_check.check_resume(c, workdir, log=said.append)
     assert len(said) == 1 and "config.train.num_steps 16 -> 32" in said[0] and "config.optim.lr" in said[0]
+
+
+def test_a_run_saved_before_later_fields_reads_with_their_defaults(tmp_path):
+    """export / sample / evaluate read a workdir whose config.json predates ADDED_FIELDS (the feature off); a
+    config that lacks an original field is still not a run's."""
+    import json
+
+    from pnapo_jax import export
+    from pnapo_jax.backbones.interface import get
+
+    config = tiny.get_config()
+    saved = json.loads(config.to_json_best_effort())
+    for key in config_check.ADDED_FIELDS:
+        section, name = key.split(".")
+        del saved[section][name]
+    (tmp_path / "config.json").write_text(json.dumps(saved))
+    loaded = export.load_config(str(tmp_path))
+    assert {k: get(loaded, k) for k in config_check.ADDED_FIELDS} == {
+        k: get(config, k) for k in config_check.ADDED_FIELDS}
+    del saved["train"]["num_steps"]
+    (tmp_path / "config.json").write_text(json.dumps(saved))
+    with pytest.raises(UserError, match=r"lacks the fields config.train.num_steps"):
+        export.load_config(str(tmp_path))
