@@ -41,7 +41,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     # Recompute each block in the backward pass, keeping only its bf16 input (1.5 GiB per image). Compared on
     # v5p-8 at 16 pairs (docs/tpu_fit.md): "save_named" saves <= 1.3% of the FLOPs and does not fit; "offload"
     # (the block inputs in host memory) takes 5.6 GiB less HBM per chip at the same FLOPs, for host-link traffic:
-    # the policy where HBM is short (v6e-8: --config.model.remat_policy=offload).
+    # the policy where HBM is short (even with it the full fine-tune misses v6e-8: 34.8 of 32 GiB at 16 pairs).
     c.model.remat_policy = "full"
     c.model.attention_impl = "splash"  # Pallas splash attention: no [L, L] scores in HBM (pnapo_jax/models/splash.py)
 
