@@ -56,6 +56,16 @@ class PipelineKind:
     conditioning: Callable[[jax.Array, jax.Array, float | None], dict[str, jax.Array]]
     check_fits: Callable[[Any, Any, vae.VAEConfig], None]  # (transformer cfg, encoders, VAE cfg)
 
+    def load_placed_transformer(self, path: str | os.PathLike, dtype: str,
+                                shardings: Callable[[Any], Any] | None = None) -> tuple[Any, Any]:
+        """(cfg, params) of a transformer or pipeline folder; `shardings` (config -> {"params": shardings}) places
+        the weights straight into them, read from the folder's config first, so no device holds all of them."""
+        placed = None
+        if shardings is not None:
+            config = files.read_json(files.resolve_transformer_dir(path) / files.CONFIG_NAME)
+            placed = shardings(self.config_cls.from_diffusers(config, param_dtype=dtype))["params"]
+        return self.load_transformer(path, dtype, placed)
+
     def encode(self, prompts: Sequence[str], encoders: Any, max_sequence_length: int | None = None
                ) -> tuple[jax.Array, jax.Array]:
         return self.encode_prompts(prompts, encoders, max_sequence_length or self.max_sequence_length)

@@ -93,12 +93,7 @@ def load_pipeline(path: str | os.PathLike, workdir: str | None = None, step: int
     path = pathlib.Path(path)
     kind = pipelines.pipeline_kind(path, need_transformer=workdir is None)
     if workdir is None:
-        shardings = None
-        if transformer_shardings is not None:
-            folder = files.resolve_transformer_dir(path)
-            shardings = transformer_shardings(kind.config_cls.from_diffusers(
-                files.read_json(folder / files.CONFIG_NAME), param_dtype=dtype))["params"]
-        cfg, params = kind.load_transformer(path, dtype, shardings)
+        cfg, params = kind.load_placed_transformer(path, dtype, transformer_shardings)
         variables = {"params": params}
     else:
         cfg, variables = checkpoint_policy(workdir, step, kind.backbone)

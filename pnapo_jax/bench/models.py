@@ -90,19 +90,12 @@ def load_transformer(spec: ModelSpec, dtype: str = "float32", shardings: Any = N
 
     import jax
 
-    from pnapo_jax import convert, sample
+    from pnapo_jax import pipelines, sample
 
     if spec.kind == "run":
         cfg, variables = sample.checkpoint_policy(spec.path, spec.step)
         variables = jax.tree.map(lambda x: x.astype(dtype), variables)
     else:
-        placed = None
-        if shardings is not None:
-            from pnapo_jax.convert import files
-            from pnapo_jax.models import flux
-
-            config = files.read_json(files.resolve_transformer_dir(spec.path) / files.CONFIG_NAME)
-            placed = shardings(flux.FluxConfig.from_diffusers(config, param_dtype=dtype))["params"]
-        cfg, params = convert.load_diffusers_transformer(spec.path, dtype, placed)
+        cfg, params = pipelines.FLUX.load_placed_transformer(spec.path, dtype, shardings)
         variables = {"params": params}
     return dc.replace(cfg, dtype=dtype, param_dtype=dtype), variables
