@@ -31,6 +31,35 @@ def _gathered(w: jax.Array, axes: tuple[str | None, ...]) -> jax.Array:
     return nn.with_logical_constraint(w, tuple("act_embed" if a == "embed" else a for a in axes))
 
 
+@jax.custom_vjp
+def matmul_wgrad_nt(x_NxK: jax.Array, kernel_KxO: jax.Array) -> jax.Array:
+    """x @ kernel whose kernel gradient, for a widening layer (in < out), is x^T materialised, times dy.
+
+    Left to itself XLA:CPU computes a weight gradient x^T dy by copying dy transposed, with the backward's norm /
+    modulation chains fused (and duplicated) into the copy. Where dy is the wider side (q/k/v, MLP in: in <=
+    out) transposing x instead moves fewer bytes, and the barrier keeps XLA from folding it back.
+    """
+    return x_NxK @ kernel_KxO
+
+
+def _matmul_fwd(x: jax.Array, kernel: jax.Array) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+    return x @ kernel, (x, kernel)
+
+
+def _matmul_bwd(res: tuple[jax.Array, jax.Array], dy: jax.Array) -> tuple[jax.Array, jax.Array]:
+    x, kernel = res
+    dx = jax.lax.dot_general(dy, kernel, (((dy.ndim - 1,), (1,)), ((), ())))
+    x_MxK, dy_MxO = x.reshape(-1, x.shape[-1]), dy.reshape(-1, dy.shape[-1])
+    if kernel.shape[0] <= kernel.shape[1]:
+        dkernel = jax.lax.optimization_barrier(x_MxK.T) @ dy_MxO
+    else:
+        dkernel = jax.lax.dot_general(x_MxK, dy_MxO, (((0,), (0,)), ((), ())))
+    return dx.astype(x.dtype), dkernel.astype(kernel.dtype)
+
+
+matmul_wgrad_nt.defvjp(_matmul_fwd, _matmul_bwd)
+
+
 class Dense(nn.Module):
     """y = x W + b with logical axes on W and b, plus an optional low-rank update (LoRA).
 
@@ -65,7 +94,8 @@ class Dense(nn.Module):
         x = x.astype(dt)
         if self.input_barrier:
             x = jax.lax.optimization_barrier(x)
-        y = x @ kernel.astype(dt) + bias.astype(dt)
+        matmul = matmul_wgrad_nt if self.input_barrier else jnp.matmul
+        y = matmul(x, kernel.astype(dt)) + bias.astype(dt)
         if self.lora_rank and (self.is_initializing() or self.has_variable("lora", "lora_a")):
             def lora_init(name: str, init: Any, axes: tuple, shape: tuple[int, int]) -> nn.Variable:
                 boxed = nn.with_logical_partitioning(init, axes)
