@@ -12,26 +12,16 @@ keep one alive. `tests/test_dead_code.py` asserts what this prints.
 
 import ast
 import json
-import pathlib
 import sys
 from collections.abc import Iterator
 
-ROOT = pathlib.Path(__file__).resolve().parent.parent
-PACKAGE = "pnapo_jax"
+from import_map import PACKAGE, ROOT, modules
+
 USERS = ("pnapo_jax", "configs", "benchmarks")  # code that counts as the library's own use
 NOTEBOOKS = "notebooks"
 
 # Public API used by no code in the repository, each with why it stays.
 ALLOWED: dict[str, str] = {}
-
-
-def modules() -> dict[str, pathlib.Path]:
-    """Module name -> file, for every .py file of the package (a package is its __init__)."""
-    out = {}
-    for path in sorted((ROOT / PACKAGE).rglob("*.py")):
-        parts = path.relative_to(ROOT).with_suffix("").parts
-        out[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
-    return out
 
 
 def definitions(tree: ast.Module) -> Iterator[tuple[str, int]]:
