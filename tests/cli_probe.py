@@ -42,6 +42,15 @@ def _files(tmp: str) -> dict[str, str]:
         return path
 
     workdir_json = json.dumps({"seed": 0})  # a config.json that is not a run's
+    sd3_config = json.dumps({"_class_name": "SD3Transformer2DModel", "sample_size": 8, "patch_size": 2,
+                             "in_channels": 4, "num_layers": 1, "attention_head_dim": 8, "num_attention_heads": 2,
+                             "joint_attention_dim": 12, "caption_projection_dim": 16, "pooled_projection_dim": 10,
+                             "out_channels": 4, "pos_embed_max_size": 12})
+    flux_config = json.dumps({"_class_name": "FluxTransformer2DModel", "patch_size": 1, "in_channels": 16,
+                              "num_layers": 1, "num_single_layers": 1, "attention_head_dim": 16,
+                              "num_attention_heads": 2, "joint_attention_dim": 32, "pooled_projection_dim": 16,
+                              "guidance_embeds": True, "axes_dims_rope": [4, 6, 6]})
+    weights = "diffusion_pytorch_model.safetensors"
     return {
         "blank_prompts": write("blank_prompts.txt", "a red cube\n\na blue ball\n"),
         "latin1_prompts": write("latin1_prompts.txt", b"a caf\xe9\n"),
@@ -58,10 +67,76 @@ def _files(tmp: str) -> dict[str, str]:
         "bad_label_manifest": write("bad_label.jsonl", '{"caption": "x", "label_0": 7}\n'),
         "pickle_pt": write("model.pt", b"\x80\x04not really a pickle"),
         "bad_config_py": write("bad_config.py", "def get_config():\n    return 1 / 0\n"),
+        # weight folders: the other backbone's, a config.json that is not JSON, a pickle / a truncated header
+        "sd3_transformer": os.path.dirname(write("sd3_transformer/config.json", sd3_config)),
+        "flux_transformer": os.path.dirname(write("flux_transformer/config.json", flux_config)),
+        "weights_bad_json": os.path.dirname(write("weights_bad_json/config.json", "{not json")),
+        "weights_pickle": os.path.dirname(write(f"weights_pickle/{weights}", b"\x80\x04\x95 not safetensors")),
+        "weights_truncated": os.path.dirname(write(f"weights_truncated/{weights}", b"\xff\x00\x00\x00\x00\x00\x00"
+                                                                                  b'\x00{"x": {"dtype": "F32"')),
+        "sd3_pipeline": os.path.dirname(write("sd3_pipeline/model_index.json", json.dumps(
+            {"_class_name": "StableDiffusion3Pipeline"}))),
+        "clip_scorer": os.path.dirname([write(f"clip_scorer/{n}", "{}") for n in (  # the files parse looks for
+            "config.json", "model.safetensors", "tokenizer.json")][0]),
+        **_datasets(tmp),
         "pipeline": os.path.dirname(os.path.dirname(  # the folders of a pipeline, empty: flags are checked first
             [write(f"pipeline/{p}/.keep", "") for p in ("transformer", "vae", "text_encoder", "text_encoder_2",
                                                          "tokenizer", "tokenizer_2", "scheduler")][0])),
     }
+
+
+def _weights(f: dict[str, str]) -> None:
+    """A tensor of each backbone's naming beside its config (what looks_like reads), and a FLUX config beside the
+    broken weight files."""
+    import numpy as np
+    import safetensors.numpy
+
+    name = "diffusion_pytorch_model.safetensors"
+    safetensors.numpy.save_file({"pos_embed.proj.weight": np.zeros((16, 4, 2, 2), np.float32)},
+                                os.path.join(f["sd3_transformer"], name))
+    for folder in ("flux_transformer", "weights_bad_json"):
+        safetensors.numpy.save_file({"transformer_blocks.0.attn.to_q.weight": np.zeros((32, 32), np.float32)},
+                                    os.path.join(f[folder], name))
+    config = open(os.path.join(f["flux_transformer"], "config.json")).read()
+    for folder in ("weights_pickle", "weights_truncated"):
+        with open(os.path.join(f[folder], "config.json"), "w") as fh:
+            fh.write(config)
+
+
+def _datasets(tmp: str) -> dict[str, str]:
+    """A tiny.py-shaped sextuple dataset; its data_dir (not the version dir); copies with a truncated shard and
+    with a features file naming another module. Written in a forked child: TFDS's and array_record's threads in
+    this process would not survive the forks of the cases."""
+    import glob
+    import shutil
+
+    data_dir = os.path.join(tmp, "dataset")
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            from pnapo_jax.data.builder import write_dataset
+            from pnapo_jax.data.synthetic import synthetic_pairs
+
+            pairs = synthetic_pairs(8, image_tokens=16, channels=16, text_len=8, text_dim=32, pooled_dim=16, seed=0)
+            write_dataset(pairs.records, pairs.spec, data_dir)
+            code = 0
+        finally:
+            os._exit(code)
+    if os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]):
+        raise RuntimeError(f"writing the probe's dataset under {data_dir} failed")
+    path = os.path.dirname(glob.glob(os.path.join(data_dir, "*", "*", "dataset_info.json"))[0])
+    truncated = shutil.copytree(path, os.path.join(tmp, "truncated_dataset", "1.0.0"))
+    shard = sorted(glob.glob(os.path.join(truncated, "*.array_record*")))[0]
+    os.truncate(shard, os.path.getsize(shard) // 2)
+    hostile = shutil.copytree(path, os.path.join(tmp, "hostile_dataset", "1.0.0"))
+    features = os.path.join(hostile, "features.json")
+    spec = json.loads(open(features).read())
+    spec["pythonClassName"] = "subprocess.Popen"
+    with open(features, "w") as fh:
+        fh.write(json.dumps(spec))
+    return {"dataset": path, "dataset_data_dir": data_dir, "truncated_dataset": truncated,
+            "hostile_dataset": hostile}
 
 
 def _tiny_config_json() -> str:
@@ -86,6 +161,8 @@ def cases(f: dict[str, str], tmp: str) -> list[Case]:
     aot = lambda name, names, *a: Case(name, "pnapo_jax.aot", (f"--config={TINY}", *a), names)
     imp = lambda name, names, *a: Case(name, "pnapo_jax.data.import_pairs", a, names)
     sweep = lambda name, names, *a: Case(name, "pnapo_jax.sweep", a, names)
+    ev = lambda name, names, *a: Case(name, "pnapo_jax.evaluate", a, names)
+    demo_model = "base=pnapo_jax/assets/demo_base"  # the shipped demo base: the flags after it are what is wrong
     nowhere = os.path.join(tmp, "nonexistent")
     pipe = f"--pipeline={f['pipeline']}"  # the flags and files after it are what is wrong
     return [
@@ -131,6 +208,29 @@ def cases(f: dict[str, str], tmp: str) -> list[Case]:
         main("main/missing_data_path", "config.data.path", "--config.data.source=array_record",
              f"--config.data.path={nowhere}"),
         main("main/axes_dims_rope", "config.model.axes_dims_rope", "--config.model.attention_head_dim=20"),
+        # weights (issue 13 item 13) and the other backbone's folder
+        main("main/pretrained_sd3_folder", "sd3_transformer", f"--config.model.pretrained={f['sd3_transformer']}"),
+        Case("main/sd3_run_flux_folder", "pnapo_jax.main", (
+            "--config=configs/sd3_tpu.py", f"--workdir={os.path.join(tmp, 'sd3_run')}", "--noprogress",
+            "--config.data.source=synthetic", "--config.model.attention_impl=xla",
+            f"--config.model.pretrained={f['flux_transformer']}"), "flux_transformer"),
+        main("main/pretrained_config_not_json", "weights_bad_json",
+             f"--config.model.pretrained={f['weights_bad_json']}"),
+        main("main/pretrained_pickle", "weights_pickle", f"--config.model.pretrained={f['weights_pickle']}"),
+        main("main/pretrained_truncated", "weights_truncated", f"--config.model.pretrained={f['weights_truncated']}"),
+        main("main/hub_id_not_cached", "black-forest-labs/FLUX.1-dev",
+             "--config.model.pretrained=black-forest-labs/FLUX.1-dev"),
+        main("main/lora_targets_from_flags", "config.lora.targets", "--config.lora.rank=4",
+             "--config.lora.targets=('to_q','nope')"),
+        # data (item 12)
+        main("main/data_dir_not_version_dir", "dataset", "--config.data.source=array_record",
+             f"--config.data.path={f['dataset_data_dir']}"),
+        main("main/truncated_dataset", "truncated_dataset", "--config.data.source=array_record",
+             f"--config.data.path={f['truncated_dataset']}"),
+        main("main/features_names_a_module", "hostile_dataset", "--config.data.source=array_record",
+             f"--config.data.path={f['hostile_dataset']}"),
+        main("main/dataset_wrong_shape", "config.data", "--config.data.source=array_record",
+             f"--config.data.path={f['dataset']}", "--config.data.text_len=9"),
         Case("generate/no_flags", "pnapo_jax.generate", (), "--config"),
         gen("generate/missing_prompts", "nonexistent", f"--prompts={nowhere}.txt", f"--out={out}"),
         gen("generate/blank_prompt", "blank_prompts.txt", f"--prompts={f['blank_prompts']}", f"--out={out}"),
@@ -172,12 +272,63 @@ def cases(f: dict[str, str], tmp: str) -> list[Case]:
         sample("sample/missing_workdir", "nonexistent", pipe, "--prompt=x", f"--out={out}.png",
                f"--workdir={nowhere}"),
         sample("sample/num_steps", "--num_steps", pipe, "--prompt=x", f"--out={out}.png", "--num_steps=0"),
+        sample("sample/workdir_without_config", "empty_workdir", "--prompt=x", f"--out={out}.png",
+               f"--workdir={f['empty_workdir']}"),
+        sample("sample/workdir_config_not_json", "bad_json", "--prompt=x", f"--out={out}.png",
+               f"--workdir={f['bad_json_workdir']}"),
+        sample("sample/workdir_not_a_run", "alien_json", "--prompt=x", f"--out={out}.png",
+               f"--workdir={f['alien_json_workdir']}"),
+        sample("sample/workdir_no_checkpoints", "checkpoints", "--prompt=x", f"--out={out}.png",
+               f"--workdir={f['no_ckpt_workdir']}"),
+        sample("sample/workdir_is_file", "not_a_dir", "--prompt=x", f"--out={out}.png",
+               f"--workdir={f['not_a_dir']}"),
+        sample("sample/sd3_transformer_as_pipeline", "sd3_transformer", f"--pipeline={f['sd3_transformer']}",
+               "--prompt=x", f"--out={out}.png"),
+        sample("sample/pipeline_without_parts", "sd3_pipeline", f"--pipeline={f['sd3_pipeline']}", "--prompt=x",
+               f"--out={out}.png"),
+        sample("sample/height", "--height", "--prompt=x", f"--out={out}.png", "--height=-8"),
+        sample("sample/batch_size", "--batch_size", "--prompt=x", f"--out={out}.png", "--batch_size=0"),
         sample("sample/dtype", "--dtype", pipe, "--prompt=x", f"--out={out}.png", "--dtype=f16"),
+        Case("evaluate/no_flags", "pnapo_jax.evaluate", (), "--models"),
+        ev("evaluate/missing_model", "nonexistent", f"--models=a={nowhere}", f"--prompts={f['prompts']}",
+           f"--out={out}"),
+        ev("evaluate/models_not_name_path", "--models", "--models=pnapo_jax/assets/demo_base",
+           f"--prompts={f['prompts']}", f"--out={out}"),
+        ev("evaluate/sd3_transformer", "sd3_transformer", f"--models=a={f['sd3_transformer']}",
+           f"--prompts={f['prompts']}", f"--out={out}"),
+        ev("evaluate/missing_prompts", "nonexistent.txt", f"--models={demo_model}", f"--prompts={nowhere}.txt",
+           f"--out={out}"),
+        ev("evaluate/blank_prompt", "blank_prompts.txt", f"--models={demo_model}", f"--prompts={f['blank_prompts']}",
+           f"--out={out}"),
+        ev("evaluate/unknown_scorer", "--scorers", f"--models={demo_model}", f"--prompts={f['prompts']}",
+           f"--out={out}", "--scorers=bogus"),
+        ev("evaluate/world", "--world", f"--models={demo_model}", f"--prompts={f['prompts']}", f"--out={out}",
+           "--world=sd3"),
+        ev("evaluate/seeds_zero", "--seeds", f"--models={demo_model}", f"--prompts={f['prompts']}", f"--out={out}",
+           "--seeds=0"),
+        ev("evaluate/num_steps_zero", "--num_steps", f"--models={demo_model}", f"--prompts={f['prompts']}",
+           f"--out={out}", "--num_steps=0"),
+        ev("evaluate/batch_size_zero", "--batch_size", f"--models={demo_model}", f"--prompts={f['prompts']}",
+           f"--out={out}", "--batch_size=0"),
+        ev("evaluate/baseline_unknown", "--baseline", f"--models={demo_model}", f"--prompts={f['prompts']}",
+           f"--out={out}", "--baseline=nobody"),
+        ev("evaluate/prompt_format", "--prompt_format", f"--models={demo_model}", f"--prompts={f['prompts']}",
+           f"--out={out}", "--prompt_format=xml"),
+        ev("evaluate/out_is_file", "not_a_dir", f"--models={demo_model}", f"--prompts={f['prompts']}",
+           f"--out={f['not_a_dir']}"),
+        ev("evaluate/flux_world_sd3_pipeline", "sd3_pipeline", f"--models=a={f['flux_transformer']}",
+           f"--prompts={f['prompts']}", f"--out={out}", "--world=flux", f"--pipeline={f['sd3_pipeline']}",
+           f"--scorers=clip_score={f['clip_scorer']}"),
         Case("aot/no_flags", "pnapo_jax.aot", (), "--config"),
         aot("aot/unknown_topology", "v9-8", "--topology=v9-8"),
         aot("aot/bad_topology_syntax", "--topology", "--topology=tpu"),
         aot("aot/bad_config_field", "config.pnapo.noise_mode", "--topology=v5p-8", "--config.pnapo.noise_mode=x"),
         aot("aot/hbm_negative", "--hbm_gib", "--topology=v5p-8", "--hbm_gib=-1"),
+        aot("aot/odd_chip_count", "v5p-7", "--topology=v5p-7"),
+        aot("aot/slice_two_dims", "v5p:2x2", "--topology=v5p:2x2"),
+        aot("aot/zero_chips", "v6e-0", "--topology=v6e-0"),
+        aot("aot/generation_batch", "--generation_batch", "--topology=v5p-8", "--generation",
+            "--generation_batch=-1"),
         Case("import_pairs/no_flags", "pnapo_jax.data.import_pairs", (), "--input"),
         imp("import_pairs/missing_manifest", "nonexistent", f"--input={nowhere}.jsonl", f"--out={out}"),
         imp("import_pairs/not_json", "bad_manifest.jsonl", f"--input={f['bad_manifest']}", f"--out={out}"),
@@ -303,6 +454,7 @@ def _preimport() -> None:
 
     import pnapo_jax.data.import_pairs  # noqa: F401
     import pnapo_jax.data.pipeline  # noqa: F401
+    import pnapo_jax.evaluate  # noqa: F401
     import pnapo_jax.export  # noqa: F401
     import pnapo_jax.generate  # noqa: F401
     import pnapo_jax.rewards.convert_open_clip  # noqa: F401
@@ -316,7 +468,9 @@ def probe(selection: list[str] | None = None, on_result: Callable[[str, dict], N
           ) -> dict[str, dict]:
     """Run the cases named in `selection` or of the commands it names ('main', 'sample'; default: all)."""
     with tempfile.TemporaryDirectory(prefix="cli_probe_") as tmp:
-        all_cases = cases(_files(tmp), tmp)
+        files = _files(tmp)
+        _weights(files)
+        all_cases = cases(files, tmp)
         selected = [c for c in all_cases if selection is None or {c.name, c.name.split("/")[0]} & set(selection)]
         _preimport()
         return run_cases(selected, tmp, on_result)
