@@ -58,6 +58,9 @@ def _files(tmp: str) -> dict[str, str]:
         "prompts": write("prompts.txt", "a red cube\n"),
         "not_a_dir": write("not_a_dir", "x"),
         "no_ckpt_workdir": os.path.dirname(write("no_ckpt/config.json", _tiny_config_json())),
+        # a run to resume: its config.json and a checkpoint step folder (the resume check reads no more)
+        "run_workdir": os.path.dirname(write("run/config.json", _tiny_config_json())),
+        "run_checkpoint": os.path.dirname(write("run/checkpoints/8/.keep", "")),
         "bad_json_workdir": os.path.dirname(write("bad_json/config.json", "{not json")),
         "alien_json_workdir": os.path.dirname(write("alien_json/config.json", workdir_json)),
         "empty_workdir": os.path.dirname(write("empty_workdir/.keep", "")),
@@ -120,6 +123,7 @@ def _datasets(tmp: str) -> dict[str, str]:
 
             pairs = synthetic_pairs(8, image_tokens=16, channels=16, text_len=8, text_dim=32, pooled_dim=16, seed=0)
             write_dataset(pairs.records, pairs.spec, data_dir)
+            _nan_weights(os.path.join(tmp, "weights_nan"))
             code = 0
         finally:
             os._exit(code)
@@ -136,7 +140,24 @@ def _datasets(tmp: str) -> dict[str, str]:
     with open(features, "w") as fh:
         fh.write(json.dumps(spec))
     return {"dataset": path, "dataset_data_dir": data_dir, "truncated_dataset": truncated,
-            "hostile_dataset": hostile}
+            "hostile_dataset": hostile, "weights_nan": os.path.join(tmp, "weights_nan")}
+
+
+def _nan_weights(folder: str) -> None:
+    """tiny.py's transformer as a diffusers folder, one weight NaN."""
+    import jax
+    import numpy as np
+
+    from pnapo_jax import convert
+    from pnapo_jax.models import flux
+
+    cfg = flux.FluxConfig.from_diffusers(dict(patch_size=1, in_channels=16, num_layers=1, num_single_layers=1,
+                                              attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32,
+                                              pooled_projection_dim=16, guidance_embeds=True, axes_dims_rope=(4, 6, 6)))
+    shapes = jax.eval_shape(lambda: flux.nn.meta.unbox(flux.init_params(cfg, jax.random.key(0))))
+    params = jax.tree.map(lambda s: np.zeros(s.shape, np.float32), shapes)
+    params["proj_out"]["kernel"][0, 0] = np.nan
+    convert.save_diffusers_transformer(cfg, params, folder)
 
 
 def _tiny_config_json() -> str:
@@ -208,6 +229,12 @@ def cases(f: dict[str, str], tmp: str) -> list[Case]:
         main("main/missing_data_path", "config.data.path", "--config.data.source=array_record",
              f"--config.data.path={nowhere}"),
         main("main/axes_dims_rope", "config.model.axes_dims_rope", "--config.model.attention_head_dim=20"),
+        Case("main/empty_workdir", "pnapo_jax.main", (f"--config={TINY}", "--workdir="), "--workdir"),
+        *[Case(f"main/resume_changed_{field.rsplit('.', 1)[-1]}", "pnapo_jax.main", (
+            f"--config={TINY}", f"--workdir={f['run_workdir']}", "--noprogress", f"--{field}={value}"), field)
+          for field, value in (("config.seed", 5), ("config.model.num_layers", 2),
+                               ("config.train.global_batch_size", 16))],
+        main("main/pretrained_nan", "weights_nan", f"--config.model.pretrained={f['weights_nan']}"),
         # weights (issue 13 item 13) and the other backbone's folder
         main("main/pretrained_sd3_folder", "sd3_transformer", f"--config.model.pretrained={f['sd3_transformer']}"),
         Case("main/sd3_run_flux_folder", "pnapo_jax.main", (
@@ -229,7 +256,7 @@ def cases(f: dict[str, str], tmp: str) -> list[Case]:
              f"--config.data.path={f['truncated_dataset']}"),
         main("main/features_names_a_module", "hostile_dataset", "--config.data.source=array_record",
              f"--config.data.path={f['hostile_dataset']}"),
-        main("main/dataset_wrong_shape", "config.data", "--config.data.source=array_record",
+        main("main/dataset_wrong_shape", "'text_len'", "--config.data.source=array_record",
              f"--config.data.path={f['dataset']}", "--config.data.text_len=9"),
         Case("generate/no_flags", "pnapo_jax.generate", (), "--config"),
         gen("generate/missing_prompts", "nonexistent", f"--prompts={nowhere}.txt", f"--out={out}"),
