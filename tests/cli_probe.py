@@ -123,7 +123,8 @@ def _datasets(tmp: str) -> dict[str, str]:
 
             pairs = synthetic_pairs(8, image_tokens=16, channels=16, text_len=8, text_dim=32, pooled_dim=16, seed=0)
             write_dataset(pairs.records, pairs.spec, data_dir)
-            _nan_weights(os.path.join(tmp, "weights_nan"))
+            _tiny_weights(os.path.join(tmp, "weights_nan"), nan=True)
+            _tiny_weights(os.path.join(tmp, "weights_tiny"))
             code = 0
         finally:
             os._exit(code)
@@ -140,11 +141,12 @@ def _datasets(tmp: str) -> dict[str, str]:
     with open(features, "w") as fh:
         fh.write(json.dumps(spec))
     return {"dataset": path, "dataset_data_dir": data_dir, "truncated_dataset": truncated,
-            "hostile_dataset": hostile, "weights_nan": os.path.join(tmp, "weights_nan")}
+            "hostile_dataset": hostile, "weights_nan": os.path.join(tmp, "weights_nan"),
+            "weights_tiny": os.path.join(tmp, "weights_tiny"), "trained": os.path.join(tmp, "trained")}
 
 
-def _nan_weights(folder: str) -> None:
-    """tiny.py's transformer as a diffusers folder, one weight NaN."""
+def _tiny_weights(folder: str, nan: bool = False) -> None:
+    """tiny.py's transformer as a diffusers folder (zeros; with `nan`, one weight NaN)."""
     import jax
     import numpy as np
 
@@ -156,8 +158,17 @@ def _nan_weights(folder: str) -> None:
                                               pooled_projection_dim=16, guidance_embeds=True, axes_dims_rope=(4, 6, 6)))
     shapes = jax.eval_shape(lambda: flux.nn.meta.unbox(flux.init_params(cfg, jax.random.key(0))))
     params = jax.tree.map(lambda s: np.zeros(s.shape, np.float32), shapes)
-    params["proj_out"]["kernel"][0, 0] = np.nan
+    params["proj_out"]["kernel"][0, 0] = np.nan if nan else 0.0
     convert.save_diffusers_transformer(cfg, params, folder)
+
+
+def _train(workdir: str, pretrained: str) -> None:
+    """A finished 2-step tiny.py run from `pretrained`, for the cases about a run's workdir (a minute on 2 cores)."""
+    import subprocess
+
+    subprocess.run([sys.executable, "-m", "pnapo_jax.main", f"--config={TINY}", f"--workdir={workdir}", "--noprogress",
+                    "--config.train.num_steps=2", "--config.checkpoint.every_steps=2",
+                    f"--config.model.pretrained={pretrained}"], check=True, capture_output=True)
 
 
 def _tiny_config_json() -> str:
@@ -283,6 +294,11 @@ def cases(f: dict[str, str], tmp: str) -> list[Case]:
         export("export/format", "--format", f"--workdir={f['no_ckpt_workdir']}", f"--out={out}", "--format=onnx"),
         export("export/lora_of_full", "--format=lora", f"--workdir={f['no_ckpt_workdir']}", f"--out={out}",
                "--format=lora"),
+        export("export/out_is_the_runs_pretrained", "weights_tiny", f"--workdir={f['trained']}",
+               f"--out={f['weights_tiny']}"),
+        export("export/step_not_saved", "999", f"--workdir={f['trained']}", f"--out={out}", "--step=999"),
+        export("export/lora_of_full_run", "--format=lora", f"--workdir={f['trained']}", f"--out={out}",
+               "--format=lora"),
         Case("sample/no_flags", "pnapo_jax.sample", (), "--out"),  # --pipeline is optional (the demo base)
         sample("sample/missing_pipeline", "nonexistent", f"--pipeline={nowhere}", "--prompt=x",
                f"--out={out}.png"),
@@ -313,6 +329,10 @@ def cases(f: dict[str, str], tmp: str) -> list[Case]:
                "--prompt=x", f"--out={out}.png"),
         sample("sample/pipeline_without_parts", "sd3_pipeline", f"--pipeline={f['sd3_pipeline']}", "--prompt=x",
                f"--out={out}.png"),
+        sample("sample/run_step_not_saved", "999", "--prompt=x", f"--out={out}.png", f"--workdir={f['trained']}",
+               "--step=999"),
+        sample("sample/run_of_another_model", "trained", "--prompt=x", f"--out={out}.png",
+               f"--workdir={f['trained']}"),
         sample("sample/height", "--height", "--prompt=x", f"--out={out}.png", "--height=-8"),
         sample("sample/batch_size", "--batch_size", "--prompt=x", f"--out={out}.png", "--batch_size=0"),
         sample("sample/dtype", "--dtype", pipe, "--prompt=x", f"--out={out}.png", "--dtype=f16"),
@@ -341,6 +361,8 @@ def cases(f: dict[str, str], tmp: str) -> list[Case]:
            f"--out={out}", "--baseline=nobody"),
         ev("evaluate/prompt_format", "--prompt_format", f"--models={demo_model}", f"--prompts={f['prompts']}",
            f"--out={out}", "--prompt_format=xml"),
+        ev("evaluate/run_step_not_saved", "999", f"--models=a={f['trained']}@999", f"--prompts={f['prompts']}",
+           f"--out={out}"),
         ev("evaluate/out_is_file", "not_a_dir", f"--models={demo_model}", f"--prompts={f['prompts']}",
            f"--out={f['not_a_dir']}"),
         ev("evaluate/flux_world_sd3_pipeline", "sd3_pipeline", f"--models=a={f['flux_transformer']}",
@@ -499,6 +521,8 @@ def probe(selection: list[str] | None = None, on_result: Callable[[str, dict], N
         _weights(files)
         all_cases = cases(files, tmp)
         selected = [c for c in all_cases if selection is None or {c.name, c.name.split("/")[0]} & set(selection)]
+        if any(files["trained"] in arg for c in selected for arg in c.args):
+            _train(files["trained"], files["weights_tiny"])
         _preimport()
         return run_cases(selected, tmp, on_result)
 
