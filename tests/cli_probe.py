@@ -81,7 +81,7 @@ def _files(tmp: str) -> dict[str, str]:
             {"_class_name": "StableDiffusion3Pipeline"}))),
         "clip_scorer": os.path.dirname([write(f"clip_scorer/{n}", "{}") for n in (  # the files parse looks for
             "config.json", "model.safetensors", "tokenizer.json")][0]),
-        **_datasets(tmp),
+        **_built(tmp),
         "pipeline": os.path.dirname(os.path.dirname(  # the folders of a pipeline, empty: flags are checked first
             [write(f"pipeline/{p}/.keep", "") for p in ("transformer", "vae", "text_encoder", "text_encoder_2",
                                                          "tokenizer", "tokenizer_2", "scheduler")][0])),
@@ -106,14 +106,23 @@ def _weights(f: dict[str, str]) -> None:
             fh.write(config)
 
 
-def _datasets(tmp: str) -> dict[str, str]:
-    """A tiny.py-shaped sextuple dataset; its data_dir (not the version dir); copies with a truncated shard and
-    with a features file naming another module. Written in a forked child: TFDS's and array_record's threads in
-    this process would not survive the forks of the cases."""
-    import glob
+def _built(tmp: str) -> dict[str, str]:
+    """Where `_build` writes: a tiny.py-shaped sextuple dataset and its data_dir (not the version dir), copies with
+    a truncated shard and with a features file naming another module; tiny.py's weights, clean and with a NaN; and
+    the run `_train` makes. Named here, written only when a selected case needs them (the quick cases do not)."""
+    data_dir = os.path.join(tmp, "dataset")
+    return {"dataset": os.path.join(data_dir, "pnapo_pairs", "1.0.0"), "dataset_data_dir": data_dir,
+            "truncated_dataset": os.path.join(tmp, "truncated_dataset", "1.0.0"),
+            "hostile_dataset": os.path.join(tmp, "hostile_dataset", "1.0.0"),
+            "weights_nan": os.path.join(tmp, "weights_nan"), "weights_tiny": os.path.join(tmp, "weights_tiny"),
+            "trained": os.path.join(tmp, "trained")}
+
+
+def _build(f: dict[str, str]) -> None:
+    """Writes `_built`'s dataset and weights, in a forked child: TFDS's and array_record's threads in this process
+    would not survive the forks of the cases."""
     import shutil
 
-    data_dir = os.path.join(tmp, "dataset")
     pid = os.fork()
     if pid == 0:
         code = 1
@@ -122,27 +131,24 @@ def _datasets(tmp: str) -> dict[str, str]:
             from pnapo_jax.data.synthetic import synthetic_pairs
 
             pairs = synthetic_pairs(8, image_tokens=16, channels=16, text_len=8, text_dim=32, pooled_dim=16, seed=0)
-            write_dataset(pairs.records, pairs.spec, data_dir)
-            _tiny_weights(os.path.join(tmp, "weights_nan"), nan=True)
-            _tiny_weights(os.path.join(tmp, "weights_tiny"))
+            write_dataset(pairs.records, pairs.spec, f["dataset_data_dir"])
+            _tiny_weights(f["weights_nan"], nan=True)
+            _tiny_weights(f["weights_tiny"])
             code = 0
         finally:
             os._exit(code)
-    if os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]):
-        raise RuntimeError(f"writing the probe's dataset under {data_dir} failed")
-    path = os.path.dirname(glob.glob(os.path.join(data_dir, "*", "*", "dataset_info.json"))[0])
-    truncated = shutil.copytree(path, os.path.join(tmp, "truncated_dataset", "1.0.0"))
-    shard = sorted(glob.glob(os.path.join(truncated, "*.array_record*")))[0]
+    if os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) or not os.path.isdir(f["dataset"]):
+        raise RuntimeError(f"writing the probe's dataset {f['dataset']} and weights failed")
+    shutil.copytree(f["dataset"], f["truncated_dataset"])
+    shard = sorted(p for p in os.listdir(f["truncated_dataset"]) if ".array_record" in p)[0]
+    shard = os.path.join(f["truncated_dataset"], shard)
     os.truncate(shard, os.path.getsize(shard) // 2)
-    hostile = shutil.copytree(path, os.path.join(tmp, "hostile_dataset", "1.0.0"))
-    features = os.path.join(hostile, "features.json")
+    shutil.copytree(f["dataset"], f["hostile_dataset"])
+    features = os.path.join(f["hostile_dataset"], "features.json")
     spec = json.loads(open(features).read())
     spec["pythonClassName"] = "subprocess.Popen"
     with open(features, "w") as fh:
         fh.write(json.dumps(spec))
-    return {"dataset": path, "dataset_data_dir": data_dir, "truncated_dataset": truncated,
-            "hostile_dataset": hostile, "weights_nan": os.path.join(tmp, "weights_nan"),
-            "weights_tiny": os.path.join(tmp, "weights_tiny"), "trained": os.path.join(tmp, "trained")}
 
 
 def _tiny_weights(folder: str, nan: bool = False) -> None:
@@ -521,7 +527,10 @@ def probe(selection: list[str] | None = None, on_result: Callable[[str, dict], N
         _weights(files)
         all_cases = cases(files, tmp)
         selected = [c for c in all_cases if selection is None or {c.name, c.name.split("/")[0]} & set(selection)]
-        if any(files["trained"] in arg for c in selected for arg in c.args):
+        needs = lambda paths: any(path in arg for path in paths for c in selected for arg in c.args)
+        if needs(_built(tmp).values()):
+            _build(files)
+        if needs([files["trained"]]):
             _train(files["trained"], files["weights_tiny"])
         _preimport()
         return run_cases(selected, tmp, on_result)
