@@ -181,4 +181,3 @@ def make_loader(
 def global_batch(batch: Mapping[str, np.ndarray], sharding: jax.sharding.Sharding) -> dict[str, jax.Array]:
     """Host-local batches -> global arrays, batch axis laid out by `sharding` (e.g. NamedSharding(mesh, P('data')))."""
     return {key: jax.make_array_from_process_local_data(sharding, value) for key, value in batch.items()}
-

@@ -413,5 +413,3 @@ def scan_params(params: dict[str, Any], cfg: FluxConfig) -> dict[str, Any]:
         if n:
             out[stack] = jax.tree.map(lambda *xs: jnp.stack(xs), *[params[f"{stack}_{i}"] for i in range(n)])
     return out
-
-

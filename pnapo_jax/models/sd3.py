@@ -380,5 +380,3 @@ def conditioning(prompt_embeds_BxTxD: jax.Array, pooled_BxP: jax.Array, guidance
 def init_params(cfg: SD3Config, rng: jax.Array) -> dict[str, Any]:
     """Randomly initialised params (boxed with logical axis names; `nn.meta.unbox` strips them)."""
     return SD3Transformer(cfg).init(rng, **dummy_inputs(cfg))["params"]
-
-
