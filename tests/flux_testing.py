@@ -1,5 +1,6 @@
 """Shared test helpers: tiny random diffusers FLUX models and their weights as our params; tiny CLIP / T5 text
-encoders with offline tokenizers, a tiny FLUX-like VAE, and a whole tiny FluxPipeline made of them."""
+encoders with offline tokenizers, a tiny FLUX-like VAE, a whole tiny FluxPipeline made of them, and scanned params
+back in the per-layer layout."""
 
 from typing import Any
 

@@ -1,5 +1,6 @@
 """Shared SD3 test helpers: tiny random diffusers SD3Transformer2DModels of each family member, their weights as our
-params through the converter's layout, and inputs in both layouts (our packed tokens, diffusers' NCHW latents)."""
+params through the converter's layout, inputs in both layouts (our packed tokens, diffusers' NCHW latents), and
+params moved between the per-layer and the scanned layout (the library's converters place each tensor directly)."""
 
 from typing import Any
 
