@@ -78,7 +78,11 @@ def resolve_topology(name: str) -> tuple[str, Chip, str, int]:
         return gen, chip, f"{gen}:{chip.grids[chips]}", chips
     if (m := re.fullmatch(r"(\w+):(\d+(?:x\d+)+)", name)) and _ALIASES.get(m[1], m[1]) in CHIPS:
         gen = _ALIASES.get(m[1], m[1])
-        return gen, CHIPS[gen], f"{gen}:{m[2]}", math.prod(int(d) for d in m[2].split("x"))
+        dims, example = [int(d) for d in m[2].split("x")], next(iter(CHIPS[gen].grids.values()))
+        if len(dims) != len(example.split("x")) or min(dims) < 1:  # libtpu does not refuse it (ran > 150 s)
+            raise UserError(f"--topology={name}: a {gen} slice has {len(example.split('x'))} dimensions, each >= 1 "
+                            f"(e.g. {gen}:{example}); or give a Cloud TPU type such as v5p-8")
+        return gen, CHIPS[gen], f"{gen}:{m[2]}", math.prod(dims)
     raise UserError(f"--topology must look like v5p-8, v6e-16, v5e-64 or v5p:2x2x1, got {name!r}")
 
 

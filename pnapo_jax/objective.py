@@ -59,10 +59,17 @@ class LossConfig:
     sft_weight: float = 0.0  # loss += sft_weight * the policy's winner error (an SFT term on the winners)
 
 
-def _preference_terms(err_w_B: jax.Array, err_l_B: jax.Array, ref_err_w_B: jax.Array, ref_err_l_B: jax.Array,
-                      beta: jax.Array | float, scale_convention: str, objective: str = "dpo",
+def preference_losses(err_w_B: jax.Array, err_l_B: jax.Array, ref_err_w_B: jax.Array, ref_err_l_B: jax.Array,
+                      beta: jax.Array | float, scale_convention: str = "beta", objective: str = "dpo",
                       sft_weight: float = 0.0) -> tuple[jax.Array, Metrics]:
-    """Per-example losses [B] and the batch metrics; shared by `preference_loss` and `pair_loss`."""
+    """Per-example DPO losses -log σ(-β_scale s) [B] from per-example velocity errors [B] (their mean is the loss
+    `pair_loss` returns), and the batch metrics; β scalar or [B]. `objective` "ipo" takes (-β_scale s - 1/2)^2
+    instead; `sft_weight` adds that times err_w.
+
+    Metrics use TRL DPOTrainer names: loss = the mean loss, rewards/chosen = mean(-β_scale (err_w - ref_err_w)),
+    rewards/rejected likewise, rewards/accuracies = mean(chosen > rejected) (Diffusion-DPO's implicit_acc),
+    rewards/margins; beta_eff is the mean β before the convention's scale; mse/* are the raw errors.
+    """
     if scale_convention not in SCALE_CONVENTIONS:
         raise ValueError(f"scale_convention must be one of {tuple(SCALE_CONVENTIONS)}, got {scale_convention!r}")
     if objective not in OBJECTIVES:
@@ -90,21 +97,6 @@ def _preference_terms(err_w_B: jax.Array, err_l_B: jax.Array, ref_err_w_B: jax.A
         "mse/ref_l": ref_err_l_B.mean(),
     }
     return loss_B, metrics
-
-
-def preference_loss(err_w_B: jax.Array, err_l_B: jax.Array, ref_err_w_B: jax.Array, ref_err_l_B: jax.Array,
-                    beta: jax.Array | float, scale_convention: str = "beta", objective: str = "dpo",
-                    sft_weight: float = 0.0) -> tuple[jax.Array, Metrics]:
-    """DPO loss mean(-log σ(-β_scale s)) from per-example velocity errors [B]; β scalar or [B]. `objective`
-    "ipo" takes mean((-β_scale s - 1/2)^2) instead; `sft_weight` adds that times mean(err_w).
-
-    Metrics use TRL DPOTrainer names: rewards/chosen = mean(-β_scale (err_w - ref_err_w)), rewards/rejected
-    likewise, rewards/accuracies = mean(chosen > rejected) (Diffusion-DPO's implicit_acc), rewards/margins;
-    beta_eff is the mean β before the convention's scale; mse/* are the raw errors.
-    """
-    loss_B, metrics = _preference_terms(err_w_B, err_l_B, ref_err_w_B, ref_err_l_B, beta, scale_convention,
-                                        objective, sft_weight)
-    return loss_B.mean(), metrics
 
 
 def dynamic_beta(beta: float, reward_gap_B: jax.Array, step: jax.Array | int, cfg: Any) -> jax.Array:
@@ -213,7 +205,7 @@ def pair_loss(policy_params: Any, batch: Mapping[str, jax.Array], t_B: jax.Array
         ref_errors = velocity_errors(ref_velocity, ref_params, *inputs)
     ref_err_w_B, ref_err_l_B = jax.lax.stop_gradient(ref_errors)
     beta_B = dynamic_beta(cfg.beta, batch["reward_gap"], step, cfg)
-    loss_B, metrics = _preference_terms(err_w_B, err_l_B, ref_err_w_B, ref_err_l_B, beta_B, cfg.scale_convention,
+    loss_B, metrics = preference_losses(err_w_B, err_l_B, ref_err_w_B, ref_err_l_B, beta_B, cfg.scale_convention,
                                         cfg.objective, cfg.sft_weight)
     # per t: where the loss falls, and whether by the winner's error going down or the loser's going up
     per_t = {"loss/t_bucket_": loss_B, "err/policy_w_t": err_w_B, "err/policy_l_t": err_l_B,

@@ -42,6 +42,15 @@ def _files(tmp: str) -> dict[str, str]:
         return path
 
     workdir_json = json.dumps({"seed": 0})  # a config.json that is not a run's
+    sd3_config = json.dumps({"_class_name": "SD3Transformer2DModel", "sample_size": 8, "patch_size": 2,
+                             "in_channels": 4, "num_layers": 1, "attention_head_dim": 8, "num_attention_heads": 2,
+                             "joint_attention_dim": 12, "caption_projection_dim": 16, "pooled_projection_dim": 10,
+                             "out_channels": 4, "pos_embed_max_size": 12})
+    flux_config = json.dumps({"_class_name": "FluxTransformer2DModel", "patch_size": 1, "in_channels": 16,
+                              "num_layers": 1, "num_single_layers": 1, "attention_head_dim": 16,
+                              "num_attention_heads": 2, "joint_attention_dim": 32, "pooled_projection_dim": 16,
+                              "guidance_embeds": True, "axes_dims_rope": [4, 6, 6]})
+    weights = "diffusion_pytorch_model.safetensors"
     return {
         "blank_prompts": write("blank_prompts.txt", "a red cube\n\na blue ball\n"),
         "latin1_prompts": write("latin1_prompts.txt", b"a caf\xe9\n"),
@@ -49,6 +58,9 @@ def _files(tmp: str) -> dict[str, str]:
         "prompts": write("prompts.txt", "a red cube\n"),
         "not_a_dir": write("not_a_dir", "x"),
         "no_ckpt_workdir": os.path.dirname(write("no_ckpt/config.json", _tiny_config_json())),
+        # a run to resume: its config.json and a checkpoint step folder (the resume check reads no more)
+        "run_workdir": os.path.dirname(write("run/config.json", _tiny_config_json())),
+        "run_checkpoint": os.path.dirname(write("run/checkpoints/8/.keep", "")),
         "bad_json_workdir": os.path.dirname(write("bad_json/config.json", "{not json")),
         "alien_json_workdir": os.path.dirname(write("alien_json/config.json", workdir_json)),
         "empty_workdir": os.path.dirname(write("empty_workdir/.keep", "")),
@@ -58,10 +70,111 @@ def _files(tmp: str) -> dict[str, str]:
         "bad_label_manifest": write("bad_label.jsonl", '{"caption": "x", "label_0": 7}\n'),
         "pickle_pt": write("model.pt", b"\x80\x04not really a pickle"),
         "bad_config_py": write("bad_config.py", "def get_config():\n    return 1 / 0\n"),
+        # weight folders: the other backbone's, a config.json that is not JSON, a pickle / a truncated header
+        "sd3_transformer": os.path.dirname(write("sd3_transformer/config.json", sd3_config)),
+        "flux_transformer": os.path.dirname(write("flux_transformer/config.json", flux_config)),
+        "weights_bad_json": os.path.dirname(write("weights_bad_json/config.json", "{not json")),
+        "weights_pickle": os.path.dirname(write(f"weights_pickle/{weights}", b"\x80\x04\x95 not safetensors")),
+        "weights_truncated": os.path.dirname(write(f"weights_truncated/{weights}", b"\xff\x00\x00\x00\x00\x00\x00"
+                                                                                  b'\x00{"x": {"dtype": "F32"')),
+        "sd3_pipeline": os.path.dirname(write("sd3_pipeline/model_index.json", json.dumps(
+            {"_class_name": "StableDiffusion3Pipeline"}))),
+        "clip_scorer": os.path.dirname([write(f"clip_scorer/{n}", "{}") for n in (  # the files parse looks for
+            "config.json", "model.safetensors", "tokenizer.json")][0]),
+        **_built(tmp),
         "pipeline": os.path.dirname(os.path.dirname(  # the folders of a pipeline, empty: flags are checked first
             [write(f"pipeline/{p}/.keep", "") for p in ("transformer", "vae", "text_encoder", "text_encoder_2",
                                                          "tokenizer", "tokenizer_2", "scheduler")][0])),
     }
+
+
+def _weights(f: dict[str, str]) -> None:
+    """A tensor of each backbone's naming beside its config (what looks_like reads), and a FLUX config beside the
+    broken weight files."""
+    import numpy as np
+    import safetensors.numpy
+
+    name = "diffusion_pytorch_model.safetensors"
+    safetensors.numpy.save_file({"pos_embed.proj.weight": np.zeros((16, 4, 2, 2), np.float32)},
+                                os.path.join(f["sd3_transformer"], name))
+    for folder in ("flux_transformer", "weights_bad_json"):
+        safetensors.numpy.save_file({"transformer_blocks.0.attn.to_q.weight": np.zeros((32, 32), np.float32)},
+                                    os.path.join(f[folder], name))
+    config = open(os.path.join(f["flux_transformer"], "config.json")).read()
+    for folder in ("weights_pickle", "weights_truncated"):
+        with open(os.path.join(f[folder], "config.json"), "w") as fh:
+            fh.write(config)
+
+
+def _built(tmp: str) -> dict[str, str]:
+    """Where `_build` writes: a tiny.py-shaped sextuple dataset and its data_dir (not the version dir), copies with
+    a truncated shard and with a features file naming another module; tiny.py's weights, clean and with a NaN; and
+    the run `_train` makes. Named here, written only when a selected case needs them (the quick cases do not)."""
+    data_dir = os.path.join(tmp, "dataset")
+    return {"dataset": os.path.join(data_dir, "pnapo_pairs", "1.0.0"), "dataset_data_dir": data_dir,
+            "truncated_dataset": os.path.join(tmp, "truncated_dataset", "1.0.0"),
+            "hostile_dataset": os.path.join(tmp, "hostile_dataset", "1.0.0"),
+            "weights_nan": os.path.join(tmp, "weights_nan"), "weights_tiny": os.path.join(tmp, "weights_tiny"),
+            "trained": os.path.join(tmp, "trained")}
+
+
+def _build(f: dict[str, str]) -> None:
+    """Writes `_built`'s dataset and weights, in a forked child: TFDS's and array_record's threads in this process
+    would not survive the forks of the cases."""
+    import shutil
+
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            from pnapo_jax.data.builder import write_dataset
+            from pnapo_jax.data.synthetic import synthetic_pairs
+
+            pairs = synthetic_pairs(8, image_tokens=16, channels=16, text_len=8, text_dim=32, pooled_dim=16, seed=0)
+            write_dataset(pairs.records, pairs.spec, f["dataset_data_dir"])
+            _tiny_weights(f["weights_nan"], nan=True)
+            _tiny_weights(f["weights_tiny"])
+            code = 0
+        finally:
+            os._exit(code)
+    if os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) or not os.path.isdir(f["dataset"]):
+        raise RuntimeError(f"writing the probe's dataset {f['dataset']} and weights failed")
+    shutil.copytree(f["dataset"], f["truncated_dataset"])
+    shard = sorted(p for p in os.listdir(f["truncated_dataset"]) if ".array_record" in p)[0]
+    shard = os.path.join(f["truncated_dataset"], shard)
+    os.truncate(shard, os.path.getsize(shard) // 2)
+    shutil.copytree(f["dataset"], f["hostile_dataset"])
+    features = os.path.join(f["hostile_dataset"], "features.json")
+    spec = json.loads(open(features).read())
+    spec["pythonClassName"] = "subprocess.Popen"
+    with open(features, "w") as fh:
+        fh.write(json.dumps(spec))
+
+
+def _tiny_weights(folder: str, nan: bool = False) -> None:
+    """tiny.py's transformer as a diffusers folder (zeros; with `nan`, one weight NaN)."""
+    import jax
+    import numpy as np
+
+    from pnapo_jax import convert
+    from pnapo_jax.models import flux
+
+    cfg = flux.FluxConfig.from_diffusers(dict(patch_size=1, in_channels=16, num_layers=1, num_single_layers=1,
+                                              attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32,
+                                              pooled_projection_dim=16, guidance_embeds=True, axes_dims_rope=(4, 6, 6)))
+    shapes = jax.eval_shape(lambda: flux.nn.meta.unbox(flux.init_params(cfg, jax.random.key(0))))
+    params = jax.tree.map(lambda s: np.zeros(s.shape, np.float32), shapes)
+    params["proj_out"]["kernel"][0, 0] = np.nan if nan else 0.0
+    convert.save_diffusers_transformer(cfg, params, folder)
+
+
+def _train(workdir: str, pretrained: str) -> None:
+    """A finished 2-step tiny.py run from `pretrained`, for the cases about a run's workdir (a minute on 2 cores)."""
+    import subprocess
+
+    subprocess.run([sys.executable, "-m", "pnapo_jax.main", f"--config={TINY}", f"--workdir={workdir}", "--noprogress",
+                    "--config.train.num_steps=2", "--config.checkpoint.every_steps=2",
+                    f"--config.model.pretrained={pretrained}"], check=True, capture_output=True)
 
 
 def _tiny_config_json() -> str:
@@ -86,6 +199,8 @@ def cases(f: dict[str, str], tmp: str) -> list[Case]:
     aot = lambda name, names, *a: Case(name, "pnapo_jax.aot", (f"--config={TINY}", *a), names)
     imp = lambda name, names, *a: Case(name, "pnapo_jax.data.import_pairs", a, names)
     sweep = lambda name, names, *a: Case(name, "pnapo_jax.sweep", a, names)
+    ev = lambda name, names, *a: Case(name, "pnapo_jax.evaluate", a, names)
+    demo_model = "base=pnapo_jax/assets/demo_base"  # the shipped demo base: the flags after it are what is wrong
     nowhere = os.path.join(tmp, "nonexistent")
     pipe = f"--pipeline={f['pipeline']}"  # the flags and files after it are what is wrong
     return [
@@ -131,6 +246,35 @@ def cases(f: dict[str, str], tmp: str) -> list[Case]:
         main("main/missing_data_path", "config.data.path", "--config.data.source=array_record",
              f"--config.data.path={nowhere}"),
         main("main/axes_dims_rope", "config.model.axes_dims_rope", "--config.model.attention_head_dim=20"),
+        Case("main/empty_workdir", "pnapo_jax.main", (f"--config={TINY}", "--workdir="), "--workdir"),
+        *[Case(f"main/resume_changed_{field.rsplit('.', 1)[-1]}", "pnapo_jax.main", (
+            f"--config={TINY}", f"--workdir={f['run_workdir']}", "--noprogress", f"--{field}={value}"), field)
+          for field, value in (("config.seed", 5), ("config.model.num_layers", 2),
+                               ("config.train.global_batch_size", 16))],
+        main("main/pretrained_nan", "weights_nan", f"--config.model.pretrained={f['weights_nan']}"),
+        # weights (issue 13 item 13) and the other backbone's folder
+        main("main/pretrained_sd3_folder", "sd3_transformer", f"--config.model.pretrained={f['sd3_transformer']}"),
+        Case("main/sd3_run_flux_folder", "pnapo_jax.main", (
+            "--config=configs/sd3_tpu.py", f"--workdir={os.path.join(tmp, 'sd3_run')}", "--noprogress",
+            "--config.data.source=synthetic", "--config.model.attention_impl=xla",
+            f"--config.model.pretrained={f['flux_transformer']}"), "flux_transformer"),
+        main("main/pretrained_config_not_json", "weights_bad_json",
+             f"--config.model.pretrained={f['weights_bad_json']}"),
+        main("main/pretrained_pickle", "weights_pickle", f"--config.model.pretrained={f['weights_pickle']}"),
+        main("main/pretrained_truncated", "weights_truncated", f"--config.model.pretrained={f['weights_truncated']}"),
+        main("main/hub_id_not_cached", "black-forest-labs/FLUX.1-dev",
+             "--config.model.pretrained=black-forest-labs/FLUX.1-dev"),
+        main("main/lora_targets_from_flags", "config.lora.targets", "--config.lora.rank=4",
+             "--config.lora.targets=('to_q','nope')"),
+        # data (item 12)
+        main("main/data_dir_not_version_dir", "dataset", "--config.data.source=array_record",
+             f"--config.data.path={f['dataset_data_dir']}"),
+        main("main/truncated_dataset", "truncated_dataset", "--config.data.source=array_record",
+             f"--config.data.path={f['truncated_dataset']}"),
+        main("main/features_names_a_module", "hostile_dataset", "--config.data.source=array_record",
+             f"--config.data.path={f['hostile_dataset']}"),
+        main("main/dataset_wrong_shape", "'text_len'", "--config.data.source=array_record",
+             f"--config.data.path={f['dataset']}", "--config.data.text_len=9"),
         Case("generate/no_flags", "pnapo_jax.generate", (), "--config"),
         gen("generate/missing_prompts", "nonexistent", f"--prompts={nowhere}.txt", f"--out={out}"),
         gen("generate/blank_prompt", "blank_prompts.txt", f"--prompts={f['blank_prompts']}", f"--out={out}"),
@@ -156,6 +300,11 @@ def cases(f: dict[str, str], tmp: str) -> list[Case]:
         export("export/format", "--format", f"--workdir={f['no_ckpt_workdir']}", f"--out={out}", "--format=onnx"),
         export("export/lora_of_full", "--format=lora", f"--workdir={f['no_ckpt_workdir']}", f"--out={out}",
                "--format=lora"),
+        export("export/out_is_the_runs_pretrained", "weights_tiny", f"--workdir={f['trained']}",
+               f"--out={f['weights_tiny']}"),
+        export("export/step_not_saved", "999", f"--workdir={f['trained']}", f"--out={out}", "--step=999"),
+        export("export/lora_of_full_run", "--format=lora", f"--workdir={f['trained']}", f"--out={out}",
+               "--format=lora"),
         Case("sample/no_flags", "pnapo_jax.sample", (), "--out"),  # --pipeline is optional (the demo base)
         sample("sample/missing_pipeline", "nonexistent", f"--pipeline={nowhere}", "--prompt=x",
                f"--out={out}.png"),
@@ -172,12 +321,69 @@ def cases(f: dict[str, str], tmp: str) -> list[Case]:
         sample("sample/missing_workdir", "nonexistent", pipe, "--prompt=x", f"--out={out}.png",
                f"--workdir={nowhere}"),
         sample("sample/num_steps", "--num_steps", pipe, "--prompt=x", f"--out={out}.png", "--num_steps=0"),
+        sample("sample/workdir_without_config", "empty_workdir", "--prompt=x", f"--out={out}.png",
+               f"--workdir={f['empty_workdir']}"),
+        sample("sample/workdir_config_not_json", "bad_json", "--prompt=x", f"--out={out}.png",
+               f"--workdir={f['bad_json_workdir']}"),
+        sample("sample/workdir_not_a_run", "alien_json", "--prompt=x", f"--out={out}.png",
+               f"--workdir={f['alien_json_workdir']}"),
+        sample("sample/workdir_no_checkpoints", "checkpoints", "--prompt=x", f"--out={out}.png",
+               f"--workdir={f['no_ckpt_workdir']}"),
+        sample("sample/workdir_is_file", "not_a_dir", "--prompt=x", f"--out={out}.png",
+               f"--workdir={f['not_a_dir']}"),
+        sample("sample/sd3_transformer_as_pipeline", "sd3_transformer", f"--pipeline={f['sd3_transformer']}",
+               "--prompt=x", f"--out={out}.png"),
+        sample("sample/pipeline_without_parts", "sd3_pipeline", f"--pipeline={f['sd3_pipeline']}", "--prompt=x",
+               f"--out={out}.png"),
+        sample("sample/run_step_not_saved", "999", "--prompt=x", f"--out={out}.png", f"--workdir={f['trained']}",
+               "--step=999"),
+        sample("sample/run_of_another_model", "trained", "--prompt=x", f"--out={out}.png",
+               f"--workdir={f['trained']}"),
+        sample("sample/height", "--height", "--prompt=x", f"--out={out}.png", "--height=-8"),
+        sample("sample/batch_size", "--batch_size", "--prompt=x", f"--out={out}.png", "--batch_size=0"),
         sample("sample/dtype", "--dtype", pipe, "--prompt=x", f"--out={out}.png", "--dtype=f16"),
+        Case("evaluate/no_flags", "pnapo_jax.evaluate", (), "--models"),
+        ev("evaluate/missing_model", "nonexistent", f"--models=a={nowhere}", f"--prompts={f['prompts']}",
+           f"--out={out}"),
+        ev("evaluate/models_not_name_path", "--models", "--models=pnapo_jax/assets/demo_base",
+           f"--prompts={f['prompts']}", f"--out={out}"),
+        ev("evaluate/sd3_transformer", "sd3_transformer", f"--models=a={f['sd3_transformer']}",
+           f"--prompts={f['prompts']}", f"--out={out}"),
+        ev("evaluate/missing_prompts", "nonexistent.txt", f"--models={demo_model}", f"--prompts={nowhere}.txt",
+           f"--out={out}"),
+        ev("evaluate/blank_prompt", "blank_prompts.txt", f"--models={demo_model}", f"--prompts={f['blank_prompts']}",
+           f"--out={out}"),
+        ev("evaluate/unknown_scorer", "--scorers", f"--models={demo_model}", f"--prompts={f['prompts']}",
+           f"--out={out}", "--scorers=bogus"),
+        ev("evaluate/world", "--world", f"--models={demo_model}", f"--prompts={f['prompts']}", f"--out={out}",
+           "--world=sd3"),
+        ev("evaluate/seeds_zero", "--seeds", f"--models={demo_model}", f"--prompts={f['prompts']}", f"--out={out}",
+           "--seeds=0"),
+        ev("evaluate/num_steps_zero", "--num_steps", f"--models={demo_model}", f"--prompts={f['prompts']}",
+           f"--out={out}", "--num_steps=0"),
+        ev("evaluate/batch_size_zero", "--batch_size", f"--models={demo_model}", f"--prompts={f['prompts']}",
+           f"--out={out}", "--batch_size=0"),
+        ev("evaluate/baseline_unknown", "--baseline", f"--models={demo_model}", f"--prompts={f['prompts']}",
+           f"--out={out}", "--baseline=nobody"),
+        ev("evaluate/prompt_format", "--prompt_format", f"--models={demo_model}", f"--prompts={f['prompts']}",
+           f"--out={out}", "--prompt_format=xml"),
+        ev("evaluate/run_step_not_saved", "999", f"--models=a={f['trained']}@999", f"--prompts={f['prompts']}",
+           f"--out={out}"),
+        ev("evaluate/out_is_file", "not_a_dir", f"--models={demo_model}", f"--prompts={f['prompts']}",
+           f"--out={f['not_a_dir']}"),
+        ev("evaluate/flux_world_sd3_pipeline", "sd3_pipeline", f"--models=a={f['flux_transformer']}",
+           f"--prompts={f['prompts']}", f"--out={out}", "--world=flux", f"--pipeline={f['sd3_pipeline']}",
+           f"--scorers=clip_score={f['clip_scorer']}"),
         Case("aot/no_flags", "pnapo_jax.aot", (), "--config"),
         aot("aot/unknown_topology", "v9-8", "--topology=v9-8"),
         aot("aot/bad_topology_syntax", "--topology", "--topology=tpu"),
         aot("aot/bad_config_field", "config.pnapo.noise_mode", "--topology=v5p-8", "--config.pnapo.noise_mode=x"),
         aot("aot/hbm_negative", "--hbm_gib", "--topology=v5p-8", "--hbm_gib=-1"),
+        aot("aot/odd_chip_count", "v5p-7", "--topology=v5p-7"),
+        aot("aot/slice_two_dims", "v5p:2x2", "--topology=v5p:2x2"),
+        aot("aot/zero_chips", "v6e-0", "--topology=v6e-0"),
+        aot("aot/generation_batch", "--generation_batch", "--topology=v5p-8", "--generation",
+            "--generation_batch=-1"),
         Case("import_pairs/no_flags", "pnapo_jax.data.import_pairs", (), "--input"),
         imp("import_pairs/missing_manifest", "nonexistent", f"--input={nowhere}.jsonl", f"--out={out}"),
         imp("import_pairs/not_json", "bad_manifest.jsonl", f"--input={f['bad_manifest']}", f"--out={out}"),
@@ -303,6 +509,7 @@ def _preimport() -> None:
 
     import pnapo_jax.data.import_pairs  # noqa: F401
     import pnapo_jax.data.pipeline  # noqa: F401
+    import pnapo_jax.evaluate  # noqa: F401
     import pnapo_jax.export  # noqa: F401
     import pnapo_jax.generate  # noqa: F401
     import pnapo_jax.rewards.convert_open_clip  # noqa: F401
@@ -316,8 +523,15 @@ def probe(selection: list[str] | None = None, on_result: Callable[[str, dict], N
           ) -> dict[str, dict]:
     """Run the cases named in `selection` or of the commands it names ('main', 'sample'; default: all)."""
     with tempfile.TemporaryDirectory(prefix="cli_probe_") as tmp:
-        all_cases = cases(_files(tmp), tmp)
+        files = _files(tmp)
+        _weights(files)
+        all_cases = cases(files, tmp)
         selected = [c for c in all_cases if selection is None or {c.name, c.name.split("/")[0]} & set(selection)]
+        needs = lambda paths: any(path in arg for path in paths for c in selected for arg in c.args)
+        if needs(_built(tmp).values()):
+            _build(files)
+        if needs([files["trained"]]):
+            _train(files["trained"], files["weights_tiny"])
         _preimport()
         return run_cases(selected, tmp, on_result)
 

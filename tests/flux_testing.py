@@ -1,6 +1,10 @@
 """Shared test helpers: tiny random diffusers FLUX models and their weights as our params; tiny CLIP / T5 text
-encoders with offline tokenizers, a tiny FLUX-like VAE, and a whole tiny FluxPipeline made of them."""
+encoders with offline tokenizers, a tiny FLUX-like VAE, a whole tiny FluxPipeline made of them, and scanned params
+back in the per-layer layout."""
 
+from typing import Any
+
+import jax
 import jax.numpy as jnp
 import numpy as np
 import tokenizers
@@ -181,3 +185,12 @@ def assert_pairs_hold_the_worlds_computations(records, embeds, pooled, seed: int
         np.testing.assert_allclose([r["reward_w"], r["reward_l"]], reward(images, [r["prompt"]] * 2), rtol=1e-4,
                                    atol=1e-5)
         assert r["reward_w"] > r["reward_l"]
+
+
+def unscan_params(params: dict[str, Any], cfg: flux.FluxConfig) -> dict[str, Any]:
+    """Scanned layout -> per-layer layout; the inverse of `flux.scan_params`."""
+    out = {k: v for k, v in params.items() if k not in flux.STACKS}
+    for stack, n in zip(flux.STACKS, (cfg.num_layers, cfg.num_single_layers), strict=True):
+        for i in range(n):
+            out[f"{stack}_{i}"] = jax.tree.map(lambda x, i=i: x[i], params[stack])
+    return out

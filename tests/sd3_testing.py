@@ -1,6 +1,11 @@
 """Shared SD3 test helpers: tiny random diffusers SD3Transformer2DModels of each family member, their weights as our
-params through the converter's layout, and inputs in both layouts (our packed tokens, diffusers' NCHW latents)."""
+params through the converter's layout, inputs in both layouts (our packed tokens, diffusers' NCHW latents), and
+params moved between the per-layer and the scanned layout (the library's converters place each tensor directly)."""
 
+from typing import Any
+
+import jax
+import jax.numpy as jnp
 import numpy as np
 import torch
 from diffusers import SD3Transformer2DModel
@@ -86,3 +91,23 @@ def tiny_config(variant: str = ""):
     if variant == "lora":
         c.lora.targets = ["to_q", "to_k", "to_v", "to_out_0", "add_q_proj", "to_add_out"]
     return c
+
+
+def scan_params(params: dict[str, Any], cfg: sd3.SD3Config) -> dict[str, Any]:
+    """Per-layer layout (`transformer_blocks_{i}`) -> scanned layout (each run stacked on axis 0)."""
+    stacks = sd3.scanned_stacks(cfg)
+    layers = {f"{prefix}_{i}" for prefix, start, n in stacks.values() for i in range(start, start + n)}
+    out = {k: v for k, v in params.items() if k not in layers}
+    for name, (prefix, start, n) in stacks.items():
+        out[name] = jax.tree.map(lambda *xs: jnp.stack(xs), *[params[f"{prefix}_{i}"] for i in range(start, start + n)])
+    return out
+
+
+def unscan_params(params: dict[str, Any], cfg: sd3.SD3Config) -> dict[str, Any]:
+    """Scanned layout -> per-layer layout; the inverse of `scan_params`."""
+    stacks = sd3.scanned_stacks(cfg)
+    out = {k: v for k, v in params.items() if k not in stacks}
+    for name, (prefix, start, n) in stacks.items():
+        for j in range(n):
+            out[f"{prefix}_{start + j}"] = jax.tree.map(lambda x, j=j: x[j], params[name])
+    return out

@@ -31,7 +31,7 @@ def test_topology_names(name, desc, chips):
     assert aot.resolve_topology(name)[2:] == (desc, chips)
 
 
-@pytest.mark.parametrize("name", ["v5p-6", "v4-8", "tpu", "v6e:2x"])
+@pytest.mark.parametrize("name", ["v5p-6", "v4-8", "tpu", "v6e:2x", "v5p:2x2", "v6e:2x2x1", "v5p:0x2x2"])
 def test_unknown_topology_names_are_refused(name):
     with pytest.raises(UserError, match="v5p-8"):
         aot.resolve_topology(name)

@@ -163,6 +163,13 @@ def test_scorer_checks(tmp_path):
         scorers.parse("pickscore")
 
 
+def test_out_that_is_a_file_is_refused_before_any_work(tmp_path):
+    """Was a FileExistsError traceback after the models had loaded (issue 13's probe, evaluate/out_is_file)."""
+    (tmp_path / "taken").write_text("x")
+    with pytest.raises(UserError, match=r"--out=.*taken is a file; evaluate writes"):
+        benchmark.run(_opts(tmp_path / "taken"))
+
+
 # --- the embedded world end to end ---------------------------------------------------------------------------
 
 def _opts(out, **kw) -> benchmark.Options:

@@ -21,7 +21,7 @@ from diffusers.loaders import single_file_utils
 from etils import epath
 from flux_testing import TINY as FLUX_TINY
 from flux_testing import torch_flux
-from sd3_testing import TINY, random_inputs, torch_forward, torch_sd3
+from sd3_testing import TINY, random_inputs, scan_params, torch_forward, torch_sd3
 
 from pnapo_jax import convert
 from pnapo_jax.convert import files
@@ -81,15 +81,15 @@ def test_diffusers_export_loads_in_diffusers(tmp_path, name):
 def test_scanned_layout_round_trips(tmp_path):
     cfg = sd3.SD3Config.from_diffusers(TINY["sd35_medium"])
     params = _random_params(cfg)
-    convert_sd3.save_sd3_transformer(cfg, sd3.scan_params(params, cfg), tmp_path / "scanned")
+    convert_sd3.save_sd3_transformer(cfg, scan_params(params, cfg), tmp_path / "scanned")
     _, per_layer = convert_sd3.load_sd3_transformer(tmp_path / "scanned")
     _assert_same(per_layer, params)
     _, scanned = convert_sd3.load_sd3_transformer(tmp_path / "scanned", scan_layers=True)
-    _assert_same(scanned, sd3.scan_params(params, cfg))
+    _assert_same(scanned, scan_params(params, cfg))
     file = tmp_path / "sd3.safetensors"
     convert_sd3.save_sd3_single_file(cfg, params, file)
     _assert_same(convert_sd3.load_sd3_single_file(file, dataclasses.replace(cfg, scan_layers=True)),
-                 sd3.scan_params(params, cfg))
+                 scan_params(params, cfg))
 
 
 def test_pipeline_folder_hub_id_and_gcs(tmp_path, monkeypatch):

@@ -17,7 +17,7 @@ from tensorflow_datasets.proto import tf_example_pb2
 from pnapo_jax.data import import_pairs
 from pnapo_jax.data.batch import BATCH_KEYS, NOISE_KEYS
 from pnapo_jax.data.builder import write_dataset
-from pnapo_jax.data.pipeline import LoaderConfig, global_batch, iterator_state, make_loader, restore_iterator
+from pnapo_jax.data.pipeline import LoaderConfig, global_batch, make_loader
 from pnapo_jax.data.schema import RecordError, SextupleSpec, check_noise_mode, validate_record
 from pnapo_jax.data.source import ArrayRecordSource, open_source
 from pnapo_jax.data.synthetic import synthetic_pairs
@@ -393,8 +393,7 @@ def test_skipped_count_survives_a_resume(synthetic, corrupt_dataset, tmp_path):
     loader = _loader(source, **cfg)
     head = _rows(next(loader) for _ in range(4))
     assert loader.skipped > 0
-    resumed = _loader(source, **cfg)
-    restore_iterator(resumed, iterator_state(loader))
+    resumed = _restored(loader, _loader(source, **cfg), tmp_path / "resumed")
     assert resumed.skipped == loader.skipped
     with ocp.CheckpointManager(tmp_path) as manager:  # as the train checkpoint stores it
         manager.save(4, args=ocp.args.Composite(data=grain.checkpoint.CheckpointSave(loader.iterator)))
@@ -406,7 +405,7 @@ def test_skipped_count_survives_a_resume(synthetic, corrupt_dataset, tmp_path):
     assert head + rest == _rows(_loader(source, **cfg))
     assert resumed.skipped == 2 * len(READ_BREAKAGES)
     legacy = _loader(source, **cfg)  # a state saved before it carried the count still restores the position
-    restore_iterator(legacy, json.dumps(json.loads(iterator_state(loader))["batches"]).encode())
+    legacy.iterator.set_state(loader.iterator.get_state()["batches"])
     assert _rows(legacy) == rest and legacy.skipped == resumed.skipped - loader.skipped
 
 
@@ -445,15 +444,23 @@ def test_seeded_order_reshuffles_each_epoch_and_is_deterministic(synthetic):
     assert _rows(next(forever) for _ in range(5))[: 3 * NUM] == first
 
 
-def test_resume_mid_epoch_yields_exactly_the_rest(dataset):
+def _restored(loader, fresh, directory):
+    """`fresh` moved to `loader`'s position as the train checkpoint saves and restores it (pnapo_jax.checkpoint:
+    grain's orbax handler, one item of a Composite)."""
+    ocp = pytest.importorskip("orbax.checkpoint")
+    with ocp.CheckpointManager(directory) as manager:
+        manager.save(1, args=ocp.args.Composite(data=grain.checkpoint.CheckpointSave(loader.iterator)))
+        manager.wait_until_finished()
+        manager.restore(1, args=ocp.args.Composite(data=grain.checkpoint.CheckpointRestore(fresh.iterator)))
+    return fresh
+
+
+def test_resume_mid_epoch_yields_exactly_the_rest(dataset, tmp_path):
     source = ArrayRecordSource(dataset.path)
     full = _rows(_loader(source, num_epochs=2, global_batch_size=2))
     loader = _loader(source, num_epochs=2, global_batch_size=2)
     head = _rows(next(loader) for _ in range(4))  # 8 of the 12 records of epoch 0
-    state = iterator_state(loader)
-    assert isinstance(state, bytes)
-    resumed = _loader(source, num_epochs=2, global_batch_size=2)
-    restore_iterator(resumed, state)
+    resumed = _restored(loader, _loader(source, num_epochs=2, global_batch_size=2), tmp_path)
     rest = _rows(resumed)
     assert head + rest == full and len(rest) == 2 * NUM - 8
 

@@ -6,7 +6,7 @@ import re
 import jax
 import numpy as np
 import pytest
-from flux_testing import TINY, params_from_torch, random_inputs, torch_flux, torch_forward
+from flux_testing import TINY, params_from_torch, random_inputs, torch_flux, torch_forward, unscan_params
 
 from pnapo_jax.models import flux
 
@@ -89,7 +89,7 @@ def test_scan_and_remat_equal_plain(variant):
     l0, g0 = jax.value_and_grad(loss)(params, cfg)
     l1, g1 = jax.value_and_grad(loss)(vparams, vcfg)
     if vcfg.scan_layers:
-        g1 = flux.unscan_params(g1, cfg)
+        g1 = unscan_params(g1, cfg)
     np.testing.assert_allclose(l1, l0, rtol=1e-6)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5 * np.abs(b).max() + 1e-12), g1, g0)
 
@@ -118,7 +118,7 @@ def test_scan_roundtrip_and_init_layout():
     assert p["transformer_blocks"]["attn"]["to_q"]["kernel"].shape == (2, 32, 32)
     spec = flux.nn.get_partition_spec(boxed)
     assert tuple(spec["transformer_blocks"]["attn"]["to_q"]["kernel"]) == ("layers", "embed", "heads")
-    plain = flux.unscan_params(p, cfg)
+    plain = unscan_params(p, cfg)
     back = flux.scan_params(plain, cfg)
     jax.tree.map(np.testing.assert_array_equal, back, p)
 
@@ -151,7 +151,7 @@ def test_lora_adapters_equal_merged_weights(scan):
     no_lora_model = flux.FluxTransformer(dataclasses.replace(cfg, lora_rank=0))
     np.testing.assert_array_equal(np.asarray(without), np.asarray(no_lora_model.apply({"params": params}, **inputs)))
     merged = jax.tree.map(lambda x: x, base)
-    flat_lora = lora if not scan else flux.unscan_params(lora, cfg)
+    flat_lora = lora if not scan else unscan_params(lora, cfg)
     for blk, mods in flat_lora.items():
         stack = [(mods, merged[blk])]
         while stack:

@@ -65,6 +65,12 @@ def _assert_metrics(got, want, rtol):
         np.testing.assert_allclose(float(got[k]), v, rtol=rtol, atol=1e-6, err_msg=k)
 
 
+def _preference_loss(*args):
+    """The mean of `preference_losses`, the loss `pair_loss` returns, and its metrics."""
+    loss_B, metrics = objective.preference_losses(*args)
+    return loss_B.mean(), metrics
+
+
 @pytest.mark.parametrize("convention", ["beta", "half_beta"])
 @pytest.mark.parametrize("per_example_beta", [False, True])
 @pytest.mark.parametrize("objective_name,sft_weight", [("dpo", 0.0), ("ipo", 0.0), ("dpo", 0.7), ("ipo", 0.7)])
@@ -75,7 +81,7 @@ def test_preference_loss_and_grad_match_numpy(convention, per_example_beta, obje
     beta = rng.uniform(500, 3000, 16).astype(np.float32) if per_example_beta else 2000.0
     errs = tuple(jnp.asarray(a) for a in (err_w, err_l, ref_w, ref_l))
 
-    (loss, metrics), grads = jax.value_and_grad(objective.preference_loss, argnums=(0, 1, 2, 3), has_aux=True)(
+    (loss, metrics), grads = jax.value_and_grad(_preference_loss, argnums=(0, 1, 2, 3), has_aux=True)(
         *errs, beta, convention, objective_name, sft_weight)
     loss_B, want, want_grads = _np_preference(err_w, err_l, ref_w, ref_l, beta, objective.SCALE_CONVENTIONS[convention],
                                               objective_name, sft_weight)
@@ -90,23 +96,23 @@ def test_preference_loss_and_grad_match_numpy(convention, per_example_beta, obje
 def test_ipo_is_bounded_where_dpo_keeps_falling():
     """Pushing the loser's error up lowers DPO's loss without end; IPO's is least at margin 1/2 and rises past it."""
     ref = jnp.asarray([1.0]), jnp.asarray([1.0])
-    loss = lambda name, loser_err: float(objective.preference_loss(
+    loss = lambda name, loser_err: float(_preference_loss(
         jnp.asarray([1.0]), jnp.asarray([loser_err]), *ref, 10.0, "beta", name)[0])
     dpo = [loss("dpo", 1.0 + d) for d in (0.0, 0.05, 0.2, 1.0)]
     ipo = [loss("ipo", 1.0 + d) for d in (0.0, 0.05, 0.2, 1.0)]  # margins 0, 1/2, 2, 10
     assert all(b < a for a, b in zip(dpo, dpo[1:], strict=False))
     np.testing.assert_allclose(ipo, [0.25, 0.0, 2.25, 90.25], rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="objective"):
-        objective.preference_loss(jnp.ones(1), jnp.ones(1), *ref, 10.0, "beta", "kto")
+        _preference_loss(jnp.ones(1), jnp.ones(1), *ref, 10.0, "beta", "kto")
 
 
 def test_half_beta_convention_is_beta_halved():
     errs = [jnp.asarray(a, jnp.float32) for a in ([1.0, 2.0], [1.5, 1.0], [1.2, 2.1], [1.4, 1.2])]
-    a, _ = objective.preference_loss(*errs, 4.0, "half_beta")
-    b, _ = objective.preference_loss(*errs, 2.0, "beta")
+    a, _ = _preference_loss(*errs, 4.0, "half_beta")
+    b, _ = _preference_loss(*errs, 2.0, "beta")
     np.testing.assert_allclose(a, b, rtol=1e-7)
     with pytest.raises(ValueError, match="scale_convention"):
-        objective.preference_loss(*errs, 1.0, "0.5")
+        _preference_loss(*errs, 1.0, "0.5")
 
 
 @pytest.mark.parametrize("use_gap,use_schedule", [(True, True), (False, True), (True, False), (False, False)])
@@ -129,7 +135,7 @@ def test_tie_has_zero_gradient():
     beta_B = objective.dynamic_beta(2000.0, jnp.zeros(3), 0, objective.LossConfig())
     np.testing.assert_array_equal(np.asarray(beta_B), 0.0)
     errs = [jnp.asarray(a, jnp.float32) for a in ([1.0, 2.0, 3.0], [1.5, 1.0, 0.2], [1.2, 2.1, 3.0], [1.4, 1, 1])]
-    grads = jax.grad(lambda *e: objective.preference_loss(*e, beta_B)[0], argnums=(0, 1))(*errs)
+    grads = jax.grad(lambda *e: _preference_loss(*e, beta_B)[0], argnums=(0, 1))(*errs)
     for g in grads:
         np.testing.assert_array_equal(np.asarray(g), 0.0)
 

@@ -5,7 +5,7 @@ import dataclasses
 import jax
 import numpy as np
 import pytest
-from sd3_testing import TINY, params_from_torch, random_inputs, torch_forward, torch_sd3
+from sd3_testing import TINY, params_from_torch, random_inputs, scan_params, torch_forward, torch_sd3, unscan_params
 
 from pnapo_jax.models import sd3
 
@@ -66,7 +66,7 @@ def test_scan_and_remat_equal_plain(name, variant):
     params = params_from_torch(torch_sd3(name), cfg)
     inputs = random_inputs(cfg, 2, 3, 4, 6)
     vcfg = dataclasses.replace(cfg, **variant)
-    vparams = sd3.scan_params(params, cfg) if vcfg.scan_layers else params
+    vparams = scan_params(params, cfg) if vcfg.scan_layers else params
 
     def loss(p, c):
         return (sd3.SD3Transformer(c).apply({"params": p}, **inputs) ** 2).mean()
@@ -75,7 +75,7 @@ def test_scan_and_remat_equal_plain(name, variant):
     l0, g0 = value_and_grad(params, cfg)
     l1, g1 = value_and_grad(vparams, vcfg)
     if vcfg.scan_layers:
-        g1 = sd3.unscan_params(g1, cfg)
+        g1 = unscan_params(g1, cfg)
     np.testing.assert_allclose(l1, l0, rtol=1e-6)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5 * np.abs(b).max() + 1e-12), g1, g0)
 
@@ -89,8 +89,8 @@ def test_scanned_init_layout_and_round_trip():
     assert "attn2" not in p["blocks_3_4"] and "to_add_out" not in p["transformer_blocks_4"]["attn"]
     spec = sd3.nn.get_partition_spec(boxed)
     assert tuple(spec["blocks_0_3"]["attn"]["to_q"]["kernel"]) == ("layers", "embed", "heads")
-    plain = sd3.unscan_params(p, cfg)
-    jax.tree.map(np.testing.assert_array_equal, sd3.scan_params(plain, cfg), p)
+    plain = unscan_params(p, cfg)
+    jax.tree.map(np.testing.assert_array_equal, scan_params(plain, cfg), p)
 
 
 def test_bf16_compute_close_to_fp32():
@@ -135,7 +135,7 @@ def test_sharded_on_8_devices_equals_one_device():
     from pnapo_jax import sharding
 
     cfg = sd3.SD3Config.from_diffusers(TINY["sd35_medium"], scan_layers=True)
-    params = sd3.scan_params(params_from_torch(torch_sd3("sd35_medium"), dataclasses.replace(cfg, scan_layers=False)),
+    params = scan_params(params_from_torch(torch_sd3("sd35_medium"), dataclasses.replace(cfg, scan_layers=False)),
                              cfg)
     inputs = random_inputs(cfg, 4, 3, 4, 6)
     arrays = {k: v for k, v in inputs.items() if k not in ("h_tokens", "w_tokens")}

@@ -78,8 +78,11 @@ def test_reflow_writes_a_loadable_base_that_straightness_measures(tmp_path):
     assert (tmp_path / "straightness.png").stat().st_size > 0
 
 
+SHIPPED = base.DEFAULT_BASE.parent / "demo_base_reflow"  # the shipped base reflowed with reflow's defaults
+
+
 def test_shipped_reflowed_base_loads_and_records_how_it_was_made():
-    cfg, _ = base.load_base(reflow.SHIPPED)
+    cfg, _ = base.load_base(SHIPPED)
     assert cfg == base.demo_model_config()
-    info = json.loads((reflow.SHIPPED / reflow.REFLOW_INFO).read_text())
+    info = json.loads((SHIPPED / reflow.REFLOW_INFO).read_text())
     assert (info["base"], info["pairs"], info["steps"], info["seed"]) == (base.MODEL_ID, 540, 120, 0)

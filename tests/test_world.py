@@ -104,7 +104,7 @@ def test_reward_scores_clean_renderings_high_and_noise_low():
     assert table["follow"].min() > 0.9
     assert reward.reward(_noise_images(20), texts[:20]).max() < 0.1
     # The preference: bigger shapes. Renderings draw the size uniformly, so about a quarter satisfy it.
-    assert 0.1 < np.mean(table["size"] >= reward.SATISFIED_SIZE) < 0.4
+    assert 0.1 < np.mean(table["size"] >= 0.75) < 0.4
     small, big = (render.draw(grammar.parse(texts[0]), render.Layout(0, 0, h)) for h in render.HALF_SIZE_RANGE)
     r_small, r_big = reward.reward(np.stack([small, big]), texts[:1] * 2)
     assert r_big - r_small > 0.8 * reward.PREFERENCE_WEIGHT

@@ -165,6 +165,8 @@ def run(opts: Options) -> dict | None:
         raise UserError(f"--world={opts.world!r}: choose from {WORLDS}")
     if opts.seeds < 1 or opts.batch_size < 1 or opts.num_steps < 1:
         raise UserError("--seeds, --batch_size and --num_steps must be at least 1")
+    if epath.Path(opts.out).exists() and not epath.Path(opts.out).is_dir():
+        raise UserError(f"--out={opts.out} is a file; evaluate writes its images and report into a folder there")
     prompt_set = prompt_sets.read(opts.prompts, opts.prompt_format, opts.prompt_column)
     if opts.max_prompts:
         prompt_set = dataclasses.replace(prompt_set, prompts=prompt_set.prompts[:opts.max_prompts],

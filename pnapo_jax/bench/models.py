@@ -19,8 +19,6 @@ from etils import epath
 
 from pnapo_jax.errors import UserError
 
-KINDS = ("transformer", "pipeline", "run")
-
 
 @dataclasses.dataclass(frozen=True)
 class ModelSpec:
@@ -31,7 +29,8 @@ class ModelSpec:
 
 
 def kind(path: str) -> str:
-    """Which of KINDS `path` is; UserError naming it and what was expected otherwise."""
+    """Which kind of model folder `path` is ("transformer", "pipeline" or "run"); UserError naming it and what
+    was expected otherwise."""
     folder = epath.Path(path)
     if (folder / "checkpoints").is_dir() and (folder / "config.json").is_file():
         return "run"

@@ -6,15 +6,13 @@ bad records (here, so the count is exact) -> batches of global_batch_size / host
 The global batch of a step is a function of (seed, step) alone, whatever the number of hosts: one host with 8
 chips trains on the batches two hosts with 4 do, and a run can resume on another host count (`first_step`).
 Saving the iterator state with the train checkpoint makes a resumed run read exactly the records the interrupted
-one had not, bad records skipped included. Two ways to save it:
-  - by hand: `iterator_state(loader)` -> bytes, `restore_iterator(loader, state)` on a freshly made loader;
-  - with orbax: `grain.checkpoint.CheckpointSave(loader.iterator)` / `CheckpointRestore(loader.iterator)`
-    as one item of `ocp.args.Composite` (one JSON file per process).
+one had not, bad records skipped included: pnapo_jax.checkpoint saves `grain.checkpoint.CheckpointSave(
+loader.iterator)` / restores `CheckpointRestore(loader.iterator)` as one item of `ocp.args.Composite` (one JSON
+file per process).
 A state only fits a loader made with the same source, config, noise mode, host count and first_step.
 """
 
 import dataclasses
-import json
 from collections.abc import Mapping
 
 import grain
@@ -183,13 +181,3 @@ def make_loader(
 def global_batch(batch: Mapping[str, np.ndarray], sharding: jax.sharding.Sharding) -> dict[str, jax.Array]:
     """Host-local batches -> global arrays, batch axis laid out by `sharding` (e.g. NamedSharding(mesh, P('data')))."""
     return {key: jax.make_array_from_process_local_data(sharding, value) for key, value in batch.items()}
-
-
-def iterator_state(loader: Loader) -> bytes:
-    """The loader's position, to store with the train checkpoint."""
-    return json.dumps(loader.iterator.get_state()).encode()
-
-
-def restore_iterator(loader: Loader, state: bytes) -> None:
-    """Moves a freshly made `loader` to a position saved by `iterator_state`."""
-    loader.iterator.set_state(json.loads(state))

@@ -3,7 +3,7 @@
 Module and parameter names follow diffusers' state dict (`transformer_blocks_3/attn/to_q/kernel` is
 `transformer_blocks.3.attn.to_q.weight` transposed), so weight conversion is a mechanical mapping. With
 `scan_layers` the blocks are one scanned module (`transformer_blocks/...` with a leading layer axis);
-`scan_params` / `unscan_params` move between the two layouts.
+`scan_params` stacks per-layer params into that layout (the converters place each tensor directly).
 """
 
 import dataclasses
@@ -412,13 +412,4 @@ def scan_params(params: dict[str, Any], cfg: FluxConfig) -> dict[str, Any]:
     for stack, n in zip(STACKS, (cfg.num_layers, cfg.num_single_layers), strict=True):
         if n:
             out[stack] = jax.tree.map(lambda *xs: jnp.stack(xs), *[params[f"{stack}_{i}"] for i in range(n)])
-    return out
-
-
-def unscan_params(params: dict[str, Any], cfg: FluxConfig) -> dict[str, Any]:
-    """Scanned layout -> per-layer layout; the inverse of `scan_params`."""
-    out = {k: v for k, v in params.items() if k not in STACKS}
-    for stack, n in zip(STACKS, (cfg.num_layers, cfg.num_single_layers), strict=True):
-        for i in range(n):
-            out[f"{stack}_{i}"] = jax.tree.map(lambda x, i=i: x[i], params[stack])
     return out

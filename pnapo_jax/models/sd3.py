@@ -11,7 +11,7 @@ projection's columns are in packed order (the converter permutes diffusers' (ph,
 
 Blocks differ (dual-attention MMDiT-X blocks, plain joint blocks, the last block whose text stream ends): with
 `scan_layers` each maximal run of equal blocks before the last is one nn.scan (`blocks_{start}_{stop}`, layer
-axis first) and the last block stays `transformer_blocks_{n-1}`; `scan_params` / `unscan_params` convert.
+axis first) and the last block stays `transformer_blocks_{n-1}` (`scanned_stacks`).
 """
 
 import dataclasses
@@ -380,23 +380,3 @@ def conditioning(prompt_embeds_BxTxD: jax.Array, pooled_BxP: jax.Array, guidance
 def init_params(cfg: SD3Config, rng: jax.Array) -> dict[str, Any]:
     """Randomly initialised params (boxed with logical axis names; `nn.meta.unbox` strips them)."""
     return SD3Transformer(cfg).init(rng, **dummy_inputs(cfg))["params"]
-
-
-def scan_params(params: dict[str, Any], cfg: SD3Config) -> dict[str, Any]:
-    """Per-layer layout (`transformer_blocks_{i}`) -> scanned layout (each run stacked on axis 0)."""
-    stacks = scanned_stacks(cfg)
-    layers = {f"{prefix}_{i}" for prefix, start, n in stacks.values() for i in range(start, start + n)}
-    out = {k: v for k, v in params.items() if k not in layers}
-    for name, (prefix, start, n) in stacks.items():
-        out[name] = jax.tree.map(lambda *xs: jnp.stack(xs), *[params[f"{prefix}_{i}"] for i in range(start, start + n)])
-    return out
-
-
-def unscan_params(params: dict[str, Any], cfg: SD3Config) -> dict[str, Any]:
-    """Scanned layout -> per-layer layout; the inverse of `scan_params`."""
-    stacks = scanned_stacks(cfg)
-    out = {k: v for k, v in params.items() if k not in stacks}
-    for name, (prefix, start, n) in stacks.items():
-        for j in range(n):
-            out[f"{prefix}_{start + j}"] = jax.tree.map(lambda x, j=j: x[j], params[name])
-    return out

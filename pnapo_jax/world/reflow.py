@@ -1,6 +1,6 @@
 """Reflow the world's base model once: fine-tune it on its own noise-to-sample couplings, for straighter paths.
 
-    python -m pnapo_jax.world.reflow --out=pnapo_jax/assets/demo_base_reflow     # SHIPPED; 13 min on 2 busy cores
+    python -m pnapo_jax.world.reflow --out=pnapo_jax/assets/demo_base_reflow     # as shipped; 13 min on 2 busy cores
 
 Coupling j is train prompt j mod 135 and noise x1_j = `flow.seeded_noise(seed, j)`, paired with the base's
 ODE sample x0_j from that noise (Euler, --num_steps, FluxPipeline schedule). The base is then trained with
@@ -22,7 +22,6 @@ from pnapo_jax.models.flux import FluxConfig
 from pnapo_jax.world import demo_base, grammar, pretrain, text
 
 REFLOW_INFO = "reflow.json"
-SHIPPED = demo_base.DEFAULT_BASE.parent / "demo_base_reflow"  # the shipped base reflowed with this CLI's defaults
 
 
 def couplings(cfg: FluxConfig, params: Any, pairs: int, seed: int, num_steps: int, batch: int = 64

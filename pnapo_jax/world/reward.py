@@ -11,7 +11,7 @@ shape, MIN_AREA to MAX_AREA px; an image without any scores 0 on everything):
 The preference: bigger shapes. `size` maps the blobs' mean half-size (from their area and the prompt's shape)
 linearly from HALF_SIZE_RANGE onto [0, 1]. Renderings draw the half-size uniformly from that range, so the
 preferred images are on the data manifold (a model can satisfy it without losing fidelity), but a model that
-imitates the data satisfies it (size >= SATISFIED_SIZE) only about a quarter of the time.
+imitates the data satisfies it (size >= 0.75) only about a quarter of the time.
 
     reward = follow * (1 - PREFERENCE_WEIGHT + PREFERENCE_WEIGHT * size)      in [0, 1]
 """
@@ -29,7 +29,6 @@ SHAPE_TEMPERATURE = 0.01  # template errors: ~0.003 for the right shape of a cle
 POSITION_SIGMA = 3.0  # px; region centres are 8 px apart
 AREA_PER_HALF_SIZE_SQ = {"circle": np.pi, "square": (2 * render.SQUARE_SCALE) ** 2, "triangle": 2.0}
 PREFERENCE_WEIGHT = 0.25
-SATISFIED_SIZE = 0.75
 _COLOURS = list(render.PALETTE)
 _HUES_KxC = np.array([render.PALETTE[c] for c in _COLOURS], np.float32) - render.BACKGROUND
 _HUES_KxC /= np.linalg.norm(_HUES_KxC, axis=-1, keepdims=True)
