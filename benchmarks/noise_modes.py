@@ -48,7 +48,7 @@ ROOT = Path(__file__).resolve().parent.parent
 METHODS = {"PNAPO": "", "Flow-DPO (independent noise)": "independent", "PNAPO, static beta": "static_beta",
            "independent noise, unshared (one per image)": "independent_unshared", "PNAPO, IPO objective": "ipo",
            "PNAPO + winner SFT": "sft", "PNAPO on shared-noise pairs (x1_w = x1_l)": "shared_noise",
-           "iterative PNAPO (the policy's pairs every 25 of 75 steps)": "iterative"}
+           "iterative PNAPO (new pairs from the policy after each third of the run)": "iterative"}
 GENERATION_VARIANTS = ("shared_noise",)  # methods whose pairs are their own (generated with their settings)
 
 

@@ -76,5 +76,5 @@ def test_regen_costs_sum_an_iterative_runs_rounds(nm, tmp_path):
     (tmp_path / "metrics.jsonl").write_text("\n".join(json.dumps(x) for x in lines) + "\n")
     assert nm.regen_costs(tmp_path) == {"seconds": 22.0, "images": 1080, "model_forwards": 17280}
     assert nm.regen_costs(tmp_path / "none") == {}
-    assert nm.METHODS["iterative PNAPO (the policy's pairs every 25 of 75 steps)"] == "iterative"
+    assert nm.METHODS["iterative PNAPO (new pairs from the policy after each third of the run)"] == "iterative"
     assert set(nm.GENERATION_VARIANTS) <= set(nm.METHODS.values())
