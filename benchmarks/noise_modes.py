@@ -5,6 +5,10 @@ without dynamic beta, on the same pairs, for the same steps, each tuned on the s
     python benchmarks/noise_modes.py --out=/tmp/nm_reflow --base=DIR        # from another base (e.g. reflowed)
     python benchmarks/noise_modes.py --out=/tmp/nm --tune=false --pick=/tmp/noise_modes/picked.json  # reuse a pick
     python benchmarks/noise_modes.py --out=/tmp/nm --methods=independent_unshared,ipo,sft   # issue 18's cells
+    python benchmarks/noise_modes.py --out=/tmp/nm --methods=,shared_noise,iterative         # issue 18, items 2, 4
+
+Methods of GENERATION_VARIANTS train on their own pairs (OUT/<variant>/pairs, the same prompts); the others share
+OUT/pairs. Iterative PNAPO's runs also report the generation compute of their rounds (regen/* metric lines).
 
 Stages (every run is resumable: a finished run is read back, not redone):
 1. Pairs: the base model generates noise-tracked pairs for the world's train prompts once (configs/demo_cpu.py's
@@ -43,7 +47,9 @@ from pnapo_jax import metrics, train  # noqa: E402
 ROOT = Path(__file__).resolve().parent.parent
 METHODS = {"PNAPO": "", "Flow-DPO (independent noise)": "independent", "PNAPO, static beta": "static_beta",
            "independent noise, unshared (one per image)": "independent_unshared", "PNAPO, IPO objective": "ipo",
-           "PNAPO + winner SFT": "sft"}
+           "PNAPO + winner SFT": "sft", "PNAPO on shared-noise pairs (x1_w = x1_l)": "shared_noise",
+           "iterative PNAPO (new pairs from the policy after each third of the run)": "iterative"}
+GENERATION_VARIANTS = ("shared_noise",)  # methods whose pairs are their own (generated with their settings)
 
 
 def demo_config(*variants: str) -> ml_collections.ConfigDict:
@@ -64,6 +70,7 @@ def run_config(args: argparse.Namespace, variant: str, beta: float, lr: float, s
     c.pnapo.beta, c.optim.lr, c.seed = beta, lr, seed
     scale = args.steps / c.train.num_steps  # the beta schedule plays out within the run, as in the demo
     c.pnapo.n1, c.pnapo.n2 = round(c.pnapo.n1 * scale), round(c.pnapo.n2 * scale)
+    c.train.regenerate_every = round(c.train.regenerate_every * scale)  # the same rounds per run
     c.train.num_steps, c.eval.sample_every = args.steps, eval_every
     c.checkpoint.every_steps = args.steps
     return c
@@ -107,10 +114,31 @@ def error_table(runs: dict[str, list[dict]]) -> list[str]:
     return rows
 
 
+def regen_costs(workdir: Path) -> dict[str, float]:
+    """Iterative PNAPO's generation compute over a run's rounds (sums of its regen/* lines; {} for others)."""
+    path = workdir / "metrics.jsonl"
+    lines = [x for x in metrics.read_lines(path) if "regen/round" in x] if path.exists() else []
+    return {k: sum(x[f"regen/{k}"] for x in lines) for k in ("seconds", "images", "model_forwards")} if lines else {}
+
+
+def method_pairs(args: argparse.Namespace, method: str, shared: str) -> str:
+    """The pairs `method` trains on: `shared` (OUT/pairs), or for GENERATION_VARIANTS its own OUT/<variant>/pairs
+    of the same prompts, generated with its settings (resumably, once)."""
+    variant = METHODS[method]
+    if variant not in GENERATION_VARIANTS:
+        return shared
+    gen = demo_config(variant, args.demo_variant)
+    if args.base:
+        gen.model.pretrained = args.base
+    (Path(args.out) / variant).mkdir(parents=True, exist_ok=True)
+    return train.pairs_path(gen, Path(args.out) / variant, show_progress=True)
+
+
 def run(args: argparse.Namespace, method: str, beta: float, lr: float, seed: int, pairs: str,
         eval_every: int) -> list[dict]:
     """Train one run (or read it back when it finished before); its eval lines."""
     workdir = run_dir(args, method, beta, lr, seed)
+    pairs = method_pairs(args, method, pairs)
     done = evals(workdir)
     if not done or done[-1]["step"] < args.steps:
         config = run_config(args, METHODS[method], beta, lr, seed, pairs, eval_every)
@@ -213,7 +241,8 @@ def main(args: argparse.Namespace) -> None:
     (out / "picked.json").write_text(json.dumps(picked, indent=2))
 
     runs = {m: [dict(seed=s, evals=run(args, m, picked[m]["beta"], picked[m]["lr"], s, pairs, args.eval_every),
-                     errors=last_errors(run_dir(args, m, picked[m]["beta"], picked[m]["lr"], s)))
+                     errors=last_errors(run_dir(args, m, picked[m]["beta"], picked[m]["lr"], s)),
+                     regen=regen_costs(run_dir(args, m, picked[m]["beta"], picked[m]["lr"], s)))
                 for s in seeds] for m in methods}
     results = dict(args=vars(args), picked=picked, fidelity_bound=args.fidelity_bound,
                    runs={m: [*runs[m], *tuning.get(m, [])] for m in methods}, seeds=runs)
@@ -245,6 +274,14 @@ def report(results: dict[str, Any], args: argparse.Namespace) -> None:
               f"{mean_std([e['eval/reward_mean'] - e['eval/reward_base_mean'] for e in last])} | "
               f"{mean_std([e['eval/win_rate_vs_base'] for e in last])} | "
               f"{mean_std([e['eval/fidelity_mean'] / e['eval/fidelity_base_mean'] for e in last])} |")
+    for method, rs in seeds.items():
+        costs = [r["regen"] for r in rs if r.get("regen")]
+        if costs:
+            print(f"{method}: pair generation per run {mean_std([c['seconds'] for c in costs], '.0f')} s, "
+                  f"{mean_std([c['model_forwards'] for c in costs], '.0f')} model forwards (image rows) over "
+                  f"{mean_std([c['images'] for c in costs], '.0f')} images; training: {args.steps} steps x "
+                  f"{4 * demo_config(args.demo_variant).train.global_batch_size} forward rows (policy and "
+                  "reference, winner and loser), plus the policy's backward")
     print("\nVelocity errors per t bin at the last train line, mean over seeds (metrics.jsonl's err/*):")
     print("\n".join(error_table(seeds)))
 

@@ -45,7 +45,7 @@ import ml_collections
 from pnapo_jax.config import defaults, parse_variants
 from pnapo_jax.world import demo_base, latents, text
 
-VARIANTS = ("independent", "independent_unshared", "static_beta", "ipo", "sft", "fast")
+VARIANTS = ("independent", "independent_unshared", "static_beta", "ipo", "sft", "shared_noise", "iterative", "fast")
 
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
@@ -109,6 +109,11 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         c.pnapo.objective = "ipo"
     if "sft" in variants:  # a winner SFT term; an untuned guess at DPO's gradient scale (beta 500 x sigma ~ 250)
         c.pnapo.sft_weight = 100.0
+    if "shared_noise" in variants:  # pairs whose winner and loser start from one recorded noise (issue 18)
+        c.generate.shared_noise = True
+        c.generate.eta = 0.5  # an untuned middle: 0 makes K equal images, 1 all but forgets the start noise
+    if "iterative" in variants:  # iterative PNAPO (issue 18): the policy's own pairs every 25 steps, 2 new rounds
+        c.train.regenerate_every = 25
     if "static_beta" in variants:
         c.pnapo.use_gap = False
         c.pnapo.use_schedule = False
@@ -125,4 +130,5 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         c.generate.max_prompts = 32
         c.pnapo.n1, c.pnapo.n2 = 5, 15
         c.train.ema_decay = 0.0  # 20 steps: an EMA would still be mostly the base
+        c.train.regenerate_every = min(c.train.regenerate_every, 10)  # iterative: one new round at step 10
     return c

@@ -126,6 +126,7 @@ def defaults(model_config: type | None = None) -> ml_collections.ConfigDict:
     c.train.eval_every = 0  # steps between evals on data.eval_path (0: never)
     c.train.eval_batches = 4  # batches per eval
     c.train.ema_decay = 0.0  # > 0: keep an EMA of the trained params, which evals, export and sampling use; 0: off
+    c.train.regenerate_every = 0  # > 0: iterative PNAPO, new pairs from the policy every K steps; 0: off
     c.train.max_nonfinite_steps = 20  # stop (one line) after this many non-finite updates in a row; 0: never
 
     # Input pipeline (pnapo_jax.data). Shapes are in packed tokens: image_tokens = (H/16) * (W/16) for FLUX.
@@ -158,6 +159,8 @@ def defaults(model_config: type | None = None) -> ml_collections.ConfigDict:
     c.generate.split = "train"  # data.source=generate: the world's prompt split to make pairs for
     c.generate.max_prompts = 0  # data.source=generate: use the split's first N prompts (0: all)
     c.generate.seed = 0  # noise of image k of prompt p: normal(fold_in(PRNGKey(seed), p * K + k))
+    c.generate.eta = 0.0  # 0: the Euler ODE; (0, 1]: stochastic DDIM-eta steps, noises from each image's seed
+    c.generate.shared_noise = False  # a prompt's K images start from one noise (seed p * K; needs eta > 0)
 
     # Evaluation by sampling (a world's prompts and reward; fidelity where it has one): policy vs base, fixed noises.
     c.eval = ml_collections.ConfigDict()

@@ -48,14 +48,15 @@ MINIMA = {
     "data.synthetic_num": (1, True), "data.worker_count": (0, True),
     "generate.images_per_prompt": (2, True), "generate.num_steps": (1, True), "generate.min_gap": (0, True),
     "generate.prompts_per_batch": (1, True), "generate.prompts_per_chunk": (1, True),
-    "generate.max_prompts": (0, True),
+    "generate.max_prompts": (0, True), "generate.eta": (0, True), "train.regenerate_every": (0, True),
     "eval.sample_every": (0, True), "eval.num_prompts": (1, True), "eval.samples_per_prompt": (1, True),
     "eval.num_steps": (1, True), "eval.batch_size": (1, True),
 }
 # What a resume may not change: the saved state would not fit it, or it would silently train something else
 # (with the backbone's own config.model fields, Backbone.resume_fixed).
 RESUME_FIXED = ("seed", "model.backbone", "lora.rank", "lora.alpha", "lora.targets", "train.global_batch_size",
-                "data.source", "data.latent_h_tokens", "data.latent_w_tokens", "data.text_len")
+                "data.source", "data.latent_h_tokens", "data.latent_w_tokens", "data.text_len",
+                "train.regenerate_every")
 
 
 def _problems(config: ml_collections.ConfigDict) -> list[str]:
@@ -72,6 +73,18 @@ def _problems(config: ml_collections.ConfigDict) -> list[str]:
         out.append(f"config.pnapo.ref_cache needs config.pnapo.noise_mode='recorded' and config.t_sampling.kind="
                    f"'grid' (then the reference's errors depend only on the record and t); got {p.noise_mode!r}, "
                    f"{config.t_sampling.kind!r}")
+    g = config.generate
+    if isinstance(g.eta, int | float) and g.eta > 1:
+        out.append(f"config.generate.eta is {g.eta}; it must be in [0, 1] (the share of fresh noise per step)")
+    if g.shared_noise and not g.eta:
+        out.append("config.generate.shared_noise needs config.generate.eta > 0: from one noise the ODE sampler "
+                   "makes K identical images")
+    if t.regenerate_every and config.data.source == "synthetic":
+        out.append("config.train.regenerate_every needs a world to sample pairs from: config.data.source "
+                   "'generate' or 'array_record', not 'synthetic'")
+    if t.regenerate_every and p.ref_cache:
+        out.append("config.pnapo.ref_cache caches one dataset's reference errors; config.train.regenerate_every "
+                   "makes new pairs each round: use one of them")
     if p.use_schedule and p.n2 <= p.n1:
         out.append(f"config.pnapo.n2={p.n2} must be > config.pnapo.n1={p.n1} with config.pnapo.use_schedule")
     for k in ("optim.b1", "optim.b2", "train.ema_decay"):
@@ -134,7 +147,7 @@ def check(config: ml_collections.ConfigDict, num_devices: int | None = None, pat
 # Fields added after runs were first saved. A saved config without one ran with the behaviour its default keeps
 # (the feature off), so readers of older workdirs (export, sample, evaluate) fill it in rather than refuse the run.
 ADDED_FIELDS = ("train.ema_decay", "pnapo.objective", "pnapo.sft_weight", "pnapo.ref_cache", "pnapo.ref_cache_dir",
-                "t_sampling.grid_size")
+                "t_sampling.grid_size", "generate.eta", "generate.shared_noise", "train.regenerate_every")
 
 
 def with_added_fields(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:

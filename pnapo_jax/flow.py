@@ -77,13 +77,18 @@ def sample_t(rng: jax.Array, batch: int, **kwargs: Any) -> jax.Array:
     return t_from_uniform(jax.random.uniform(rng, (batch,)), **kwargs)
 
 
+def seeded_keys(seed: int, seeds_N: Any) -> jax.Array:
+    """[N] PRNG keys fold_in(PRNGKey(seed), seeds_N[n]): what `seeded_noise` draws from, and the stochastic
+    sampler's per-image step-noise stream (`euler_sample`'s step_keys)."""
+    key = jax.random.PRNGKey(seed)
+    return jax.vmap(lambda s: jax.random.fold_in(key, s))(jnp.asarray(seeds_N, jnp.uint32))
+
+
 def seeded_noise(seed: int, seeds_N: Any, shape: tuple[int, ...]) -> jax.Array:
     """[N, *shape] N(0, I) noises, that of n being normal(fold_in(PRNGKey(seed), seeds_N[n]), shape): each is
     reproducible on its own, whatever batch it was drawn in, so a record's seed names its noise. The one noise
     rule of the package (pair generation, the sampling eval, `python -m pnapo_jax.sample`, the benchmark)."""
-    key = jax.random.PRNGKey(seed)
-    keys = jax.vmap(lambda s: jax.random.fold_in(key, s))(jnp.asarray(seeds_N, jnp.uint32))
-    return jax.vmap(lambda k: jax.random.normal(k, shape, jnp.float32))(keys)
+    return jax.vmap(lambda k: jax.random.normal(k, shape, jnp.float32))(seeded_keys(seed, seeds_N))
 
 
 def t_bucket(t_B: jax.Array, num_buckets: int) -> jax.Array:
@@ -121,10 +126,24 @@ def default_sigmas(num_steps: int, shift: float = 1.0, mu: float | None = None, 
 VelocityFn = Callable[[Any, jax.Array, jax.Array, Any], jax.Array]
 
 
+def stochastic_step(x_BxIxC: jax.Array, v_BxIxC: jax.Array, sigma: jax.Array, sigma_next: jax.Array,
+                    eta: float | jax.Array, eps_BxIxC: jax.Array) -> jax.Array:
+    """DDIM's eta step (Song et al. 2021, eq. 12) for rectified flow, x_t = a_t x0 + s_t x1 with a_t = 1 - t,
+    s_t = t: from the model's estimates x0^ = x - t v and x1^ = x + (1 - t) v, the state at s < t is
+    a_s x0^ + sqrt(s^2 - c^2) x1^ + c eps, c = eta (s / t) sqrt(t^2 - (a_t s / a_s)^2) (the forward posterior's
+    std at eta 1: ancestral sampling; c shrinks with the step, so the chain tends to an SDE, not to re-noising).
+    eta 0 is the Euler step x + (s - t) v; the last step (s = 0) adds no noise."""
+    t, s = sigma, sigma_next
+    x0_hat, x1_hat = x_BxIxC - t * v_BxIxC, x_BxIxC + (1 - t) * v_BxIxC
+    c = eta * s / t * jnp.sqrt(jnp.maximum(t**2 - ((1 - t) * s / (1 - s)) ** 2, 0.0))
+    return (1 - s) * x0_hat + jnp.sqrt(jnp.maximum(s**2 - c**2, 0.0)) * x1_hat + c * eps_BxIxC
+
+
 @functools.partial(jax.jit, static_argnames=("velocity", "num_steps", "true_cfg_scale", "return_trajectory"))
 def euler_sample(velocity: VelocityFn, variables: Any, noise_BxIxC: jax.Array, cond: Any, num_steps: int,
                  true_cfg_scale: float = 1.0, negative_cond: Any = None, mu: float | None = None,
-                 return_trajectory: bool = False, sigmas: jax.Array | None = None) -> jax.Array:
+                 return_trajectory: bool = False, sigmas: jax.Array | None = None, eta: float | jax.Array = 0.0,
+                 step_keys: jax.Array | None = None) -> jax.Array:
     """Integrate dx/dt = v(x, t) from the given noise at t = 1 to t = 0 with FluxPipeline's Euler schedule.
 
     With true_cfg_scale > 1 and a negative conditioning, v = v_neg + scale (v_pos - v_neg), both halves in one
@@ -132,6 +151,10 @@ def euler_sample(velocity: VelocityFn, variables: Any, noise_BxIxC: jax.Array, c
     `return_trajectory` every state [num_steps + 1, B, I, C] from the noise to the final latent, at the noise
     levels of `flux_sigmas` (or of `sigmas` [num_steps + 1] when given, e.g. `default_sigmas`, SD3's schedule).
     `velocity` is a static argument: an equal one reuses the compilation.
+
+    With `step_keys` ([B] keys, e.g. `seeded_keys`) each step is `stochastic_step` at `eta`, image b's step j
+    drawing its fresh noise from normal(fold_in(step_keys[b], j)): images from one noise differ, and each is
+    reproducible from its noise and its key.
     """
     B = noise_BxIxC.shape[0]
     do_cfg = true_cfg_scale > 1 and negative_cond is not None
@@ -143,11 +166,17 @@ def euler_sample(velocity: VelocityFn, variables: Any, noise_BxIxC: jax.Array, c
         out = velocity(variables, x, jnp.full((x.shape[0],), sigma), cond)
         return out[B:] + true_cfg_scale * (out[:B] - out[B:]) if do_cfg else out
 
-    def step(x_BxIxC, sigma_pair):
-        sigma, sigma_next = sigma_pair  # the update is computed in fp32 whatever the latent dtype, as diffusers
-        x_BxIxC = (x_BxIxC + (sigma_next - sigma) * v(x_BxIxC, sigma)).astype(x_BxIxC.dtype)
+    def step(x_BxIxC, inputs):
+        sigma, sigma_next, j = inputs  # the update is computed in fp32 whatever the latent dtype, as diffusers
+        v_BxIxC = v(x_BxIxC, sigma)
+        if step_keys is None:
+            x_new = x_BxIxC + (sigma_next - sigma) * v_BxIxC
+        else:
+            eps = jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, j), x_BxIxC.shape[1:]))(step_keys)
+            x_new = stochastic_step(x_BxIxC, v_BxIxC, sigma, sigma_next, eta, eps)
+        x_BxIxC = x_new.astype(x_BxIxC.dtype)
         return x_BxIxC, x_BxIxC if return_trajectory else None
 
     sigmas = flux_sigmas(num_steps, noise_BxIxC.shape[1], mu) if sigmas is None else jnp.asarray(sigmas)
-    x_BxIxC, states = jax.lax.scan(step, noise_BxIxC, (sigmas[:-1], sigmas[1:]))
+    x_BxIxC, states = jax.lax.scan(step, noise_BxIxC, (sigmas[:-1], sigmas[1:], jnp.arange(num_steps)))
     return jnp.concatenate([noise_BxIxC[None], states]) if return_trajectory else x_BxIxC

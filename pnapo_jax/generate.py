@@ -11,12 +11,19 @@ stores it and `p * K + k` as its seed. Prompts go in chunks of `generate.prompts
 chunk is a complete dataset (DIR/chunk_00000/...), written to a temporary name and renamed, so a rerun skips
 finished chunks: an interrupted run resumes with no prompt done twice and none lost. Training reads DIR as
 one dataset. With several JAX processes each takes every n-th chunk.
+
+Shared noise (issue 18): with `generate.shared_noise` the K images of prompt p all start from the noise of seed
+p * K (`noise_seeds`) and differ by a stochastic sampler (`generate.eta` > 0, `flow.stochastic_step`) whose step
+noises come from each image's own seed p * K + k. Records stay sextuples, with x1_w = x1_l, so PNAPO's recorded
+noise is shared by the pair as Flow-DPO's fresh one is. `generate.eta` > 0 without sharing makes each image's
+path stochastic from its own noise.
 """
 
 import dataclasses
 import json
 import logging
 import shutil
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -31,7 +38,7 @@ from pnapo_jax.config import PAIR_MODES
 from pnapo_jax.data.builder import write_dataset
 from pnapo_jax.errors import UserError
 from pnapo_jax.sampling import Sampler, World, read_prompts, world_guide
-from pnapo_jax.setup import base_params, make_setup
+from pnapo_jax.setup import Setup, base_params, make_setup
 
 
 def select_pairs(rewards_K: np.ndarray, mode: str, min_gap: float) -> list[tuple[int, int]]:
@@ -46,6 +53,18 @@ def select_pairs(rewards_K: np.ndarray, mode: str, min_gap: float) -> list[tuple
         return [(i, j) for i in range(K) for j in range(K)
                 if rewards_K[i] > rewards_K[j] and rewards_K[i] - rewards_K[j] >= min_gap]
     raise ValueError(f"config.generate.pairs={mode!r}: choose from {PAIR_MODES}")
+
+
+def noise_seeds(seeds_N: np.ndarray, images_per_prompt: int, shared: bool) -> np.ndarray:
+    """The seeds whose noises images `seeds_N` start from: their own, or with `shared` their prompt's first
+    image's (seed - seed % K), so that a record's seed names its start noise and its step noises both."""
+    seeds_N = np.asarray(seeds_N)
+    return seeds_N - seeds_N % images_per_prompt if shared else seeds_N
+
+
+def model_forwards(images: int, gen: ml_collections.ConfigDict, guide: Any) -> int:
+    """Transformer forwards (per image row) that sampling `images` costs: num_steps each, twice with CFG."""
+    return images * gen.num_steps * (2 if guide is not None and guide.cfg_scale > 1 else 1)
 
 
 def _records_of_prompt(prompt: str, seeds_K: np.ndarray, x1_KxIxC: np.ndarray, x0_KxIxC: np.ndarray,
@@ -76,8 +95,9 @@ def generate_chunk(prompts: Sequence[str], first_index: int, sampler: Sampler, w
         idx = np.arange(first_index + start, first_index + start + len(batch))
         seeds_PxK = idx[:, None] * K + np.arange(K)[None]
         embeds, pooled = world.encode_prompts(batch)
-        x1 = sampler.noises(seeds_PxK.reshape(-1))
-        x0 = sampler(x1, np.repeat(embeds, K, axis=0), np.repeat(pooled, K, axis=0))
+        x1 = sampler.noises(noise_seeds(seeds_PxK.reshape(-1), K, gen.shared_noise))
+        step_seeds = seeds_PxK.reshape(-1) if gen.eta > 0 else None
+        x0 = sampler(x1, np.repeat(embeds, K, axis=0), np.repeat(pooled, K, axis=0), step_seeds)
         images = world.decode(x0)
         rewards_PxK = np.asarray(world.reward(images, [p for p in batch for _ in range(K)])).reshape(-1, K)
         shape_PxKxIxC = (len(batch), K, *x0.shape[1:])
@@ -89,16 +109,21 @@ def generate_chunk(prompts: Sequence[str], first_index: int, sampler: Sampler, w
     return records
 
 
-def run(config: ml_collections.ConfigDict, prompts_file: str, out: str, show_progress: bool = True) -> dict:
-    """Generate pairs for every prompt of `prompts_file` into `out` (resuming); returns counts."""
+def run(config: ml_collections.ConfigDict, prompts_file: str, out: str, show_progress: bool = True,
+        variables: Any = None, setup: Setup | None = None) -> dict:
+    """Generate pairs for every prompt of `prompts_file` into `out` (resuming); returns counts, and the seconds,
+    images and model forwards this call's sampling cost. The base model samples, or `variables` ({"params"} and
+    "lora" for a LoRA policy, on `setup`'s mesh: iterative PNAPO's policy, pnapo_jax.train)."""
     gen = config.generate
     prompts = read_prompts(prompts_file)  # the inputs first: nothing is loaded for a bad file or config
     out_dir = epath.Path(out)
     if out_dir.exists() and not out_dir.is_dir():
         raise UserError(f"--out={out} is a file; generate writes a dataset folder there")
-    setup = make_setup(config)
+    started = time.perf_counter()
+    setup = setup or make_setup(config)
     world = worlds.make_world(config)
-    sampler = Sampler(setup, {"params": base_params(setup)}, gen, world_guide(world))
+    guide = world_guide(world)
+    sampler = Sampler(setup, variables or {"params": base_params(setup)}, gen, guide)
     out_dir.mkdir(parents=True, exist_ok=True)
     n = gen.prompts_per_chunk
     mine = {c: prompts[c * n:(c + 1) * n] for c in range(-(-len(prompts) // n))
@@ -120,7 +145,10 @@ def run(config: ml_collections.ConfigDict, prompts_file: str, out: str, show_pro
             tmp.rename(out_dir / f"chunk_{c:05d}")
             pairs += len(records)
             bar.set_postfix(pairs=pairs)
-    summary = {"prompts": len(prompts), "chunks_written_now": len(todo), "pairs_written_now": pairs}
+    images = sum(len(mine[c]) for c in todo) * gen.images_per_prompt
+    summary = {"prompts": len(prompts), "chunks_written_now": len(todo), "pairs_written_now": pairs,
+               "images_sampled_now": images, "model_forwards_now": model_forwards(images, gen, guide),
+               "seconds_now": time.perf_counter() - started}
     if jax.process_index() == 0:
         config_json = json.loads(config.to_json_best_effort())
         (out_dir / "generation.json").write_text(json.dumps({**summary, "config": config_json}, indent=2))

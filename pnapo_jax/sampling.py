@@ -94,8 +94,11 @@ class Sampler:
     def noises(self, seeds_N: np.ndarray) -> jax.Array:
         return flow.seeded_noise(self.gen.seed, seeds_N, self.shape_IxC)
 
-    def __call__(self, noise_NxIxC: jax.Array, embeds_NxTxD: np.ndarray, pooled_NxP: np.ndarray) -> jax.Array:
-        """Final latents [N, I, C]; N is padded up to a multiple of the mesh's batch shards and cut back."""
+    def __call__(self, noise_NxIxC: jax.Array, embeds_NxTxD: np.ndarray, pooled_NxP: np.ndarray,
+                 step_seeds_N: np.ndarray | None = None) -> jax.Array:
+        """Final latents [N, I, C]; N is padded up to a multiple of the mesh's batch shards and cut back. With
+        `step_seeds_N` the sampler is stochastic at gen.eta (`flow.stochastic_step`), image n's step noises drawn
+        from `flow.seeded_keys(gen.seed, step_seeds_N)[n]`."""
         N = noise_NxIxC.shape[0]
         shards = self.setup.mesh.shape["data"] * self.setup.mesh.shape["fsdp"]
         pad = -N % shards
@@ -111,7 +114,11 @@ class Sampler:
             repeat = lambda x: np.broadcast_to(x, (N, *x.shape))
             negative = conditioning(put(repeat(guide.negative_embeds_TxD)), put(repeat(guide.negative_pooled_P)), None)
             cfg_scale, sigmas = guide.cfg_scale, guide.sigmas(self.gen.num_steps, noise_NxIxC.shape[1])
+        stochastic = {}
+        if step_seeds_N is not None:  # pad keys are never used: their rows are cut off
+            keys = flow.seeded_keys(self.gen.seed, np.pad(np.asarray(step_seeds_N), (0, pad)))
+            stochastic = dict(eta=self.gen.eta, step_keys=jax.device_put(keys, self.batch_sharding))
         with self.setup.scope():  # the mesh: the splash kernel runs per device on its batch shard (shard_map)
             x0 = flow.euler_sample(self.setup.velocity, self.variables, put(noise_NxIxC), cond, self.gen.num_steps,
-                                   cfg_scale, negative, mu=self.gen.shift_mu, sigmas=sigmas)
+                                   cfg_scale, negative, mu=self.gen.shift_mu, sigmas=sigmas, **stochastic)
         return x0[:N]

@@ -63,18 +63,40 @@ def _eval_batches(config: ml_collections.ConfigDict, setup: Setup) -> list[dict[
     return batches
 
 
+def train_prompts(config: ml_collections.ConfigDict, workdir: epath.Path) -> str:
+    """WORKDIR/prompts_train.txt: the world's prompts of split config.generate.split (the first
+    config.generate.max_prompts), what pairs are generated for."""
+    prompts = workdir / "prompts_train.txt"
+    if jax.process_index() == 0:
+        split_prompts = worlds.make_world(config).prompts(config.generate.split)
+        prompts.write_text("\n".join(split_prompts[: config.generate.max_prompts or None]))
+    return str(prompts)
+
+
 def pairs_path(config: ml_collections.ConfigDict, workdir: str | epath.Path, show_progress: bool) -> str:
     """config.data.path; for source "generate", the base model's pairs for the world's train prompts (split
     config.generate.split), made (resumably) into WORKDIR/pairs first."""
     if config.data.source != "generate":
         return config.data.path
     workdir = epath.Path(workdir)
-    prompts = workdir / "prompts_train.txt"
-    if jax.process_index() == 0:
-        train_prompts = worlds.make_world(config).prompts(config.generate.split)
-        prompts.write_text("\n".join(train_prompts[: config.generate.max_prompts or None]))
-    generate.run(config, str(prompts), str(workdir / "pairs"), show_progress)
+    generate.run(config, train_prompts(config, workdir), str(workdir / "pairs"), show_progress)
     return str(workdir / "pairs")
+
+
+def regenerate_pairs(config: ml_collections.ConfigDict, setup: Setup, state: Any, frozen: Any,
+                     workdir: epath.Path, round_: int, show_progress: bool) -> tuple[str, dict[str, float]]:
+    """Iterative PNAPO's round `round_` (>= 1): the policy at this step (its EMA when train.ema_decay > 0, what
+    evals use) samples the train prompts from new recorded noises (generate.seed + round_) by pair generation's
+    own code, into WORKDIR/pairs_round{round_} (resumable by chunks, as `python -m pnapo_jax.generate`).
+    Returns the path and the round's compute as metrics (seconds, images, model forwards of this call)."""
+    gen_config = config.copy_and_resolve_references()
+    gen_config.generate.seed = config.generate.seed + round_
+    out = workdir / f"pairs_round{round_}"
+    variables = policy_variables(setup, evaluated_params(setup, state), frozen)
+    summary = generate.run(gen_config, train_prompts(config, workdir), str(out), show_progress, variables, setup)
+    return str(out), {"regen/round": round_, "regen/seconds": summary["seconds_now"],
+                      "regen/images": summary["images_sampled_now"],
+                      "regen/model_forwards": summary["model_forwards_now"]}
 
 
 class Stopped(Exception):
@@ -146,11 +168,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices:
             from pnapo_jax import ref_cache
 
             cache = ref_cache.load_or_build(config, setup, frozen, source, data, workdir, say)
-        loader = make_train_loader(config, source, 0 if same_hosts or start is None else start, cache)
+        every = config.train.regenerate_every  # iterative PNAPO: round r trains steps r K + 1 .. (r + 1) K
+        round_ = (start or 0) // every if every else 0
+        new_round = bool(round_) and start % every == 0  # saved just before the round's pairs were (all) made
+        if round_ and not new_round:
+            source = make_source(config, str(workdir / f"pairs_round{round_}"))
+        first = start - round_ * every if start is not None else 0
+        loader = make_train_loader(config, source, 0 if same_hosts or start is None else first, cache)
         stack.callback(loader.close)
         resuming = start is not None
         if resuming:  # the newest checkpoint that restores: a damaged newest one falls back to an older one
-            state = ckpt.restore(start, setup.abstract_state, loader.iterator if same_hosts else None)
+            state = ckpt.restore(start, setup.abstract_state, loader.iterator if same_hosts and not new_round
+                                 else None)
+            if every and int(state["step"]) // every != round_:
+                raise UserError(f"checkpoint {start} did not restore and the older one is of another iterative "
+                                f"PNAPO round; move {workdir / 'checkpoints' / str(start)} aside and rerun")
         start = int(state["step"])
         if start >= config.train.num_steps:
             say(f"already finished at step {start} ({workdir})")
@@ -179,6 +211,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices:
                 report.write(workdir, sample_eval, images, rewards, step)
             writer.phase("training")
 
+        def next_round(step: int) -> Any:
+            """Round step // K's pairs from the policy at `step` (checkpointed first), and a loader on them."""
+            writer.phase(f"generating round {step // every}'s pairs")
+            path, costs = regenerate_pairs(config, setup, state, frozen, workdir, step // every, show_progress)
+            writer.write(step, costs)
+            writer.phase("training")
+            fresh = make_train_loader(config, make_source(config, path))
+            stack.callback(fresh.close)
+            return fresh
+
+        if new_round:
+            loader = next_round(start)
         if sample_eval and start == 0:
             evaluate_samples(0)
         for step in range(start + 1, config.train.num_steps + 1):
@@ -198,10 +242,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices:
             if sample_eval and (step % config.eval.sample_every == 0 or step == config.train.num_steps):
                 evaluate_samples(step)
             stop = ckpt.should_stop(step)
-            ckpt.save(step, state, loader.iterator, force=stop or step == config.train.num_steps)
+            regenerate = every and step % every == 0 and step < config.train.num_steps
+            ckpt.save(step, state, loader.iterator, force=stop or regenerate or step == config.train.num_steps)
             if stop:
                 ckpt.wait()
                 raise Stopped(step, ckpt.stop_signal)
+            if regenerate:  # a run killed while generating resumes from this checkpoint into the same round
+                ckpt.wait()
+                loader.close()
+                loader = next_round(step)
         ckpt.wait()
     return {**line, **evaluated}
 

@@ -67,3 +67,14 @@ def test_error_table_reads_the_per_t_errors_of_each_run(nm, tmp_path):
     rows = nm.error_table(runs)
     assert rows[2] == "| m | 0 | 0.2000 | 0.4000 | 1.0000 | 0.6000 | -0.2000 | +0.4000 |"
     assert rows[3] == "| m | 1 | nan | nan | nan | nan | +nan | +nan |"  # the bin held no example
+
+
+def test_regen_costs_sum_an_iterative_runs_rounds(nm, tmp_path):
+    lines = [{"step": 25, "regen/round": 1, "regen/seconds": 10.0, "regen/images": 540, "regen/model_forwards": 8640},
+             {"step": 30, "loss": 0.5},
+             {"step": 50, "regen/round": 2, "regen/seconds": 12.0, "regen/images": 540, "regen/model_forwards": 8640}]
+    (tmp_path / "metrics.jsonl").write_text("\n".join(json.dumps(x) for x in lines) + "\n")
+    assert nm.regen_costs(tmp_path) == {"seconds": 22.0, "images": 1080, "model_forwards": 17280}
+    assert nm.regen_costs(tmp_path / "none") == {}
+    assert nm.METHODS["iterative PNAPO (new pairs from the policy after each third of the run)"] == "iterative"
+    assert set(nm.GENERATION_VARIANTS) <= set(nm.METHODS.values())
