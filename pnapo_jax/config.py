@@ -116,6 +116,10 @@ def defaults(model_config: type | None = None) -> ml_collections.ConfigDict:
     c.optim.eps = 1e-8  # AdamW denominator epsilon
     c.optim.weight_decay = 1e-2  # decoupled weight decay (AdamW)
     c.optim.grad_clip = 1.0  # global-norm clip; 0 disables
+    c.optim.mu_dtype = ""  # AdamW first moment's storage dtype: "" = the params', "bfloat16" halves its memory
+    # "bfloat16": differentiate the Dense weights as the bf16 copy the model computes with, so the gradients
+    # are bf16 until the update (half their memory); "" = the params' dtype (needs model.dtype="bfloat16")
+    c.optim.grad_dtype = ""
 
     # The run: length, batch, logging and eval cadence.
     c.train = ml_collections.ConfigDict()

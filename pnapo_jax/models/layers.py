@@ -31,6 +31,9 @@ def _gathered(w: jax.Array, axes: tuple[str | None, ...]) -> jax.Array:
     return nn.with_logical_constraint(w, tuple("act_embed" if a == "embed" else a for a in axes))
 
 
+DENSE_WEIGHTS = ("kernel", "bias", "lora_a", "lora_b")  # Dense's variables: each cast to its dtype at use
+
+
 class Dense(nn.Module):
     """y = x W + b with logical axes on W and b, plus an optional low-rank update (LoRA).
 
