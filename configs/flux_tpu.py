@@ -4,6 +4,7 @@
         --config.data.path=gs://BUCKET/pairs/pnapo_pairs/1.0.0
     python -m pnapo_jax.main --config=configs/flux_tpu.py:lora ...          # LoRA instead of full fine-tune
     python -m pnapo_jax.main --config=configs/flux_tpu.py:independent ...   # Diffusion-DPO baseline (fresh noise)
+    python -m pnapo_jax.main --config=configs/flux_tpu.py:v6e ...           # full fine-tune on a v6e-8 (32 GiB chips)
 
 Variants combine with commas: `configs/flux_tpu.py:lora,independent`.
 """
@@ -12,7 +13,7 @@ import ml_collections
 
 from pnapo_jax.config import defaults, parse_variants
 
-VARIANTS = ("lora", "independent", "static_beta")
+VARIANTS = ("lora", "independent", "static_beta", "v6e")
 
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
@@ -41,7 +42,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     # Recompute each block in the backward pass, keeping only its bf16 input (1.5 GiB per image). Compared on
     # v5p-8 at 16 pairs (docs/tpu_fit.md): "save_named" saves <= 1.3% of the FLOPs and does not fit; "offload"
     # (the block inputs in host memory) takes 5.6 GiB less HBM per chip at the same FLOPs, for host-link traffic:
-    # the policy where HBM is short (even with it the full fine-tune misses v6e-8: 34.8 of 32 GiB at 16 pairs).
+    # the policy where HBM is short (v6e-8 needs it and bf16 AdamW mu and gradients too: the "v6e" variant).
     c.model.remat_policy = "full"
     c.model.attention_impl = "splash"  # Pallas splash attention: no [L, L] scores in HBM (pnapo_jax/models/splash.py)
 
@@ -99,6 +100,14 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         c.optim.lr = 1e-5  # not in the paper (full fine-tune only); diffusers' DPO LoRA examples use 1e-5
     if "independent" in variants:
         c.pnapo.noise_mode = "independent"  # Diffusion-DPO / Flow-DPO: fresh noise shared by the pair
+    if "v6e" in variants:
+        # Full fine-tune on a v6e-8 (8 chips x 32 GiB). Compiled at 16 pairs (docs/tpu_fit.md): 30.01 GiB per chip
+        # (arguments 16.68 + temporaries 13.23 + code 0.11); without the two bf16 options 34.79, which does not fit.
+        c.model.remat_policy = "offload"  # the blocks' saved bf16 inputs in host memory (8 GiB per chip), not HBM
+        c.optim.mu_dtype = "bfloat16"  # AdamW's first moment in bf16: 2.77 GiB less of arguments per chip
+        c.optim.grad_dtype = "bfloat16"  # Dense weights' gradients in bf16 until the update: half of 5.52 GiB/chip
+        c.train.global_batch_size = 16  # the paper's pairs per update, 2 pairs per chip, in one micro-batch
+        c.train.grad_accum_steps = 1  # the options above are what fit it at once: no gradient accumulation
     if "static_beta" in variants:
         c.pnapo.use_gap = False
         c.pnapo.use_schedule = False

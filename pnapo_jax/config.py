@@ -116,6 +116,10 @@ def defaults(model_config: type | None = None) -> ml_collections.ConfigDict:
     c.optim.eps = 1e-8  # AdamW denominator epsilon
     c.optim.weight_decay = 1e-2  # decoupled weight decay (AdamW)
     c.optim.grad_clip = 1.0  # global-norm clip; 0 disables
+    c.optim.mu_dtype = ""  # AdamW first moment's storage dtype: "" = the params', "bfloat16" halves its memory
+    # "bfloat16" (needs model.dtype "bfloat16"): the Dense weights are differentiated as the bf16 copy the model
+    # computes with, so their gradients stay bf16 until the update, half the memory of fp32 ones
+    c.optim.grad_dtype = ""  # the gradients' dtype: "" = the params', or "bfloat16" (above)
 
     # The run: length, batch, logging and eval cadence.
     c.train = ml_collections.ConfigDict()

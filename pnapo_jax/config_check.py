@@ -25,6 +25,8 @@ ENUMS = {
     "pnapo.scale_convention": tuple(objective.SCALE_CONVENTIONS),
     "pnapo.objective": objective.OBJECTIVES,
     "optim.schedule": config_lib.SCHEDULES,
+    "optim.mu_dtype": ("", *DTYPES),
+    "optim.grad_dtype": ("", "bfloat16"),
     "model.reference_dtype": DTYPES,
     "t_sampling.kind": flow.T_KINDS,
     "data.source": config_lib.DATA_SOURCES,
@@ -85,6 +87,9 @@ def _problems(config: ml_collections.ConfigDict) -> list[str]:
     if t.regenerate_every and p.ref_cache:
         out.append("config.pnapo.ref_cache caches one dataset's reference errors; config.train.regenerate_every "
                    "makes new pairs each round: use one of them")
+    if config.optim.grad_dtype and config.optim.grad_dtype != config.model.dtype:
+        out.append(f"config.optim.grad_dtype={config.optim.grad_dtype!r} needs config.model.dtype="
+                   f"{config.optim.grad_dtype!r} (the dtype the weights are used in), got {config.model.dtype!r}")
     if p.use_schedule and p.n2 <= p.n1:
         out.append(f"config.pnapo.n2={p.n2} must be > config.pnapo.n1={p.n1} with config.pnapo.use_schedule")
     for k in ("optim.b1", "optim.b2", "train.ema_decay"):
@@ -147,7 +152,8 @@ def check(config: ml_collections.ConfigDict, num_devices: int | None = None, pat
 # Fields added after runs were first saved. A saved config without one ran with the behaviour its default keeps
 # (the feature off), so readers of older workdirs (export, sample, evaluate) fill it in rather than refuse the run.
 ADDED_FIELDS = ("train.ema_decay", "pnapo.objective", "pnapo.sft_weight", "pnapo.ref_cache", "pnapo.ref_cache_dir",
-                "t_sampling.grid_size", "generate.eta", "generate.shared_noise", "train.regenerate_every")
+                "t_sampling.grid_size", "generate.eta", "generate.shared_noise", "train.regenerate_every",
+                "optim.mu_dtype", "optim.grad_dtype")
 
 
 def with_added_fields(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:

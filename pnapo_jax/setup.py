@@ -40,9 +40,11 @@ def learning_rate(optim: ml_collections.ConfigDict, num_steps: int) -> optax.Sch
 
 
 def make_optimizer(optim: ml_collections.ConfigDict, num_steps: int) -> optax.GradientTransformation:
-    """AdamW with global-norm clipping; a step whose gradients are not finite is skipped and counted (one pass)."""
+    """AdamW with global-norm clipping; a step whose gradients are not finite is skipped and counted (one pass).
+    optim.mu_dtype: the first moment's storage dtype ("" = the params')."""
     return fused_adamw.clip_adamw(learning_rate(optim, num_steps), b1=optim.b1, b2=optim.b2, eps=optim.eps,
-                                  weight_decay=optim.weight_decay, grad_clip=optim.grad_clip)
+                                  weight_decay=optim.weight_decay, grad_clip=optim.grad_clip,
+                                  mu_dtype=optim.mu_dtype or None)
 
 
 def _cast(tree: Any, dtype: str) -> Any:

@@ -9,9 +9,10 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from pnapo_jax import config_check, flow, objective, sharding
+from pnapo_jax import config_check, flow, fused_adamw, objective, sharding
 from pnapo_jax.backbones import record_conditioning
 from pnapo_jax.data.batch import REF_CACHE_KEYS
+from pnapo_jax.models.layers import DENSE_WEIGHTS
 from pnapo_jax.setup import Setup, State, ema_update, evaluated_params, learning_rate
 
 Metrics = dict[str, jax.Array]
@@ -61,6 +62,15 @@ def _cached_errors(batch: dict[str, jax.Array], u_B: jax.Array, grid_size: int) 
     return {**batch, **{k: jnp.take_along_axis(batch[k], j_Bx1, axis=1)[:, 0] for k in REF_CACHE_KEYS}}
 
 
+def differentiated(setup: Setup, params: Any) -> Any:
+    """The trained params as the loss is differentiated at: with optim.grad_dtype, the Dense weights as their copy
+    in that dtype (= model.dtype, which Dense casts them to at use: the forward is unchanged), so their gradients
+    stay in it until the optimizer upcasts them element by element (half the fp32 gradients' memory)."""
+    dtype = setup.config.optim.grad_dtype
+    cast = lambda path, x: x.astype(dtype) if dtype and getattr(path[-1], "key", None) in DENSE_WEIGHTS else x
+    return jax.tree_util.tree_map_with_path(cast, params)
+
+
 def _split_micro(x_BxN: jax.Array, k: int) -> jax.Array:
     """[B, ...] -> [k, B/k, ...] taking every k-th row, so each micro-batch keeps the batch sharding's layout."""
     return x_BxN.reshape(x_BxN.shape[0] // k, k, *x_BxN.shape[1:]).swapaxes(0, 1)
@@ -78,23 +88,26 @@ def train_step(setup: Setup, state: State, frozen: Any, batch: dict[str, jax.Arr
         batch = _cached_errors(batch, u_B, setup.config.t_sampling.grid_size)
     grad_fn = jax.value_and_grad(_loss_fn(setup, frozen, cached), has_aux=True)
     k = setup.config.train.grad_accum_steps
+    params = differentiated(setup, state["params"])
     if k == 1:
-        (_, metrics), grads = grad_fn(state["params"], batch, t_B, noise_rng, step)
+        (_, metrics), grads = grad_fn(params, batch, t_B, noise_rng, step)
     else:
         micro = (jax.tree.map(lambda x: _split_micro(x, k), batch), _split_micro(t_B, k),
                  jax.random.split(noise_rng, k))
 
         def accumulate(acc, xs):
-            (_, m), g = grad_fn(state["params"], *xs, step)
+            (_, m), g = grad_fn(params, *xs, step)
             return jax.tree.map(jnp.add, acc, (g, m)), None
 
-        shapes = jax.eval_shape(lambda: grad_fn(state["params"], *jax.tree.map(lambda x: x[0], micro), step))
-        zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), (shapes[1], shapes[0][1]))
+        shapes = jax.eval_shape(lambda: grad_fn(params, *jax.tree.map(lambda x: x[0], micro), step))
+        # bf16 gradients (optim.grad_dtype) are summed in fp32: k roundings to bf16 would each lose precision
+        fp32 = lambda dt: jnp.float32 if dt == jnp.bfloat16 else dt
+        zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, fp32(s.dtype)), (shapes[1], shapes[0][1]))
         (grads, metrics), _ = jax.lax.scan(accumulate, zeros, micro)
         grads, metrics = jax.tree.map(lambda x: x / k, (grads, metrics))
     updates, opt_state = setup.tx.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
-    metrics = {**metrics, "grad_norm": optax.global_norm(grads),
+    metrics = {**metrics, "grad_norm": optax.global_norm(fused_adamw.upcast(grads)),
                "lr": learning_rate(setup.config.optim, setup.config.train.num_steps)(step),
                "skipped_updates": opt_state.total_notfinite, "nonfinite_streak": opt_state.notfinite_count}
     ema = {"ema": ema_update(setup.config.train.ema_decay, state["ema"], params)} if setup.ema else {}

@@ -20,7 +20,7 @@ import flux_tpu  # noqa: E402
 import tiny  # noqa: E402
 
 
-@pytest.mark.parametrize("arg", ["", "lora", "independent", "static_beta", "lora,independent"])
+@pytest.mark.parametrize("arg", ["", "lora", "independent", "static_beta", "lora,independent", "v6e"])
 def test_flux_tpu_variants(arg):
     c = flux_tpu.get_config(arg)
     cfg = backbone_flux.model_config(c)
@@ -29,6 +29,8 @@ def test_flux_tpu_variants(arg):
     assert (cfg.lora_rank > 0) == ("lora" in arg)
     assert c.pnapo.noise_mode == ("independent" if "independent" in arg else "recorded")
     assert c.pnapo.use_gap == (arg != "static_beta")
+    v6e = (c.model.remat_policy, c.optim.mu_dtype, c.optim.grad_dtype) == ("offload", "bfloat16", "bfloat16")
+    assert v6e == (arg == "v6e")
 
 
 def test_unknown_variants_fail_clearly():
@@ -103,7 +105,7 @@ def test_every_shipped_config_passes_the_check():
     import demo_cpu
 
     configs = [tiny.get_config(v) for v in ("", "lora")] + [demo_cpu.get_config(v) for v in ("", "fast")]
-    configs += [flux_tpu.get_config(v) for v in ("", "lora", "lora,independent")]
+    configs += [flux_tpu.get_config(v) for v in ("", "lora", "lora,independent", "v6e")]
     for c in configs:
         c.data.path = c.data.path or "gs://bucket/pairs"  # flux_tpu's one required override
         config_check.check(c)

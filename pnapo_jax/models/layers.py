@@ -60,6 +60,9 @@ def _matmul_bwd(res: tuple[jax.Array, jax.Array], dy: jax.Array) -> tuple[jax.Ar
 matmul_wgrad_nt.defvjp(_matmul_fwd, _matmul_bwd)
 
 
+DENSE_WEIGHTS = ("kernel", "bias", "lora_a", "lora_b")  # Dense's variables: each cast to its dtype at use
+
+
 class Dense(nn.Module):
     """y = x W + b with logical axes on W and b, plus an optional low-rank update (LoRA).
 
