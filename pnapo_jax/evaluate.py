@@ -4,6 +4,10 @@
         --scorers=world_reward,world_fidelity --out=DIR
     python -m pnapo_jax.evaluate --world=flux --pipeline=FLUX_DIR --models=base=FLUX_DIR,pnapo=RUN_DIR \
         --prompts=hpdv2.json --scorers=hpsv2=HPS_DIR,pickscore=PICK_DIR,clip_score=CLIP_DIR --out=DIR
+    python -m pnapo_jax.evaluate --world=flux --models=base=SD3_DIR,pnapo=SD3_RUN_DIR ...  # an SD3 / SD3.5 pipeline
+
+--world=flux is the diffusers pipeline world (as config.generate.world): FLUX.1 or SD3 / SD3.5, as the pipeline
+folder's model_index.json says (pnapo_jax.pipelines); every model must be of that backbone.
 
 The command (pnapo_jax.bench) samples every prompt N times per model from the same recorded noises, keeps the
 images as files, scores them and writes results.json, scores.csv, results.md and report.html into DIR (local or
@@ -89,25 +93,27 @@ def run() -> None:
     from pnapo_jax.bench import benchmark, results
 
     f = flags
-    f.DEFINE_string("models", None, "NAME=PATH,...: FLUX transformer folders (the demo base, exported), FLUX "
-                    "pipeline folders, training workdirs (RUN_DIR@STEP for a step).")
+    f.DEFINE_string("models", None, "NAME=PATH,...: FLUX or SD3 transformer folders (the demo base, exported), FLUX "
+                    "or SD3 pipeline folders, training workdirs (RUN_DIR@STEP for a step).")
     f.DEFINE_string("prompts", None, "Prompt file (.txt, HPDv2 .json, PartiPrompts .tsv, DrawBench .csv, .jsonl or "
                     ".parquet rows) or world:SPLIT (the embedded world's train | heldout | all).")
     f.DEFINE_string("out", None, "Output folder (local or gs://); a rerun into it continues where the last one "
                     "stopped.")
     f.DEFINE_string("scorers", "world_reward,world_fidelity", "NAME[=DIR],...: world_reward, world_fidelity, "
                     "pickscore=DIR, hpsv2=DIR, clip_score=DIR, aesthetic=DIR, imagereward=DIR.")
-    f.DEFINE_enum("world", "demo", list(benchmark.WORLDS), "demo: the embedded world; flux: FLUX.1 pipelines.")
-    f.DEFINE_string("pipeline", "", "flux: pipeline folder of the text encoders and VAE (default: the first "
-                    "pipeline among --models).")
+    f.DEFINE_enum("world", "demo", list(benchmark.WORLDS), "demo: the embedded world; flux: diffusers pipelines, "
+                  "FLUX.1 or SD3 / SD3.5 (as --pipeline's model_index.json says).")
+    f.DEFINE_string("pipeline", "", "flux: pipeline folder of the text encoders and VAE, FLUX or SD3 (default: the "
+                    "first pipeline among --models); every model must be of its backbone.")
     f.DEFINE_integer("seeds", 2, "Images per prompt, each from its own noise, the same for every model.")
     f.DEFINE_integer("max_prompts", 0, "Use the set's first N prompts (0: all).")
     f.DEFINE_integer("seed", 0, "Noise seed.")
-    f.DEFINE_integer("num_steps", 16, "Euler steps (FLUX: 28 is FluxPipeline's default).")
-    f.DEFINE_float("guidance_scale", 3.5, "flux: guidance input of guidance-distilled models.")
+    f.DEFINE_integer("num_steps", 16, "Euler steps (28 is FluxPipeline's and StableDiffusion3Pipeline's default).")
+    f.DEFINE_float("guidance_scale", None, "flux: FLUX.1's guidance input (default 3.5); SD3's classifier-free "
+                   "guidance scale against the empty prompt (default 7).")
     f.DEFINE_integer("height", 1024, "flux: image height.")
     f.DEFINE_integer("width", 1024, "flux: image width.")
-    f.DEFINE_integer("max_sequence_length", 512, "flux: T5 tokens.")
+    f.DEFINE_integer("max_sequence_length", 0, "flux: T5 tokens (0: the pipeline's, FLUX 512, SD3 256).")
     f.DEFINE_integer("batch_size", 16, "Images sampled together, over every process's devices.")
     f.DEFINE_string("baseline", "", "The model win rates are against (default: the first).")
     f.DEFINE_string("prompt_format", "", "text | hpdv2 | parti | drawbench | rows (default: by extension).")

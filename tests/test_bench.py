@@ -128,7 +128,7 @@ def test_model_kinds(tmp_path):
     (pipe / "model_index.json").write_text("{}")
     (pipe / "transformer" / "config.json").write_text("{}")
     assert models.kind(str(pipe)) == "pipeline"
-    with pytest.raises(UserError, match=r"model .*nothing: not found; expected a FLUX transformer folder"):
+    with pytest.raises(UserError, match=r"model .*nothing: not found; expected a FLUX or SD3 transformer folder"):
         models.kind(str(tmp_path / "nothing"))
     with pytest.raises(UserError, match=r"model .*pipe/transformer: is none of the accepted kinds"):
         models.kind(str(pipe / "transformer"))

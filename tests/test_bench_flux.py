@@ -27,6 +27,17 @@ SEED = 5
 pytestmark = pytest.mark.slow  # two tiny training runs' worth of compiling: minutes on 2 cores
 
 
+def save_tiny_clip(folder) -> None:
+    """A tiny random CLIP (text and vision) with its tokenizer, a clip_score scorer folder."""
+    tokenizer = clip_tokenizer()
+    text = {**CLIP_TINY, "vocab_size": len(tokenizer), "max_position_embeddings": 77, "eos_token_id": 2,
+            "bos_token_id": 0, "pad_token_id": 1}
+    clip = transformers.CLIPModel(transformers.CLIPConfig(text_config=text, vision_config=VISION_TINY,
+                                                          projection_dim=16))
+    randomize(clip, 0, 0.2).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+
+
 @pytest.fixture(scope="module")
 def flux_bench(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("flux_bench")
@@ -34,13 +45,7 @@ def flux_bench(tmp_path_factory):
     pipe.save_pretrained(tmp / "pipe")
     _train(tmp / "pipe", tmp / "run", "lora")
     export.export(str(tmp / "run"), str(tmp / "exported"), "diffusers")
-    tokenizer = clip_tokenizer()
-    text = {**CLIP_TINY, "vocab_size": len(tokenizer), "max_position_embeddings": 77, "eos_token_id": 2,
-            "bos_token_id": 0, "pad_token_id": 1}
-    clip = transformers.CLIPModel(transformers.CLIPConfig(text_config=text, vision_config=VISION_TINY,
-                                                          projection_dim=16))
-    randomize(clip, 0, 0.2).save_pretrained(tmp / "clip")
-    tokenizer.save_pretrained(tmp / "clip")
+    save_tiny_clip(tmp / "clip")
     (tmp / "prompts.txt").write_text("\n".join(PROMPTS) + "\n")
     opts = benchmark.Options(models=f"base={tmp / 'pipe'},lora={tmp / 'run'},exported={tmp / 'exported'}",
                              prompts=str(tmp / "prompts.txt"), out=str(tmp / "out"),

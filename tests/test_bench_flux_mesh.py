@@ -31,7 +31,7 @@ def pipeline(tmp_path_factory):
 def test_flux_sampling_is_sharded_over_the_devices_and_matches_one_device(pipeline, monkeypatch):
     assert jax.local_device_count() == 8  # tests/conftest.py's fake devices
     options = {k: OPTIONS[k] for k in ("height", "width", "num_steps", "guidance_scale", "max_sequence_length")}
-    generate = sampling.FluxGenerator(pipeline, SEED, options)
+    generate = sampling.PipelineGenerator(pipeline, SEED, options)
     seen = []
     euler = flow.euler_sample
 

@@ -19,7 +19,7 @@ from pnapo_jax.errors import UserError
 
 WORLDS = ("demo", "flux")
 MANIFEST = "benchmark.json"
-SCORE_CHUNK = 32  # images scored at a time (1024 px FLUX images are 12 MB each in float32)
+SCORE_CHUNK = 32  # images scored at a time (1024 px images are 12 MB each in float32)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,10 +34,10 @@ class Options:
     max_prompts: int = 0  # the set's first N prompts (0: all)
     seed: int = 0  # noise seed
     num_steps: int = 16
-    guidance_scale: float = 3.5  # flux
+    guidance_scale: float | None = None  # flux: None = the pipeline's (FLUX.1's guidance input 3.5, SD3's CFG 7)
     height: int = 1024  # flux
     width: int = 1024  # flux
-    max_sequence_length: int = 512  # flux
+    max_sequence_length: int = 0  # flux: T5 tokens, 0 = the pipeline's (FLUX 512, SD3 256)
     batch_size: int = 16
     baseline: str = ""  # "" = the first model
     prompt_format: str = ""
@@ -76,19 +76,36 @@ def _check_manifest(out: epath.Path, settings: dict) -> None:
                             "use another --out (nothing there is overwritten)")
 
 
-def _flux_loaders(opts: Options, specs: list[models.ModelSpec]) -> dict[str, Any]:
-    """name -> a function loading its FluxGenerator; pipelines share the text encoders and VAE of --pipeline."""
-    import functools
-
-    from pnapo_jax import sample
-    from pnapo_jax.backbones import flux as backbone_flux
+def _pipeline_folder(opts: Options, specs: list[models.ModelSpec]) -> tuple[str, Any]:
+    """(--pipeline's folder, default the first pipeline among the models; its pipelines.PipelineKind). Its text
+    encoders and VAE serve every model, so every model must be of its backbone: a FLUX-vs-SD3 mix is refused."""
+    from pnapo_jax import pipelines
 
     folder = opts.pipeline or next((m.path for m in specs if m.kind == "pipeline"), "")
     if not folder:
-        raise UserError("--world=flux needs --pipeline (a FLUX pipeline folder: text encoders, VAE, scheduler) "
+        raise UserError("--world=flux needs --pipeline (a FLUX or SD3 pipeline folder: text encoders, VAE, scheduler) "
                         "or a pipeline folder among --models")
     if models.kind(folder) != "pipeline":
-        raise UserError(f"--pipeline={folder}: not a FLUX pipeline folder (model_index.json + transformer/)")
+        raise UserError(f"--pipeline={folder}: not a FLUX or SD3 pipeline folder (model_index.json + transformer/)")
+    try:
+        kind = pipelines.pipeline_kind(folder)
+    except UserError as e:
+        raise UserError(f"--pipeline={e}") from None
+    other = [f"{m.name}={m.path} is {m.backbone}'s" for m in specs if m.backbone != kind.backbone]
+    if other:
+        raise UserError(f"--models: {'; '.join(other)}, but the pipeline {folder} is a {kind.pipeline_class} "
+                        f"({kind.backbone}): one evaluate samples one backbone's models (it shares the pipeline's text "
+                        "encoders and VAE); evaluate each backbone's models in its own run with its own --pipeline")
+    return folder, kind
+
+
+def _pipeline_loaders(opts: Options, specs: list[models.ModelSpec], folder: str) -> dict[str, Any]:
+    """name -> a function loading its PipelineGenerator; pipelines share the text encoders and VAE of `folder`
+    (the models are all of its backbone: `_pipeline_folder`)."""
+    import functools
+
+    from pnapo_jax import sample
+
     options = dict(height=opts.height, width=opts.width, num_steps=opts.num_steps,
                    guidance_scale=opts.guidance_scale, max_sequence_length=opts.max_sequence_length)
 
@@ -98,17 +115,17 @@ def _flux_loaders(opts: Options, specs: list[models.ModelSpec]) -> dict[str, Any
     def shared():
         return sample.load_pipeline(folder, dtype=opts.dtype, transformer_shardings=shardings)
 
-    def load(spec: models.ModelSpec) -> sampling.FluxGenerator:
+    def load(spec: models.ModelSpec) -> sampling.PipelineGenerator:
         if spec.kind == "pipeline" and pathlib.Path(spec.path).resolve() != pathlib.Path(folder).resolve():
             pipeline = sample.load_pipeline(spec.path, dtype=opts.dtype, transformer_shardings=shardings)
-            return sampling.FluxGenerator(pipeline, opts.seed, options)
+            return sampling.PipelineGenerator(pipeline, opts.seed, options)
         if spec.kind == "pipeline":
-            return sampling.FluxGenerator(shared(), opts.seed, options)
+            return sampling.PipelineGenerator(shared(), opts.seed, options)
         cfg, variables = models.load_transformer(spec, opts.dtype, shardings)
         base = shared()
-        backbone_flux.check_fits(cfg, base.encoders, base.vae)
+        base.kind.check_fits(cfg, base.encoders, base.vae)
         pipeline = dataclasses.replace(base, transformer=cfg, variables=variables)
-        return sampling.FluxGenerator(pipeline, opts.seed, options)
+        return sampling.PipelineGenerator(pipeline, opts.seed, options)
 
     return {m.name: functools.partial(load, m) for m in specs}
 
@@ -118,10 +135,15 @@ def _demo_loaders(opts: Options, specs: list[models.ModelSpec]) -> dict[str, Any
 
     from pnapo_jax.world import latents, text
 
-    pipelines = [m.path for m in specs if m.kind == "pipeline"]
+    pipelines = [m for m in specs if m.kind == "pipeline"]
     if pipelines:
-        raise UserError(f"--world=demo: {pipelines[0]} is a FLUX pipeline folder; the embedded world takes its "
+        raise UserError(f"--world=demo: {pipelines[0].path} is a {pipelines[0].backbone.upper()} pipeline folder; "
+                        "the embedded world takes its "
                         "base (pnapo_jax/assets/demo_base), exported transformers and training workdirs")
+    not_flux = [f"{m.name}={m.path}" for m in specs if m.backbone != "flux"]
+    if not_flux:  # WorldGenerator runs FLUX's velocity
+        raise UserError(f"--world=demo: {', '.join(not_flux)} is an SD3 model; the embedded world's benchmark samples "
+                        "FLUX-architecture models")
 
     def load(spec: models.ModelSpec) -> sampling.WorldGenerator:
         cfg, variables = models.load_transformer(spec, shardings=sampling.eval_mesh().weight_shardings)
@@ -163,8 +185,8 @@ def run(opts: Options) -> dict | None:
     """The benchmark; returns the summary (results.json) on process 0, None elsewhere."""
     if opts.world not in WORLDS:
         raise UserError(f"--world={opts.world!r}: choose from {WORLDS}")
-    if opts.seeds < 1 or opts.batch_size < 1 or opts.num_steps < 1:
-        raise UserError("--seeds, --batch_size and --num_steps must be at least 1")
+    if opts.seeds < 1 or opts.batch_size < 1 or opts.num_steps < 1 or opts.max_sequence_length < 0:
+        raise UserError("--seeds, --batch_size and --num_steps must be at least 1, --max_sequence_length at least 0")
     if epath.Path(opts.out).exists() and not epath.Path(opts.out).is_dir():
         raise UserError(f"--out={opts.out} is a file; evaluate writes its images and report into a folder there")
     prompt_set = prompt_sets.read(opts.prompts, opts.prompt_format, opts.prompt_column)
@@ -179,7 +201,14 @@ def run(opts: Options) -> dict | None:
     world_scorers = [n for n, _ in scorer_specs if n in scorers.WORLD]
     if opts.world != "demo" and world_scorers:
         raise UserError(f"--scorers: {world_scorers} score the embedded world's images only (--world=demo)")
-    loaders = (_demo_loaders if opts.world == "demo" else _flux_loaders)(opts, specs)
+    if opts.world == "demo":
+        loaders = _demo_loaders(opts, specs)
+    else:
+        folder, kind = _pipeline_folder(opts, specs)
+        opts = dataclasses.replace(  # the pipeline's defaults, so the manifest records what the images used
+            opts, guidance_scale=kind.guidance_scale if opts.guidance_scale is None else opts.guidance_scale,
+            max_sequence_length=opts.max_sequence_length or kind.max_sequence_length)
+        loaders = _pipeline_loaders(opts, specs, folder)
     out = epath.Path(opts.out)
     settings = _image_settings(opts, prompt_set, specs)
     _check_manifest(out, settings)

@@ -5,10 +5,10 @@ file named by its prompt and seed, under its model's folder (local or gs://):
                                       holds the model, the prompt, p, k and the noise index
 
 The noise of that image is `flow.seeded_noise` of index p * N + k with --seed (embedded world: packed, as pair
-generation draws it; FLUX: over unpacked latents, as `python -m pnapo_jax.sample` draws it), so it depends on
-neither the batch nor the other prompts. A local file is written to a temporary name and renamed (a gs:// object
-appears whole or not at all), and existing files are skipped: a killed run continues without redoing or losing an
-image.
+generation draws it; FLUX and SD3 pipelines: over unpacked latents, as `python -m pnapo_jax.sample` draws it), so
+it depends on neither the batch nor the other prompts. A local file is written to a temporary name and renamed (a
+gs:// object appears whole or not at all), and existing files are skipped: a killed run continues without redoing
+or losing an image.
 
 Every process of a multi-host run takes part in every sampling step: the mesh spans all devices (data x fsdp, the
 training config's default), the transformer's weights are FSDP-sharded over it by the model's logical axis rules
@@ -37,9 +37,8 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from PIL import Image, PngImagePlugin
 
+from pnapo_jax import backbones, flow, sharding
 from pnapo_jax import config as config_lib
-from pnapo_jax import flow, sharding
-from pnapo_jax.backbones import flux as backbone_flux
 from pnapo_jax.models import flux
 
 Generator = Callable[[Sequence[str], np.ndarray], np.ndarray]  # (prompts, noise indices) -> images [B, H, W, 3]
@@ -87,12 +86,13 @@ class SamplingMesh:
     def batch(self) -> PartitionSpec:
         return PartitionSpec(sharding.BATCH_AXES)
 
-    def weight_shardings(self, cfg: flux.FluxConfig) -> Any:
-        """NamedShardings of the model's variables {"params", "lora"?}: FSDP over the mesh, as training's."""
-        boxed = jax.eval_shape(lambda: backbone_flux.init(cfg, jax.random.key(0)))
+    def weight_shardings(self, cfg: Any) -> Any:
+        """NamedShardings of the variables {"params", "lora"?} of the model `cfg` configures (FluxConfig,
+        SD3Config): FSDP over the mesh, as training's."""
+        boxed = jax.eval_shape(lambda: backbones.BACKBONES[cfg.backbone].init(cfg, jax.random.key(0)))
         return sharding.logical_shardings(boxed, self.mesh, self.rules)
 
-    def shard(self, cfg: flux.FluxConfig, variables: Any) -> Any:
+    def shard(self, cfg: Any, variables: Any) -> Any:
         """`variables` (host, one device, or another mesh's) placed in `weight_shardings`."""
         shardings = self.weight_shardings(cfg)
         return {k: jax.device_put(v, shardings[k]) for k, v in variables.items()}
@@ -158,9 +158,10 @@ class WorldGenerator:
 
 
 @dataclasses.dataclass
-class FluxGenerator:
-    """FLUX through `pnapo_jax.sample` (FluxPipeline's computation), a pipeline whose transformer is the model's;
-    each call is one global batch over the mesh (the transformer FSDP-sharded, the VAE replicated)."""
+class PipelineGenerator:
+    """FLUX or SD3 through `pnapo_jax.sample` (FluxPipeline's or StableDiffusion3Pipeline's computation), a
+    pipeline whose transformer is the model's; each call is one global batch over the mesh (the transformer
+    FSDP-sharded, the VAE replicated)."""
 
     pipeline: Any  # sample.Pipeline
     seed: int
