@@ -56,7 +56,7 @@ def test_shipped_sd3_base_is_what_diffusers_computes():
     assert _diffusers_rel_err(demo_base.BASES["sd3"], cfg, params) <= 1e-4
 
 
-@pytest.mark.slow  # ~3 min on the shared 2-core box at load 15 (67 s of CPU): generation, 2 + 2 steps, 3 evals, export
+@pytest.mark.slow  # 58 s at load 9, 3 min at load 15 on the shared 2-core box: pairs, 2 + 2 steps, 3 evals, export
 def test_demo_world_on_an_sd3_base_end_to_end(tmp_path):
     """configs/demo_cpu.py:sd3,fast, shortened: the shipped SD3 base's pairs (named in them), PNAPO steps, the
     held-out eval's reward and win rate at each sample_every, a resume from the checkpoint, and an export that
