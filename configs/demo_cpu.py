@@ -3,10 +3,13 @@ world's train prompts, PNAPO trains on them, and held-out prompts are sampled be
 
     python -m pnapo_jax.main --config=configs/demo_cpu.py --workdir=/tmp/demo
     python -m pnapo_jax.main --config=configs/demo_cpu.py:independent --workdir=/tmp/demo_dpo   # Flow-DPO
+    python -m pnapo_jax.main --config=configs/demo_cpu.py:sd3 --workdir=/tmp/demo_sd3   # an SD3 base
 
 Writes WORKDIR/pairs (the generated dataset), metrics.jsonl with eval/reward_mean and eval/win_rate_vs_base,
 samples.png (base vs policy from the same noises) and curves.png. Variants combine with commas; `fast`
-shrinks everything for tests and notebooks.
+shrinks everything for tests and notebooks; `sd3` swaps the FLUX base for the shipped SD3-architecture one
+(pnapo_jax/assets/demo_base_sd3, made by `python -m pnapo_jax.world.pretrain --backbone=sd3`), all else equal:
+the PNAPO settings below were chosen on the FLUX base and are not retuned for it.
 
 Choosing the schedule without the held-out prompts (issue 13): the held-out eval prompts must not pick the
 settings they report. Tune on the train prompts instead: pairs for `train_fit` (105 prompts), sampling evals on
@@ -45,19 +48,22 @@ import ml_collections
 from pnapo_jax.config import defaults, parse_variants
 from pnapo_jax.world import demo_base, latents, text
 
-VARIANTS = ("independent", "independent_unshared", "static_beta", "ipo", "sft", "shared_noise", "iterative", "fast")
+VARIANTS = ("independent", "independent_unshared", "static_beta", "ipo", "sft", "shared_noise", "iterative", "fast",
+            "sd3")
 
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
     """arg: comma-separated variants from VARIANTS ("" = PNAPO at the demo's settings)."""
     variants = parse_variants(arg, VARIANTS, "configs/demo_cpu.py")
-    c = defaults()
+    backbone = "sd3" if "sd3" in variants else "flux"
+    model = demo_base.demo_model_config(backbone)
+    c = defaults(type(model))
 
-    # The world's shipped base model: a ~2.3M-parameter FLUX (same code as FLUX.1-dev), pixel-space latents.
-    for k, v in demo_base.demo_model_config().to_diffusers().items():
+    # The world's shipped base model: a ~2.3M-parameter FLUX (same code as FLUX.1-dev) or SD3, pixel-space latents.
+    for k, v in model.to_diffusers().items():
         if k in c.model:
             c.model[k] = v
-    c.model.pretrained = str(demo_base.DEFAULT_BASE)  # a diffusers transformer folder inside the package
+    c.model.pretrained = str(demo_base.BASES[backbone])  # a diffusers transformer folder inside the package
     c.model.remat_policy = "none"  # small enough to keep every activation
     c.model.attention_impl = "head_major"  # faster than "xla" on XLA:CPU (docs/benchmarks.md)
     c.model.dense_input_barrier = True  # less backward transpose work on XLA:CPU (docs/benchmarks.md)

@@ -13,7 +13,7 @@ def make_world(config: ml_collections.ConfigDict) -> World:
     if name == "demo":
         from pnapo_jax import world
 
-        return world.components()
+        return world.components(config.model.get("backbone", "flux"))  # configs saved before backbones: FLUX
     if name == "flux":
         from pnapo_jax import pipeline_world
 

@@ -25,7 +25,7 @@ LAYERS = {
     "pnapo_jax.models": 2, "pnapo_jax.objective": 2,
     "pnapo_jax.convert": 3,
     "pnapo_jax.text": 4, "pnapo_jax.rewards": 4, "pnapo_jax.reference": 4,
-    "pnapo_jax.world": 4,
+    "pnapo_jax.world": 5,  # above backbones: the base model is any backbone's
     "pnapo_jax.sd3_text": 4, "pnapo_jax.pipelines": 6,  # SD3's prompt encoding; the FLUX / SD3 pipeline folders
     "pnapo_jax.backbones": 5,
     # the run config: its model fields from a backbone's model config, the backbone checks its own fields

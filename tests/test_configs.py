@@ -9,6 +9,7 @@ from etils import epath
 from ml_collections import config_flags
 
 from pnapo_jax import config_check, train
+from pnapo_jax.backbones import backbone_of
 from pnapo_jax.backbones import flux as backbone_flux
 from pnapo_jax.errors import UserError
 from pnapo_jax.setup import make_setup
@@ -50,13 +51,15 @@ def test_every_field_is_commented():
         assert ("#" in line) or (is_section and lines[i - 1].strip().startswith("#")), line
 
 
-@pytest.mark.parametrize("arg", ["", "independent", "static_beta", "fast", "fast,independent"])
+@pytest.mark.parametrize("arg", ["", "independent", "static_beta", "fast", "fast,independent", "sd3", "fast,sd3"])
 def test_demo_cpu_variants_match_the_shipped_base(arg):
     import demo_cpu
 
     c = demo_cpu.get_config(arg)
     assert epath.Path(c.model.pretrained, "config.json").exists()  # the base ships inside the package
-    assert backbone_flux.model_config(c).in_channels == 12 and c.data.source == "generate"
+    backbone = backbone_of(c)
+    assert backbone.name == ("sd3" if "sd3" in arg else "flux") and c.data.source == "generate"
+    assert backbone.record_spec(c).channels == 12  # the world's packed pixels, on either backbone
     assert c.pnapo.noise_mode == ("independent" if "independent" in arg else "recorded")
 
 
@@ -104,7 +107,7 @@ def test_missing_local_inputs_are_named_where_they_are_read():
 def test_every_shipped_config_passes_the_check():
     import demo_cpu
 
-    configs = [tiny.get_config(v) for v in ("", "lora")] + [demo_cpu.get_config(v) for v in ("", "fast")]
+    configs = [tiny.get_config(v) for v in ("", "lora")] + [demo_cpu.get_config(v) for v in ("", "fast", "sd3")]
     configs += [flux_tpu.get_config(v) for v in ("", "lora", "lora,independent", "v6e")]
     for c in configs:
         c.data.path = c.data.path or "gs://bucket/pairs"  # flux_tpu's one required override

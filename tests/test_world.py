@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from flax import linen as nn
 
-from pnapo_jax.models.flux import init_params
+from pnapo_jax.backbones import BACKBONES
 from pnapo_jax.world import components, fidelity, grammar, latents, pretrain, render, reward, text
 from pnapo_jax.world import demo_base as base
 
@@ -118,31 +118,43 @@ def test_fidelity_is_zero_on_the_data_and_large_off_it():
     assert fidelity.fidelity(render.render(texts[1:2], [0]), texts[:1])[0] > f_clean.max()  # another prompt's image
 
 
-def test_pretrain_reproduces_its_weights_and_saves_a_loadable_folder(tmp_path):
-    cfg = dataclasses.replace(base.demo_model_config(), num_layers=1, num_single_layers=1, num_attention_heads=1)
+SMALL = {"flux": dict(num_layers=1, num_single_layers=1, num_attention_heads=1),  # the base, one block of each
+         "sd3": dict(num_layers=1, num_attention_heads=1, caption_projection_dim=32)}
+
+
+@pytest.mark.parametrize("backbone", ["flux", "sd3"])
+def test_pretrain_reproduces_its_weights_and_saves_a_loadable_folder(tmp_path, backbone):
+    """Either backbone's base: the same flags give the same weights, and load_base finds the family by the
+    folder's config.json class."""
+    cfg = dataclasses.replace(base.demo_model_config(backbone), **SMALL[backbone])
     runs = [pretrain.pretrain(cfg, steps=2, batch=2, lr=1e-3, seed=3, log_every=2) for _ in range(2)]
     for a, b in zip(jax.tree.leaves(runs[0][0]), jax.tree.leaves(runs[1][0]), strict=True):
         np.testing.assert_array_equal(a, b)
-    init = nn.meta.unbox(init_params(cfg, jax.random.key(3)))
+    init = nn.meta.unbox(BACKBONES[backbone].init(cfg, jax.random.key(3)))["params"]
     assert not np.array_equal(jax.tree.leaves(init)[0], jax.tree.leaves(runs[0][0])[0])
     base.save_base(tmp_path / "base", cfg, *runs[0])
+    assert runs[0][1]["backbone"] == backbone and base.folder_backbone(tmp_path / "base") == backbone
     loaded_cfg, loaded = base.load_base(tmp_path / "base")
     assert loaded_cfg == cfg
     jax.tree.map(lambda x, y: np.testing.assert_array_equal(np.asarray(x, base.STORE_DTYPE), y), runs[0][0], loaded)
 
 
-def test_shipped_base_loads_and_samples_follow_prompts():
-    world = components()
+@pytest.mark.parametrize("backbone", ["flux", "sd3"])
+def test_shipped_base_loads_and_samples_follow_prompts(backbone):
+    world = components(backbone)
     cfg, params = world.load_base()
-    assert cfg == base.demo_model_config()
-    assert (cfg.in_channels, cfg.joint_attention_dim, cfg.pooled_projection_dim) == (
+    assert cfg == base.demo_model_config(backbone)
+    token_width = cfg.token_dim if backbone == "sd3" else cfg.in_channels  # SD3 patches 2x2 itself: 3 x 4
+    assert (token_width, cfg.joint_attention_dim, cfg.pooled_projection_dim) == (
         world.in_channels, world.text_dim, world.pooled_dim)
     texts = TRAIN[::17] + HELDOUT[::11]  # 8 + 5 prompts
     images = base.sample(cfg, params, texts, seed=0, num_steps=20)
     noise = _noise_images(len(texts))
     r_samples, r_noise = world.reward(images, texts), world.reward(noise, texts)
     f_samples, f_noise = world.fidelity(images, texts), world.fidelity(noise, texts)
-    print(f"base samples: reward {r_samples.mean():.3f} fidelity {f_samples.mean():.4f}; "
+    print(f"{backbone} base samples: reward {r_samples.mean():.3f} fidelity {f_samples.mean():.4f}; "
           f"noise: reward {r_noise.mean():.3f} fidelity {f_noise.mean():.4f}")
-    assert r_samples.mean() > r_noise.mean() + 0.3
+    # The SD3 base had 200 pretrain steps on a busy box (the FLUX base 1400): it draws the scenes (fidelity) but
+    # follows the prompts far less (reward 0.15 here, noise 0.00; README's SD3 paragraph).
+    assert r_samples.mean() > r_noise.mean() + {"flux": 0.3, "sd3": 0.1}[backbone]
     assert f_samples.mean() < f_noise.mean() / 10

@@ -18,13 +18,13 @@ from absl import flags
 
 from pnapo_jax import cli
 from pnapo_jax.errors import UserError
-from pnapo_jax.models.flux import FluxConfig
 from pnapo_jax.world import demo_base, grammar, pretrain, text
+from pnapo_jax.world.demo_base import ModelConfig
 
 REFLOW_INFO = "reflow.json"
 
 
-def couplings(cfg: FluxConfig, params: Any, pairs: int, seed: int, num_steps: int, batch: int = 64
+def couplings(cfg: ModelConfig, params: Any, pairs: int, seed: int, num_steps: int, batch: int = 64
               ) -> dict[str, np.ndarray]:
     """The base's couplings: x1 (noise) and x0 (its ODE sample) [pairs, I, C], with the prompt embeddings."""
     train = grammar.prompts("train")
@@ -34,7 +34,7 @@ def couplings(cfg: FluxConfig, params: Any, pairs: int, seed: int, num_steps: in
     return {"x0": x0, "x1": x1, "embeds": embeds, "pooled": pooled}
 
 
-def reflow(cfg: FluxConfig, params: Any, pairs: int, steps: int, batch: int, lr: float, seed: int, num_steps: int,
+def reflow(cfg: ModelConfig, params: Any, pairs: int, steps: int, batch: int, lr: float, seed: int, num_steps: int,
            log_every: int = 50) -> tuple[Any, dict[str, Any]]:
     """Reflowed params and a record of how they were made."""
     start = time.time()
