@@ -131,6 +131,7 @@ def _tiny(**optim):
     c = tiny.get_config()
     c.model.dtype = "bfloat16"  # bf16 matmuls with fp32 params, as on TPU
     c.model.scan_layers = True  # the stacked weights' gradients, as on TPU
+    c.model.dense_input_barrier = False  # the TPU configs' Dense (the CPU weight-gradient rule rounds elsewhere)
     c.optim.update(optim)
     return c
 
