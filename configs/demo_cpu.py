@@ -48,8 +48,8 @@ import ml_collections
 from pnapo_jax.config import defaults, parse_variants
 from pnapo_jax.world import demo_base, latents, text
 
-VARIANTS = ("independent", "independent_unshared", "static_beta", "ipo", "sft", "shared_noise", "iterative", "fast",
-            "sd3")
+VARIANTS = ("independent", "independent_unshared", "static_beta", "ipo", "sft", "shared_noise", "iterative",
+            "ref_cache", "fast", "sd3")
 
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
@@ -120,6 +120,9 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         c.generate.eta = 0.5  # an untuned middle: 0 makes K equal images, 1 all but forgets the start noise
     if "iterative" in variants:  # iterative PNAPO (issue 18): the policy's own pairs every 25 steps, 2 new rounds
         c.train.regenerate_every = 25
+    if "ref_cache" in variants:  # t from 8 fixed points, the reference's errors computed once (issue 18, item 5)
+        c.t_sampling.kind = "grid"
+        c.pnapo.ref_cache = True
     if "static_beta" in variants:
         c.pnapo.use_gap = False
         c.pnapo.use_schedule = False
