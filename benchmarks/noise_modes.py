@@ -49,16 +49,18 @@ METHODS = {"PNAPO": "", "Flow-DPO (independent noise)": "independent", "PNAPO, s
            "independent noise, unshared (one per image)": "independent_unshared", "PNAPO, IPO objective": "ipo",
            "PNAPO + winner SFT": "sft", "PNAPO on shared-noise pairs (x1_w = x1_l)": "shared_noise",
            "iterative PNAPO (new pairs from the policy after each third of the run)": "iterative",
-           "PNAPO, t on a fixed 8-point grid (reference errors cached)": "ref_cache"}
+           "PNAPO, t on a fixed 8-point grid (reference errors cached)": "ref_cache",
+           "Flow-DPO on the shared-noise pairs (a control)": "independent+shared_noise"}
 GENERATION_VARIANTS = ("shared_noise",)  # methods whose pairs are their own (generated with their settings)
+# A method is one or more configs/demo_cpu.py variants joined by "+".
 
 
 def demo_config(*variants: str) -> ml_collections.ConfigDict:
-    """configs/demo_cpu.py with the given variants ("" ones dropped)."""
+    """configs/demo_cpu.py with the given variants ("" ones dropped; "a+b" is a and b)."""
     spec = importlib.util.spec_from_file_location("demo_cpu", ROOT / "configs" / "demo_cpu.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return module.get_config(",".join(v for v in variants if v))
+    return module.get_config(",".join(v for x in variants for v in x.split("+") if v))
 
 
 def run_config(args: argparse.Namespace, variant: str, beta: float, lr: float, seed: int, pairs: str,
@@ -129,8 +131,8 @@ def regen_costs(workdir: Path) -> dict[str, float]:
 def method_pairs(args: argparse.Namespace, method: str, shared: str) -> str:
     """The pairs `method` trains on: `shared` (OUT/pairs), or for GENERATION_VARIANTS its own OUT/<variant>/pairs
     of the same prompts, generated with its settings (resumably, once)."""
-    variant = METHODS[method]
-    if variant not in GENERATION_VARIANTS:
+    variant = next((v for v in METHODS[method].split("+") if v in GENERATION_VARIANTS), None)
+    if variant is None:
         return shared
     gen = demo_config(variant, args.demo_variant)
     if args.base:

@@ -1,6 +1,7 @@
 """benchmarks/noise_modes.py's selection and summary rules on hand-made eval curves (the runs themselves are what
 tests/test_notebooks.py's ablation notebook exercises)."""
 
+import argparse
 import importlib.util
 import json
 import pathlib
@@ -78,3 +79,16 @@ def test_regen_costs_sum_an_iterative_runs_rounds(nm, tmp_path):
     assert nm.regen_costs(tmp_path / "none") == {}
     assert nm.METHODS["iterative PNAPO (new pairs from the policy after each third of the run)"] == "iterative"
     assert set(nm.GENERATION_VARIANTS) <= set(nm.METHODS.values())
+
+
+def test_a_two_variant_method_and_the_pinned_protocol(nm, tmp_path):
+    """A method of two variants ("a+b") gets both; every run keeps the README protocol's schedule and raw-weight
+    evals whatever the demo config says now; the cached-reference method shares one cache beside its pairs."""
+    c = nm.demo_config("independent+shared_noise", "")
+    assert c.pnapo.noise_mode == "independent" and c.generate.shared_noise
+    assert nm.METHODS["Flow-DPO on the shared-noise pairs (a control)"] == "independent+shared_noise"
+    args = argparse.Namespace(demo_variant="", base="", steps=60)
+    c = nm.run_config(args, "ref_cache", 1000.0, 4e-5, 1, str(tmp_path / "pairs"), 15)
+    assert (c.pnapo.n1, c.pnapo.n2, c.train.ema_decay) == (18, 54, 0.0)
+    assert c.t_sampling.kind == "grid" and c.pnapo.ref_cache_dir == str(tmp_path / "ref_cache")
+    assert nm.run_config(args, "iterative", 1000.0, 4e-5, 1, "p", 15).train.regenerate_every == 20
