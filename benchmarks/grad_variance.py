@@ -150,6 +150,8 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         results[m] = {"name": NAMES[m], "pairs": pairs,
                       **{k: {**spread(g), **bootstrap(g)} for k, g in grams.items()}}
         print(f"{m}: {time.time() - t:.0f} s, load {load()}", flush=True)
+        write(args.out, {"args": vars(args), "machine": describe(), "load_before": start_load, "partial": True,
+                         "methods": results})
     end_load = load()
     lines = [f"load before {start_load}, after {end_load} (1/5/15 min); {time.time() - t0:.0f} s; "
              f"{args.batch} pairs, {args.draws} draws; ± = bootstrap std over draws",
@@ -160,10 +162,15 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     print("\n".join(lines))
     out = {"args": vars(args), "machine": describe(), "load_before": start_load, "load_after": end_load,
            "note": SCALE_NOTE, "methods": results}
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(out, indent=2))
+    write(args.out, out)
     return out
+
+
+def write(path: str, out: dict[str, Any]) -> None:
+    """The JSON so far (after each method: a long run that is stopped keeps what it measured)."""
+    if path:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(json.dumps(out, indent=2))
 
 
 def parser() -> argparse.ArgumentParser:

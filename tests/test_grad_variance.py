@@ -16,6 +16,7 @@ from pnapo_jax.data.pipeline import global_batch
 from pnapo_jax.setup import base_params, make_setup
 from pnapo_jax.sharding import batch_sharding
 from pnapo_jax.step import batch_gradients
+from pnapo_jax.world import demo_base
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
@@ -91,6 +92,18 @@ def test_ipo_gradient_is_twice_dpos_where_policy_is_reference():
     dpo = gradient("recorded", same_images=False)
     np.testing.assert_allclose(gradient("recorded", "ipo", same_images=False), 2 * dpo, rtol=1e-5,
                                atol=1e-6 * np.abs(dpo).max())
+
+
+def test_policy_params_from_a_transformer_folder_are_its_weights_not_the_bases(gv, tmp_path):
+    args = gv.parser().parse_args(["--pairs=synthetic", "--demo_variant=fast"])
+    setup = make_setup(gv.method_config("", args, "synthetic"), jax.devices()[:1])
+    cfg, base = demo_base.load_base()
+    moved = jax.tree.map(lambda x: x + 0.25, base)  # exact in the stored dtype for these weights' magnitudes
+    demo_base.save_base(tmp_path, cfg, moved, {})
+    assert gv.policy_params(setup, base, "") is base
+    loaded = gv.policy_params(setup, base, str(tmp_path))
+    stored = jax.tree.map(lambda x: np.asarray(x, demo_base.STORE_DTYPE).astype(np.float32), moved)
+    jax.tree.map(np.testing.assert_array_equal, loaded, stored)
 
 
 def test_script_end_to_end_on_the_fast_demo(gv, tmp_path, capsys):
