@@ -47,6 +47,10 @@ SCALE_NOTE = ("The objectives' scales differ (IPO's gradient at the base is exac
               "compare methods by the relative variance V / ||mean g||^2, not by V.")
 
 
+SIGNAL_NOTE = ("‖mean g‖² overstates ‖E g‖² by V / R (R draws), so V / ‖mean g‖² cannot exceed about R when the "
+               "mean gradient is below the noise; V / ‖E g‖² uses the unbiased estimate (mean of <g_r, g_s>, r != s).")
+
+
 def load() -> str:
     return "/".join(f"{x:.2f}" for x in os.getloadavg())
 
@@ -121,14 +125,37 @@ def gradient_grams(config: Any, args: argparse.Namespace) -> dict[str, np.ndarra
     return grams
 
 
-def row(name: str, r: dict[str, Any]) -> str:
-    f, d = r["fixed"], r["redrawn"]
-    rel = lambda x: f"{x['rel_var']:.3g} ± {x['rel_var_std']:.2g}"
-    return (f"| {name} | {f['mean_norm']:.4g} | {f['total_var']:.4g} | {rel(f)} | {d['mean_norm']:.4g} | "
-            f"{d['total_var']:.4g} | {rel(d)} | {f['total_var'] / d['total_var']:.2f} |")
+def cells(x: dict[str, float]) -> str:
+    """‖mean g‖ | V | V / ‖mean g‖² ± bootstrap std | V / (unbiased ‖E g‖²), or why that is not resolved."""
+    snr = (f"{x['total_var'] / x['signal_sq']:.3g}" if x["signal_sq"] > 0
+           else f"unresolved (‖E g‖² estimate {x['signal_sq']:.3g} ≤ 0)")
+    return f"{x['mean_norm']:.4g} | {x['total_var']:.4g} | {x['rel_var']:.3g} ± {x['rel_var_std']:.2g} | {snr}"
+
+
+def table(out: dict[str, Any]) -> str:
+    """The markdown table (with its load line and notes) of a result JSON."""
+    a = out["args"]
+    lines = [f"load before {out['load_before']}, after {out.get('load_after', '?')} (1/5/15 min); "
+             f"{a['batch']} pairs, {a['draws']} draws, step {a['step']}, params {a['policy'] or 'the base'}; "
+             "± = bootstrap std over draws",
+             "| method | fixed batch: ‖mean g‖ | V = E‖g - mean g‖² | V / ‖mean g‖² | V / ‖E g‖² (unbiased) | "
+             "redrawn batches: ‖mean g‖ | V | V / ‖mean g‖² | V / ‖E g‖² (unbiased) | V fixed / V redrawn |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in out["methods"].values():
+        f, d = r["fixed"], r["redrawn"]
+        lines.append(f"| {r['name']} | {cells(f)} | {cells(d)} | "
+                     f"{f['total_var'] / d['total_var']:.2f} |")
+    lines += [SCALE_NOTE, SIGNAL_NOTE]
+    return "\n".join(lines)
 
 
 def main(args: argparse.Namespace) -> dict[str, Any]:
+    if args.table:
+        out = json.loads(Path(args.table).read_text())
+        print(table(out))
+        return out
+    if not args.pairs:
+        raise UserError("--pairs: the pairs dataset to take the gradients on (or --table=JSON to print a result)")
     methods = [m for m in args.methods.split(",") if m]
     unknown = [m for m in methods if m not in NAMES or m == "iterative"]
     if unknown:
@@ -152,16 +179,9 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         print(f"{m}: {time.time() - t:.0f} s, load {load()}", flush=True)
         write(args.out, {"args": vars(args), "machine": describe(), "load_before": start_load, "partial": True,
                          "methods": results})
-    end_load = load()
-    lines = [f"load before {start_load}, after {end_load} (1/5/15 min); {time.time() - t0:.0f} s; "
-             f"{args.batch} pairs, {args.draws} draws; ± = bootstrap std over draws",
-             "| method | fixed batch: ‖mean g‖ | V = E‖g - mean g‖² | V / ‖mean g‖² | redrawn batch: ‖mean g‖ | V | "
-             "V / ‖mean g‖² | noise share (V fixed / V redrawn) |", "|---|---|---|---|---|---|---|---|"]
-    lines += [row(r["name"], r) for r in results.values()]
-    lines.append(SCALE_NOTE)
-    print("\n".join(lines))
-    out = {"args": vars(args), "machine": describe(), "load_before": start_load, "load_after": end_load,
-           "note": SCALE_NOTE, "methods": results}
+    out = {"args": vars(args), "machine": describe(), "load_before": start_load, "load_after": load(),
+           "seconds": round(time.time() - t0), "note": SCALE_NOTE, "methods": results}
+    print(table(out))
     write(args.out, out)
     return out
 
@@ -175,7 +195,7 @@ def write(path: str, out: dict[str, Any]) -> None:
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--pairs", required=True, help="the pairs dataset (noise_modes' OUT/pairs); 'synthetic': random")
+    p.add_argument("--pairs", default="", help="the pairs dataset (noise_modes' OUT/pairs); 'synthetic': random")
     p.add_argument("--shared_noise_pairs", default="", help="shared-noise pairs (OUT/shared_noise/pairs)")
     p.add_argument("--methods", default=",".join(DEFAULT_METHODS))
     p.add_argument("--batch", type=int, default=16)
@@ -188,6 +208,7 @@ def parser() -> argparse.ArgumentParser:
                                                 "transformer folder instead of the base")
     p.add_argument("--demo_variant", default="", help="an extra configs/demo_cpu.py variant (tests: fast)")
     p.add_argument("--out", default="", help="JSON file")
+    p.add_argument("--table", default="", help="print the table of a result JSON (--out of a run) and exit")
     p.add_argument("--debug", action="store_true", help="the traceback of an expected error, not one line")
     return p
 

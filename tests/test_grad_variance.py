@@ -120,3 +120,6 @@ def test_script_end_to_end_on_the_fast_demo(gv, tmp_path, capsys):
         assert r["total_var"] > 0 and r["mean_norm"] > 0
         assert r["rel_var"] == pytest.approx(r["total_var"] / r["mean_norm"] ** 2)
     assert "| independent noise, unshared (one per image) |" in text
+    gv.main(gv.parser().parse_args([f"--table={out}"]))  # the table again, from the JSON
+    again = capsys.readouterr().out.strip()
+    assert again.count("\n| ") == 3 and text.strip().endswith(again)
