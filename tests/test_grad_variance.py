@@ -77,12 +77,12 @@ def gradient(noise_mode: str, objective: str = "dpo", sft_weight: float = 0.0, s
 
 def test_a_pair_of_one_image_has_no_preference_gradient_when_its_noise_is_shared():
     """Winner = loser: with one noise for both (PNAPO's recorded x1_w = x1_l, Flow-DPO's shared draw) the two errors
-    are equal, so DPO's and IPO's gradients vanish; separate noises (independent_unshared) leave the noise's
+    are equal, so DPO's gradient vanishes; separate noises (independent_unshared) leave the noise's
     difference as gradient, and a winner SFT term is a gradient of its own."""
     unshared = np.linalg.norm(gradient("independent_unshared"))
     assert unshared > 1e-3
-    for mode, objective in (("recorded", "dpo"), ("independent", "dpo"), ("recorded", "ipo")):
-        assert np.linalg.norm(gradient(mode, objective)) <= 1e-6 * unshared, (mode, objective)
+    for mode in ("recorded", "independent"):  # IPO's is twice DPO's here (the next test)
+        assert np.linalg.norm(gradient(mode)) <= 1e-6 * unshared, mode
     assert np.linalg.norm(gradient("recorded", sft_weight=1.0)) > 1e-3 * unshared
 
 
@@ -122,4 +122,4 @@ def test_script_end_to_end_on_the_fast_demo(gv, tmp_path, capsys):
     assert "| independent noise, unshared (one per image) |" in text
     gv.main(gv.parser().parse_args([f"--table={out}"]))  # the table again, from the JSON
     again = capsys.readouterr().out.strip()
-    assert again.count("\n| ") == 3 and text.strip().endswith(again)
+    assert sum(line.startswith("| ") for line in again.splitlines()) == 2 and text.strip().endswith(again)
