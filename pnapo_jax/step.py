@@ -76,10 +76,12 @@ def _split_micro(x_BxN: jax.Array, k: int) -> jax.Array:
     return x_BxN.reshape(x_BxN.shape[0] // k, k, *x_BxN.shape[1:]).swapaxes(0, 1)
 
 
-def train_step(setup: Setup, state: State, frozen: Any, batch: dict[str, jax.Array]) -> tuple[State, Metrics]:
-    """One optimizer update on a global batch of pairs (in `grad_accum_steps` micro-batches). Pure."""
-    step = state["step"]
-    t_rng, noise_rng = jax.random.split(jax.random.fold_in(state["rng"], step))
+def batch_gradients(setup: Setup, params: Any, frozen: Any, batch: dict[str, jax.Array], rng: jax.Array,
+                    step: jax.Array | int) -> tuple[Any, Metrics]:
+    """(gradients, metrics) of the loss on a global batch (the mean over `grad_accum_steps` micro-batches), with the
+    t and noise draws of `rng`: what `train_step` applies, and what benchmarks/grad_variance.py takes again and
+    again to measure the variance of the gradient estimate."""
+    t_rng, noise_rng = jax.random.split(rng)
     B = batch["x0_w"].shape[0]
     u_B = jax.random.uniform(t_rng, (B,))  # flow.sample_t's draw, kept for the cache's grid index
     t_B = flow.t_from_uniform(u_B, **_t_kwargs(setup))
@@ -88,23 +90,29 @@ def train_step(setup: Setup, state: State, frozen: Any, batch: dict[str, jax.Arr
         batch = _cached_errors(batch, u_B, setup.config.t_sampling.grid_size)
     grad_fn = jax.value_and_grad(_loss_fn(setup, frozen, cached), has_aux=True)
     k = setup.config.train.grad_accum_steps
-    params = differentiated(setup, state["params"])
+    params = differentiated(setup, params)
     if k == 1:
         (_, metrics), grads = grad_fn(params, batch, t_B, noise_rng, step)
-    else:
-        micro = (jax.tree.map(lambda x: _split_micro(x, k), batch), _split_micro(t_B, k),
-                 jax.random.split(noise_rng, k))
+        return grads, metrics
+    micro = (jax.tree.map(lambda x: _split_micro(x, k), batch), _split_micro(t_B, k), jax.random.split(noise_rng, k))
 
-        def accumulate(acc, xs):
-            (_, m), g = grad_fn(params, *xs, step)
-            return jax.tree.map(jnp.add, acc, (g, m)), None
+    def accumulate(acc, xs):
+        (_, m), g = grad_fn(params, *xs, step)
+        return jax.tree.map(jnp.add, acc, (g, m)), None
 
-        shapes = jax.eval_shape(lambda: grad_fn(params, *jax.tree.map(lambda x: x[0], micro), step))
-        # bf16 gradients (optim.grad_dtype) are summed in fp32: k roundings to bf16 would each lose precision
-        fp32 = lambda dt: jnp.float32 if dt == jnp.bfloat16 else dt
-        zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, fp32(s.dtype)), (shapes[1], shapes[0][1]))
-        (grads, metrics), _ = jax.lax.scan(accumulate, zeros, micro)
-        grads, metrics = jax.tree.map(lambda x: x / k, (grads, metrics))
+    shapes = jax.eval_shape(lambda: grad_fn(params, *jax.tree.map(lambda x: x[0], micro), step))
+    # bf16 gradients (optim.grad_dtype) are summed in fp32: k roundings to bf16 would each lose precision
+    fp32 = lambda dt: jnp.float32 if dt == jnp.bfloat16 else dt
+    zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, fp32(s.dtype)), (shapes[1], shapes[0][1]))
+    (grads, metrics), _ = jax.lax.scan(accumulate, zeros, micro)
+    return jax.tree.map(lambda x: x / k, (grads, metrics))
+
+
+def train_step(setup: Setup, state: State, frozen: Any, batch: dict[str, jax.Array]) -> tuple[State, Metrics]:
+    """One optimizer update on a global batch of pairs (in `grad_accum_steps` micro-batches). Pure."""
+    step = state["step"]
+    grads, metrics = batch_gradients(setup, state["params"], frozen, batch, jax.random.fold_in(state["rng"], step),
+                                     step)
     updates, opt_state = setup.tx.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
     metrics = {**metrics, "grad_norm": optax.global_norm(fused_adamw.upcast(grads)),
