@@ -38,7 +38,7 @@ class PipelineKind:
     """One backbone's pipeline folder and how sampling from it differs."""
 
     backbone: str  # pnapo_jax.backbones name
-    pipeline_class: str  # model_index.json's _class_name (transformer/config.json's: convert.layout.class_backbone)
+    pipeline_class: str  # model_index.json's _class_name (transformer/'s class: convert.layout.class_backbone)
     subfolders: tuple[str, ...]  # besides transformer/ and scheduler/
     load_text_encoders: Callable[[pathlib.Path, Any], Any]  # (folder, dtype) -> encoders
     # (prompts, encoders, max_sequence_length) -> (prompt embeds [B, T, D], pooled [B, P])
