@@ -20,7 +20,7 @@ import numpy as np
 
 from pnapo_jax import convert, flow, sd3_text, text
 from pnapo_jax.backbones import flux as backbone_flux
-from pnapo_jax.convert import files
+from pnapo_jax.convert import files, layout
 from pnapo_jax.convert import sd3 as convert_sd3
 from pnapo_jax.errors import UserError
 from pnapo_jax.models import flux, sd3, vae
@@ -38,8 +38,7 @@ class PipelineKind:
     """One backbone's pipeline folder and how sampling from it differs."""
 
     backbone: str  # pnapo_jax.backbones name
-    pipeline_class: str  # model_index.json's _class_name
-    transformer_class: str  # transformer/config.json's _class_name
+    pipeline_class: str  # model_index.json's _class_name (transformer/'s class: convert.layout.class_backbone)
     subfolders: tuple[str, ...]  # besides transformer/ and scheduler/
     load_text_encoders: Callable[[pathlib.Path, Any], Any]  # (folder, dtype) -> encoders
     # (prompts, encoders, max_sequence_length) -> (prompt embeds [B, T, D], pooled [B, P])
@@ -131,7 +130,7 @@ def _check_sd3_fits(cfg: Any, encoders: sd3_text.SD3TextEncoders, vae_cfg: vae.V
 
 FLUX_MAX_SHIFT = 1.15
 FLUX = PipelineKind(
-    backbone="flux", pipeline_class="FluxPipeline", transformer_class="FluxTransformer2DModel",
+    backbone="flux", pipeline_class="FluxPipeline",
     subfolders=(text.CLIP_SUBFOLDER, text.T5_SUBFOLDER, text.CLIP_TOKENIZER_SUBFOLDER, text.T5_TOKENIZER_SUBFOLDER,
                 "vae"),
     load_text_encoders=lambda folder, dtype: text.load_text_encoders(folder, dtype),
@@ -140,7 +139,7 @@ FLUX = PipelineKind(
     config_cls=flux.FluxConfig, load_transformer=convert.load_diffusers_transformer,
     velocity=flux.Velocity, conditioning=flux.conditioning, check_fits=backbone_flux.check_fits)
 SD3 = PipelineKind(
-    backbone="sd3", pipeline_class="StableDiffusion3Pipeline", transformer_class="SD3Transformer2DModel",
+    backbone="sd3", pipeline_class="StableDiffusion3Pipeline",
     subfolders=(sd3_text.CLIP_L_SUBFOLDER, sd3_text.CLIP_G_SUBFOLDER, sd3_text.T5_SUBFOLDER,
                 *sd3_text.TOKENIZER_SUBFOLDERS, "vae"),
     load_text_encoders=lambda folder, dtype: sd3_text.load_text_encoders(folder, dtype),
@@ -180,9 +179,9 @@ def pipeline_kind(folder: str | os.PathLike, need_transformer: bool = True) -> P
     if missing:
         raise UserError(f"{folder} lacks {', '.join(missing)}: not a diffusers {kind.pipeline_class} folder")
     transformer_class = _class_name(folder / TRANSFORMER_CONFIG) if need_transformer else None
-    if transformer_class is not None and transformer_class != kind.transformer_class:
-        other = [k for k in KINDS if k.transformer_class == transformer_class]
-        looks = f"a {other[0].backbone} transformer" if other else "not a transformer this package knows"
+    holds = layout.class_backbone(transformer_class)
+    if transformer_class is not None and holds != kind.backbone:
+        looks = f"a {holds} transformer" if holds else "not a transformer this package knows"
         raise UserError(f"{folder}: {MODEL_INDEX} says {kind.pipeline_class} but transformer/ holds "
                         f"{transformer_class!r} ({looks}); the pipeline's parts must be one backbone's")
     return kind

@@ -11,9 +11,11 @@ SD3 one also text_encoder_3/ and tokenizer_3/ (pnapo_jax.pipelines: what differs
 params, or for a LoRA run the base the run was trained from with its adapters.
 
 The embedded demo world (pnapo_jax.world) has no pipeline folder: its text encoder is a fixed table and its
-latents are the 32x32 pixels (x 2 - 1), so a bare transformer folder (default: the shipped base,
-pnapo_jax/assets/demo_base) or a demo run's workdir samples with those, on FLUX's default schedule (or the
-run's generate.shift_mu); images are 32x32 unless --height/--width say otherwise.
+latents are the 32x32 pixels (x 2 - 1), so a bare transformer folder of either backbone (default: the shipped
+FLUX base, pnapo_jax/assets/demo_base; SD3's: pnapo_jax/assets/demo_base_sd3; or a demo run's export) or a demo
+run's workdir samples with those, through its backbone's velocity and conditioning, on FLUX's default schedule
+without classifier-free guidance as the world samples (or the run's generate.shift_mu); images are 32x32 unless
+--height/--width say otherwise.
 
 Given the same initial noise (the pipeline's `latents=`), this computes what diffusers' pipeline computes: the
 prompt encoding, the Euler schedule of the folder's scheduler config, the guidance (SD3: classifier-free, against
@@ -38,7 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
-from pnapo_jax import convert, flow, pipelines
+from pnapo_jax import backbones, flow, pipelines
 from pnapo_jax.convert import files
 from pnapo_jax.convert.vae import load_vae
 from pnapo_jax.errors import UserError
@@ -117,32 +119,42 @@ def load_demo_pipeline(path: str | os.PathLike | None = None, workdir: str | Non
     """The demo world's sampling: a bare transformer folder (default: the shipped base), or with `workdir` a
     demo run's checkpoint policy, with the world's text table and pixel latents."""
     from pnapo_jax.world import demo_base, latents
-    from pnapo_jax.world import text as world_text
 
     if workdir is None:
         folder = demo_base.DEFAULT_BASE if path is None else pathlib.Path(path)
         if not (folder / "config.json").exists():
             raise UserError(f"--pipeline={folder}: neither a FLUX pipeline folder (no text_encoder/) nor a "
                              "transformer folder (no config.json)")
-        cfg, params = convert.load_diffusers_transformer(folder, dtype)
-        variables, mu, where = {"params": params}, None, f"--pipeline={folder}"
+        where = f"--pipeline={folder}"
+        _check_world_model(demo_base.base_config(folder), where)  # before the weights load
+        cfg, params = demo_base.load_base(folder, dtype)
+        variables, mu = {"params": params}, None
     else:
         from pnapo_jax import export
 
         cfg, variables = checkpoint_policy(workdir, step)
         variables = jax.tree.map(lambda x: x.astype(dtype), variables)
         mu, where = export.load_config(workdir).generate.shift_mu, f"--workdir={workdir}"
-    expected = {"in_channels": latents.IN_CHANNELS, "joint_attention_dim": world_text.TEXT_DIM,
-                "pooled_projection_dim": world_text.POOLED_DIM}
-    wrong = {k: getattr(cfg, k) for k, v in expected.items() if getattr(cfg, k) != v}
-    if wrong:
-        raise UserError(f"{where}: not the demo world's transformer ({wrong}, the world needs {expected}); "
-                         "a FLUX model samples from its pipeline folder (--pipeline=DIR with text_encoder/ and vae/)")
+        _check_world_model(cfg, where)
     cfg = dataclasses.replace(cfg, dtype=dtype, param_dtype=dtype)
     # FLUX's default scheduler (the resolution shift generate and the sampling eval use), or the run's fixed mu.
     scheduler = {"use_dynamic_shifting": True} if mu is None else {"shift": math.exp(mu)}
     return Pipeline(None, cfg, variables, None, None, scheduler, 1.0,
                     size=latents.LATENT_H_TOKENS * latents.PATCH_PIXELS)
+
+
+def _check_world_model(cfg: Any, where: str) -> None:
+    """The demo world feeds its text table and pixel latents: a transformer of other widths than its base's on that
+    backbone (FLUX or SD3) is refused, naming them."""
+    from pnapo_jax.world import demo_base
+
+    base = demo_base.demo_model_config(cfg.backbone)
+    expected = {k: getattr(base, k) for k in ("in_channels", "joint_attention_dim", "pooled_projection_dim")}
+    wrong = {k: getattr(cfg, k) for k, v in expected.items() if getattr(cfg, k) != v}
+    if wrong:
+        raise UserError(f"{where}: not the demo world's transformer ({wrong}, the world's {cfg.backbone} base has "
+                        f"{expected}); a {cfg.backbone.upper()} model samples from its pipeline folder (--pipeline=DIR "
+                        "with text_encoder/ and vae/)")
 
 
 def _encode(pipeline: Pipeline, prompts: Sequence[str], max_sequence_length: int | None
@@ -217,19 +229,31 @@ def iter_images(pipeline: Pipeline, prompts: str | Sequence[str], noise: np.ndar
     f = 1 if pipeline.vae is None else pipeline.vae.downsample_factor
     if height % (2 * f) or width % (2 * f):
         raise UserError(f"--height and --width must be multiples of {2 * f}, got {height} x {width}")
-    channels = pipeline.transformer.in_channels // 4 if pipeline.vae is None else pipeline.vae.latent_channels
+    h_tokens, w_tokens = height // (2 * f), width // (2 * f)
+    grid = getattr(pipeline.transformer, "pos_embed_max_size", None)  # SD3's position table; FLUX's RoPE has none
+    if grid is not None and max(h_tokens, w_tokens) > grid:
+        raise UserError(f"--height and --width: {height} x {width} is a {h_tokens} x {w_tokens} token grid, beyond "
+                        f"the transformer's position table ({grid} x {grid} tokens, pos_embed_max_size)")
+    if pipeline.vae is None:  # the demo world: its model through its backbone, sampled as the world samples it
+        from pnapo_jax.world import latents  # (FLUX's schedule and guidance input, whatever the backbone)
+
+        channels = latents.IN_CHANNELS // latents.PATCH_PIXELS ** 2  # its latents are the RGB pixels
+        model = backbones.BACKBONES[pipeline.transformer.backbone]
+        velocity, conditioning = model.velocity(pipeline.transformer, h_tokens, w_tokens), model.conditioning
+    else:
+        channels = pipeline.vae.latent_channels
+        velocity = kind.velocity(pipeline.transformer, h_tokens, w_tokens, pipeline.timestep_scale)
+        conditioning = kind.conditioning
     shape_CxHxW = (channels, height // f, width // f)
     tokens = _noise_tokens(np.asarray(noise), len(prompts), shape_CxHxW) if noise is not None else None
-    h_tokens, w_tokens = height // (2 * f), width // (2 * f)
-    velocity = kind.velocity(pipeline.transformer, h_tokens, w_tokens, pipeline.timestep_scale)
     sigmas = kind.sigmas(pipeline.scheduler, num_steps, h_tokens * w_tokens)
     step = batch_size or len(prompts)
     for start in range(0, len(prompts), step):
         stop = min(start + step, len(prompts))
         x1 = tokens[start:stop] if tokens is not None else flux.pack_latents(
             flow.seeded_noise(seed, range(start, stop), shape_CxHxW))
-        cond = kind.conditioning(*_encode(pipeline, prompts[start:stop], max_sequence_length), model_guidance)
-        negative = None if cfg_scale <= 1 else kind.conditioning(
+        cond = conditioning(*_encode(pipeline, prompts[start:stop], max_sequence_length), model_guidance)
+        negative = None if cfg_scale <= 1 else conditioning(
             *_encode(pipeline, negatives[start:stop], max_sequence_length), model_guidance)
         if place is not None:
             x1, cond, negative = place(x1), jax.tree.map(place, cond), jax.tree.map(place, negative)
@@ -259,7 +283,8 @@ def run() -> None:
     from pnapo_jax import cli, sampling
 
     _PIPELINE = flags.DEFINE_string("pipeline", None, "Local diffusers FLUX or SD3 pipeline folder; or a bare "
-                                    "transformer folder of the demo world (default: the shipped demo base).")
+                                    "transformer folder of the demo world, FLUX or SD3 (default: the shipped FLUX "
+                                    "demo base).")
     _PROMPT = flags.DEFINE_string("prompt", None, "One prompt; --out is then the PNG file.")
     _PROMPTS = flags.DEFINE_string("prompts", None, "Text file, one prompt a line; --out is then a folder "
                                    "receiving 00000.png, 00001.png, ... (the 0-based line number).")

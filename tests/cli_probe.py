@@ -51,6 +51,10 @@ def _files(tmp: str) -> dict[str, str]:
                               "num_attention_heads": 2, "joint_attention_dim": 32, "pooled_projection_dim": 16,
                               "guidance_embeds": True, "axes_dims_rope": [4, 6, 6]})
     weights = "diffusion_pytorch_model.safetensors"
+    truncated = b'\xff\x00\x00\x00\x00\x00\x00\x00{"x": {"dtype": "F32"'
+    with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "pnapo_jax", "assets", "demo_base_sd3",
+                           "config.json")) as fh:
+        sd3_demo_config = fh.read()  # the shipped SD3 demo base's
     return {
         "blank_prompts": write("blank_prompts.txt", "a red cube\n\na blue ball\n"),
         "latin1_prompts": write("latin1_prompts.txt", b"a caf\xe9\n"),
@@ -75,8 +79,12 @@ def _files(tmp: str) -> dict[str, str]:
         "flux_transformer": os.path.dirname(write("flux_transformer/config.json", flux_config)),
         "weights_bad_json": os.path.dirname(write("weights_bad_json/config.json", "{not json")),
         "weights_pickle": os.path.dirname(write(f"weights_pickle/{weights}", b"\x80\x04\x95 not safetensors")),
-        "weights_truncated": os.path.dirname(write(f"weights_truncated/{weights}", b"\xff\x00\x00\x00\x00\x00\x00"
-                                                                                  b'\x00{"x": {"dtype": "F32"')),
+        "weights_truncated": os.path.dirname(write(f"weights_truncated/{weights}", truncated)),
+        # an SD3 demo base with broken weights; a transformer folder of no backbone's class
+        "sd3_demo_truncated": os.path.dirname([write(f"sd3_demo_truncated/{name}", data) for name, data in (
+            ("config.json", sd3_demo_config), (weights, truncated))][0]),
+        "unknown_class": os.path.dirname([write(f"unknown_class/{name}", data) for name, data in (
+            ("config.json", json.dumps({"_class_name": "UNet2DConditionModel"})), (weights, truncated))][0]),
         "sd3_pipeline": os.path.dirname(write("sd3_pipeline/model_index.json", json.dumps(
             {"_class_name": "StableDiffusion3Pipeline"}))),
         "clip_scorer": os.path.dirname([write(f"clip_scorer/{n}", "{}") for n in (  # the files parse looks for
@@ -333,6 +341,12 @@ def cases(f: dict[str, str], tmp: str) -> list[Case]:
                f"--workdir={f['not_a_dir']}"),
         sample("sample/sd3_transformer_as_pipeline", "sd3_transformer", f"--pipeline={f['sd3_transformer']}",
                "--prompt=x", f"--out={out}.png"),
+        sample("sample/sd3_demo_truncated_weights", "sd3_demo_truncated/diffusion_pytorch_model.safetensors",
+               f"--pipeline={f['sd3_demo_truncated']}", "--prompt=x", f"--out={out}.png"),
+        sample("sample/unknown_transformer_class", "UNet2DConditionModel", f"--pipeline={f['unknown_class']}",
+               "--prompt=x", f"--out={out}.png"),
+        sample("sample/sd3_demo_beyond_its_positions", "--height", "--pipeline=pnapo_jax/assets/demo_base_sd3",
+               "--prompt=x", f"--out={out}.png", "--height=64"),
         sample("sample/pipeline_without_parts", "sd3_pipeline", f"--pipeline={f['sd3_pipeline']}", "--prompt=x",
                f"--out={out}.png"),
         sample("sample/run_step_not_saved", "999", "--prompt=x", f"--out={out}.png", f"--workdir={f['trained']}",

@@ -179,6 +179,24 @@ def test_sd3_weights_refused_by_flux_loaders(tmp_path):
         convert.load_bfl_transformer(tmp_path / "sd3.safetensors", flux.FluxConfig.from_diffusers(FLUX_TINY))
 
 
+def test_one_map_from_a_folders_class_to_its_backbone(tmp_path):
+    """The config.json class diffusers writes names the backbone, the same for every reader of transformer folders
+    (the demo world's loader, bench's model kinds, pipeline folders' transformer/); a class of neither is None."""
+    from pnapo_jax import pipelines
+    from pnapo_jax.bench import models
+    from pnapo_jax.convert import layout
+    from pnapo_jax.world import demo_base
+
+    for name, model in (("flux", torch_flux()), ("sd3", torch_sd3())):
+        model.save_pretrained(tmp_path / name)
+        assert layout.class_backbone(json.loads((tmp_path / name / "config.json").read_text())["_class_name"]) == name
+        assert demo_base.folder_backbone(tmp_path / name) == name
+        assert models.kind(str(tmp_path / name)) == "transformer" and models.backbone(str(tmp_path / name),
+                                                                                     "transformer") == name
+        assert layout.class_backbone(pipelines.BY_BACKBONE[name].config_cls().to_diffusers()["_class_name"]) == name
+    assert layout.class_backbone("UNet2DConditionModel") is None and layout.class_backbone(None) is None
+
+
 def test_position_table_other_than_ours_refused(tmp_path):
     model = torch_sd3()
     with torch.no_grad():

@@ -13,9 +13,9 @@ from diffusers import SD3Transformer2DModel
 from etils import epath
 from sd3_testing import torch_forward
 
-from pnapo_jax import checkpoint, export, train
+from pnapo_jax import checkpoint, export, flow, sample, train
 from pnapo_jax.data.source import open_written
-from pnapo_jax.models import sd3
+from pnapo_jax.models import flux, sd3
 from pnapo_jax.setup import make_setup
 from pnapo_jax.world import demo_base, grammar, latents, text
 
@@ -92,3 +92,10 @@ def test_demo_world_on_an_sd3_base_end_to_end(tmp_path):
     assert export.export(str(workdir), str(tmp_path / "exported"), "diffusers") == 4
     cfg, params = _checkpoint_params(config, workdir, 4)
     assert _diffusers_rel_err(epath.Path(tmp_path / "exported"), cfg, params) <= 1e-4
+
+    # `python -m pnapo_jax.sample` takes the export and the run as it takes a FLUX demo's: the world's sampler's images
+    prompts = grammar.prompts("heldout")[:2]
+    noise_NxIxC = np.asarray(flux.pack_latents(flow.seeded_noise(3, range(2), (3, 32, 32))))
+    world = latents.decode(np.asarray(demo_base.sample_latents(cfg, params, prompts, noise_NxIxC, 4)))
+    for pipeline in (sample.load_pipeline(str(tmp_path / "exported")), sample.load_pipeline(None, str(workdir))):
+        np.testing.assert_allclose(sample.sample_images(pipeline, prompts, seed=3, num_steps=4), world, atol=1e-5)

@@ -183,22 +183,26 @@ def test_scheduler_num_train_timesteps_is_fed_as_diffusers_does(tmp_path):
 DEMO_PROMPTS = ["a red triangle on the left", "a blue circle at the top"]
 
 
-def test_demo_base_samples_as_the_world_samples_it():
-    """The shipped demo base has no pipeline folder: the world's text table and pixel latents stand in, on the
-    schedule the world's own sampler (generate, the sampling eval) uses."""
+@pytest.mark.parametrize("backbone", ["flux", "sd3"])
+def test_demo_base_samples_as_the_world_samples_it(backbone):
+    """A shipped demo base (FLUX's, the default, or SD3's) has no pipeline folder: the world's text table and pixel
+    latents stand in, on the schedule the world's own sampler (generate, the sampling eval) uses."""
     from pnapo_jax.world import demo_base as base
     from pnapo_jax.world import latents, reward
 
-    demo = sample.load_pipeline(None)
-    assert demo.size == 32
+    demo = sample.load_pipeline(None if backbone == "flux" else str(base.BASES[backbone]))
+    assert demo.size == 32 and demo.transformer.backbone == backbone
     noise_NxIxC = np.asarray(flux.pack_latents(flow.seeded_noise(3, range(2), (3, 32, 32))))
     images = sample.sample_images(demo, DEMO_PROMPTS, seed=3, num_steps=6)
     assert images.shape == (2, 32, 32, 3)
-    cfg, params = base.load_base()
+    cfg, params = base.load_base(base.BASES[backbone])
     world = latents.decode(np.asarray(base.sample_latents(cfg, params, DEMO_PROMPTS, noise_NxIxC, 6)))
     np.testing.assert_allclose(images, world, atol=1e-5)
     scores, noise_scores = (reward.reward(x, DEMO_PROMPTS) for x in (images, latents.decode(noise_NxIxC)))
     assert (scores > noise_scores + 0.1).all(), (scores, noise_scores)  # the prompts' pictures, not noise
+    if backbone == "sd3":  # SD3's position table is 16 x 16 tokens: a larger image is one line, not a trace error
+        with pytest.raises(UserError, match=r"^--height and --width: 64 x 32 is a 32 x 16 token grid.*\(16 x 16"):
+            sample.sample_images(demo, DEMO_PROMPTS, height=64, num_steps=1)
 
 
 @pytest.mark.slow

@@ -23,9 +23,8 @@ import ml_collections
 from etils import epath
 
 from pnapo_jax import backbones, pipelines
+from pnapo_jax.convert import layout
 from pnapo_jax.errors import UserError
-
-TRANSFORMER_BACKBONES = {k.transformer_class: k.backbone for k in pipelines.KINDS}  # config.json class -> backbone
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,7 +55,7 @@ def kind(path: str) -> str:
         return "pipeline"
     config = folder / "config.json"
     if config.is_file() and any(f.name.endswith(".safetensors") for f in folder.iterdir()):
-        if (_json(config) or {}).get("_class_name") in TRANSFORMER_BACKBONES:
+        if layout.class_backbone((_json(config) or {}).get("_class_name")) is not None:
             return "transformer"
     what = "not found" if not folder.exists() else "is none of the accepted kinds"
     raise UserError(f"model {path}: {what}; expected a FLUX or SD3 transformer folder (config.json of a "
@@ -76,7 +75,7 @@ def backbone(path: str, model_kind: str) -> str:
         return backbones.backbone_of(ml_collections.ConfigDict(config)).name
     if model_kind == "pipeline":
         return (pipelines.indexed_kind(pathlib.Path(path)) or pipelines.FLUX).backbone
-    return TRANSFORMER_BACKBONES[_json(folder / "config.json")["_class_name"]]
+    return layout.class_backbone(_json(folder / "config.json")["_class_name"])
 
 
 def parse(spec: str) -> list[ModelSpec]:

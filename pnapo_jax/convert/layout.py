@@ -128,17 +128,21 @@ def check_buffer(key: str, source: str, expected: np.ndarray, x: np.ndarray) -> 
 
 # Backbone name -> (config class, diffusers class name, key prefixes only its checkpoints have).
 _FAMILIES = {
-    "flux": (flux.FluxConfig, "FluxTransformer2DModel", ("single_transformer_blocks.", "double_blocks.",
-                                                         "single_blocks.")),
+    "flux": (flux.FluxConfig, flux.CLASS_NAME, ("single_transformer_blocks.", "double_blocks.", "single_blocks.")),
     "sd3": (sd3.SD3Config, sd3.CLASS_NAME, ("pos_embed.proj.", "joint_blocks.", "model.diffusion_model.joint_blocks.")),
 }
 
 
+def class_backbone(class_name: str | None) -> str | None:
+    """The backbone whose diffusers transformer a config.json's `_class_name` names; None: no backbone's. The one
+    map from a transformer folder's class to its backbone (weights loading, the demo world, pipelines, bench)."""
+    return next((name for name, (_, cls, _) in _FAMILIES.items() if class_name == cls), None)
+
+
 def looks_like(class_name: str | None, stored_keys: Iterable[str]) -> str | None:
     """The backbone a checkpoint is for: by its config's `_class_name`, else by its key names; None if neither."""
-    for name, (_, cls, _) in _FAMILIES.items():
-        if class_name == cls:
-            return name
+    if (name := class_backbone(class_name)) is not None:
+        return name
     stored_keys = list(stored_keys)
     for name, (_, _, prefixes) in _FAMILIES.items():
         if any(k.startswith(prefixes) for k in stored_keys):

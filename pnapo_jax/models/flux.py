@@ -29,6 +29,7 @@ from pnapo_jax.models.layers import (
 DIFFUSERS_FIELDS = ("patch_size", "in_channels", "out_channels", "num_layers", "num_single_layers",
                     "attention_head_dim", "num_attention_heads", "joint_attention_dim",
                     "pooled_projection_dim", "guidance_embeds", "axes_dims_rope")
+CLASS_NAME = "FluxTransformer2DModel"  # config.json's _class_name
 REMAT_POLICIES = ("none", "full", "save_named", "offload")
 # "offload": full remat, but each block's input (the scan carry saved for the backward pass, BLOCK_INPUT) goes to
 # host memory instead of HBM, as MaxText's/MaxDiffusion's offload policies do; docs/tpu_fit.md has the figures.
@@ -96,7 +97,7 @@ class FluxConfig:
         return cls(**{**fields, **overrides})
 
     def to_diffusers(self) -> dict[str, Any]:
-        out = {"_class_name": "FluxTransformer2DModel"}
+        out = {"_class_name": CLASS_NAME}
         for k in DIFFUSERS_FIELDS:
             v = getattr(self, k)
             out[k] = list(v) if isinstance(v, tuple) else v

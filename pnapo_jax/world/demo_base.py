@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from pnapo_jax import backbones, convert, flow
-from pnapo_jax.convert import layout
+from pnapo_jax.convert import files, layout
 from pnapo_jax.errors import UserError
 from pnapo_jax.models import sd3
 from pnapo_jax.models.flux import FluxConfig
@@ -70,18 +70,26 @@ def folder_backbone(folder: str | pathlib.Path) -> str:
     config = pathlib.Path(folder) / "config.json"
     if not config.is_file():
         raise UserError(f"{folder}: not a diffusers transformer folder (no config.json)")
-    class_name = json.loads(config.read_text()).get("_class_name")
-    name = layout.looks_like(class_name, ())
+    class_name = files.read_json(config).get("_class_name")
+    name = layout.class_backbone(class_name)
     if name is None:
         raise UserError(f"{config}: _class_name {class_name!r} is no backbone's transformer "
                         f"({', '.join(backbones.BACKBONES)})")
     return name
 
 
-def load_base(folder: str | pathlib.Path = DEFAULT_BASE) -> tuple[ModelConfig, dict[str, Any]]:
-    """(config, float32 params) of a shipped base model, or of another `save_base` output, of either backbone."""
+def base_config(folder: str | pathlib.Path) -> ModelConfig:
+    """A transformer folder's model config, of the backbone its config.json's _class_name names: read before the
+    weights, so that a folder of other sizes can be refused before they load."""
     config_class = backbones.BACKBONES[folder_backbone(folder)].config_class
-    return convert.load_diffusers_transformer(folder, dtype=jnp.float32, config_cls=config_class)
+    return config_class.from_diffusers(files.read_json(pathlib.Path(folder) / "config.json"))
+
+
+def load_base(folder: str | pathlib.Path = DEFAULT_BASE, dtype: Any = jnp.float32
+              ) -> tuple[ModelConfig, dict[str, Any]]:
+    """(config, params, float32 unless `dtype`) of a shipped base model, or of another `save_base` output, of either
+    backbone."""
+    return convert.load_diffusers_transformer(folder, dtype=dtype, config_cls=type(base_config(folder)))
 
 
 def sample_latents(cfg: ModelConfig, params: Any, prompts: Sequence[str], noise_BxIxC: jax.Array, num_steps: int,
