@@ -92,3 +92,9 @@ def test_a_two_variant_method_and_the_pinned_protocol(nm, tmp_path):
     assert (c.pnapo.n1, c.pnapo.n2, c.train.ema_decay) == (18, 54, 0.0)
     assert c.t_sampling.kind == "grid" and c.pnapo.ref_cache_dir == str(tmp_path / "ref_cache")
     assert nm.run_config(args, "iterative", 1000.0, 4e-5, 1, "p", 15).train.regenerate_every == 20
+
+
+def test_the_readmes_picks_name_methods_the_script_has(nm):
+    """benchmarks/noise_modes_picks.json (the README's picks, for --pick) keys methods by their names here."""
+    picks = json.loads((PATH.parent / "noise_modes_picks.json").read_text())
+    assert set(picks) <= set(nm.METHODS) and all(set(p) == {"beta", "lr"} for p in picks.values())
