@@ -117,11 +117,12 @@ def gradient_grams(config: Any, args: argparse.Namespace) -> dict[str, np.ndarra
     loader.close()
     flat = jax.jit(lambda p, b, key: ravel_pytree(batch_gradients(setup, p, frozen, b, key, args.step)[0])[0])
     keys = [jax.random.fold_in(jax.random.PRNGKey(args.seed), r) for r in range(args.draws)]
-    grams = {}
     with setup.scope():
-        for kind, per_draw in (("fixed", [batches[0]] * args.draws), ("redrawn", batches)):
-            g_RxP = np.stack([np.asarray(flat(params, b, k), np.float64) for b, k in zip(per_draw, keys, strict=True)])
-            grams[kind] = g_RxP @ g_RxP.T
+        fixed_RxP = np.stack([np.asarray(flat(params, batches[0], k), np.float64) for k in keys])
+        # draw 0 is the same batch and key in both sets: computed once
+        redrawn_RxP = np.stack([fixed_RxP[0], *(np.asarray(flat(params, b, k), np.float64)
+                                                for b, k in zip(batches[1:], keys[1:], strict=True))])
+    grams = {"fixed": fixed_RxP @ fixed_RxP.T, "redrawn": redrawn_RxP @ redrawn_RxP.T}
     del state
     return grams
 
