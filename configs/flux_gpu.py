@@ -29,7 +29,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c = _flux_tpu().get_config(arg)
     c.model.attention_impl = "cudnn"  # jax.nn.dot_product_attention's cuDNN flash attention (bf16, no [L, L])
     c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 1, -1, 1  # FSDP over the host's GPUs (NVLink)
-    c.train.grad_accum_steps = 1  # 16 pairs = 32 images over 8 GPUs: 4 per GPU, with full remat
+    c.train.grad_accum_steps = 1  # 16 pairs = 32 images over 8 GPUs: 4 per GPU (remat "offload" as on TPU)
     c.data.worker_count = 8
     if "lora" in arg.split(","):
         # One GPU (80 GB): the bf16 base (22 GiB) plus a micro-batch of 4 pairs; unmeasured, lower it if needed.

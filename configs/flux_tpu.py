@@ -39,11 +39,13 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.model.param_dtype = "float32"
     c.model.reference_dtype = "bfloat16"
     c.model.scan_layers = True  # one compiled block per stack: minutes less compile time at 57 blocks
-    # Recompute each block in the backward pass, keeping only its bf16 input (1.5 GiB per image). Compared on
-    # v5p-8 at 16 pairs (docs/tpu_fit.md): "save_named" saves <= 1.3% of the FLOPs and does not fit; "offload"
-    # (the block inputs in host memory) takes 5.6 GiB less HBM per chip at the same FLOPs, for host-link traffic:
-    # the policy where HBM is short (v6e-8 needs it and bf16 AdamW mu and gradients too: the "v6e" variant).
-    c.model.remat_policy = "full"
+    # Recompute each block in the backward pass, keeping only its bf16 input (1.5 GiB per image), and keep that
+    # input in host memory, not HBM ("offload"). Compared on v5p-8 (docs/tpu_fit.md, compiled): per extra image the
+    # temporaries grow by 2.07 GiB with "offload" against 3.42 with "full" (which keeps the inputs in HBM), 75.6 vs
+    # 81.2 GiB per chip at 16 pairs, the same FLOPs; the cost is host-link traffic (12 GiB each way per step at 16
+    # pairs, ~0.2-0.5 s against a ~9-12 s step, overlapped: an estimate, not measured on a TPU). "full" is one
+    # override away; "save_named" saves <= 1.3% of the FLOPs and does not fit.
+    c.model.remat_policy = "offload"
     c.model.attention_impl = "splash"  # Pallas splash attention: no [L, L] scores in HBM (pnapo_jax/models/splash.py)
 
     # The paper: beta 2000 for FLUX, recorded noise, dynamic beta (tau, n1, n2 unpublished: our guesses).
@@ -62,7 +64,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
 
     c.train.num_steps = 2000
     c.train.global_batch_size = 16  # pairs per update; run `python -m pnapo_jax.aot` for what a pod fits
-    c.train.grad_accum_steps = 1  # with splash attention 16 pairs fit a v5p-8 at once (81 of 95 GiB, docs/tpu_fit.md)
+    c.train.grad_accum_steps = 1  # with splash attention 16 pairs fit a v5p-8 at once (76 of 95 GiB, docs/tpu_fit.md)
     c.train.log_every = 10
     c.train.eval_every = 200
     c.train.eval_batches = 8
@@ -98,12 +100,13 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         c.lora.targets = ["to_q", "to_k", "to_v", "to_out_0", "add_q_proj", "add_k_proj", "add_v_proj",
                           "to_add_out", "proj", "net_2", "proj_mlp", "proj_out"]
         c.optim.lr = 1e-5  # not in the paper (full fine-tune only); diffusers' DPO LoRA examples use 1e-5
+        c.model.remat_policy = "full"  # HBM is not short (8.29 of 16 GiB on v5e-16, 16 pairs): no host traffic
     if "independent" in variants:
         c.pnapo.noise_mode = "independent"  # Diffusion-DPO / Flow-DPO: fresh noise shared by the pair
     if "v6e" in variants:
         # Full fine-tune on a v6e-8 (8 chips x 32 GiB). Compiled at 16 pairs (docs/tpu_fit.md): 30.01 GiB per chip
-        # (arguments 16.68 + temporaries 13.23 + code 0.11); without the two bf16 options 34.79, which does not fit.
-        c.model.remat_policy = "offload"  # the blocks' saved bf16 inputs in host memory (8 GiB per chip), not HBM
+        # (arguments 16.68 + temporaries 13.23 + code 0.11) with the default "offload" remat (8 GiB of host memory per
+        # chip); without the two bf16 options 34.79, which does not fit.
         c.optim.mu_dtype = "bfloat16"  # AdamW's first moment in bf16: 2.77 GiB less of arguments per chip
         c.optim.grad_dtype = "bfloat16"  # Dense weights' gradients in bf16 until the update: half of 5.52 GiB/chip
         c.train.global_batch_size = 16  # the paper's pairs per update, 2 pairs per chip, in one micro-batch
