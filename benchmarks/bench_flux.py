@@ -22,6 +22,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from diffusers import FluxTransformer2DModel  # noqa: E402
+from machine import load  # noqa: E402
 
 from pnapo_jax.convert import load_diffusers_transformer  # noqa: E402
 from pnapo_jax.models import flux  # noqa: E402
@@ -78,7 +79,7 @@ def main(runs: int, batch: int) -> None:
         raise RuntimeError(f"the two models disagree: loss {loss_ours} (ours) vs {loss_theirs} (diffusers)")
     for _ in range(2):
         ours(), theirs()
-    load_before = os.getloadavg()[0]
+    load_before = load()
     t_ours, t_theirs = [], []
     for _ in range(runs):
         t_ours.append(_timed(ours))
@@ -94,7 +95,7 @@ def main(runs: int, batch: int) -> None:
     print(f"{'diffusers (torch eager)':24}{med_theirs:10.3f}{min(t_theirs):10.3f}")
     print(f"median ratio ours/torch: {ratio:.2f}   (our compile + first run: {compile_s:.1f} s; "
           f"loss {loss_ours:.6f} vs {loss_theirs:.6f})")
-    print(f"1-min load average before / after the timed runs: {load_before:.1f} / {os.getloadavg()[0]:.1f} "
+    print(f"load average (1/5/15 min) before / after the timed runs: {load_before} / {load()} "
           "(other processes share these cores when it exceeds the core count)")
 
 

@@ -21,7 +21,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from flux_testing import params_from_torch, random_inputs, torch_flux  # noqa: E402
-from machine import describe  # noqa: E402
+from machine import describe, load  # noqa: E402
 from test_flow import diffusers_euler  # noqa: E402
 
 from pnapo_jax import flow  # noqa: E402
@@ -50,7 +50,7 @@ def main(runs: int) -> None:
     ours = lambda: jax.block_until_ready(flow.euler_sample(*ours_args))
     theirs = lambda: diffusers_euler(model, *(a if np.isscalar(a) else torch.from_numpy(a) for a in args))[-1]
 
-    load_before = os.getloadavg()[0]
+    load_before = load()
     trace_s, lowered = _timed(lambda: flow.euler_sample.lower(*ours_args))
     compile_s, _ = _timed(lowered.compile)
     out_ours, out_theirs = ours(), theirs()  # warm-up; the jit call reuses the executable compiled above
@@ -65,8 +65,7 @@ def main(runs: int) -> None:
           f"text tokens, batch 1, {STEPS} Euler steps, CPU fp32 ({jax.devices()[0].device_kind}, "
           f"torch threads {torch.get_num_threads()}, {os.cpu_count()} cores), {runs} interleaved runs")
     print(f"machine: {describe()}")
-    print("load average before / after (other processes skew CPU timings): "
-          f"{load_before:.1f} / {os.getloadavg()[0]:.1f}")
+    print(f"load average (1/5/15 min) before / after (other processes skew CPU timings): {load_before} / {load()}")
     print(f"{'sampler':<24}{'median s':>10}{'ms/step':>10}{'min s':>10}{'max s':>10}")
     for k, v in times.items():
         print(f"{k:<24}{med[k]:>10.3f}{1000 * med[k] / STEPS:>10.1f}{min(v):>10.3f}{max(v):>10.3f}")

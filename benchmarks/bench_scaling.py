@@ -23,6 +23,8 @@ import sys
 import time
 from typing import Any
 
+from machine import load
+
 MiB = 2**20
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FLUX_36M = dict(in_channels=64, num_layers=2, num_single_layers=4, attention_head_dim=64, num_attention_heads=8,
@@ -107,7 +109,7 @@ def aot(args: argparse.Namespace) -> None:
     """Compile time of the FLUX.1-dev train step for a TPU slice, by pnapo_jax.aot."""
     cmd = [sys.executable, "-m", "pnapo_jax.aot", f"--config={args.aot_config}", f"--topology={args.aot_topology}",
            *args.aot_args.split()]
-    print(f"\nFLUX.1-dev AOT compile: {' '.join(cmd[1:])} (load before: {_load()})", flush=True)
+    print(f"\nFLUX.1-dev AOT compile: {' '.join(cmd[1:])} (load before: {load()})", flush=True)
     start = time.perf_counter()
     try:
         out = subprocess.run(cmd, capture_output=True, text=True, timeout=args.aot_timeout, cwd=REPO)
@@ -122,14 +124,10 @@ def aot(args: argparse.Namespace) -> None:
     report = json.loads(lines[-1])
     print(f"  wall {wall:.0f} s (process, incl. imports and tracing), compile_s {report.get('compile_s')} "
           f"(trace + lower + compile), exit {out.returncode} ({'fits' if report.get('fits') else 'does not fit'});"
-          f" load after: {_load()}")
+          f" load after: {load()}")
     if len(lines) > 1:
         print(f"  summary: {lines[-2]}")
     print(f"  JSON: {lines[-1]}")
-
-
-def _load() -> str:
-    return "/".join(f"{x:.1f}" for x in os.getloadavg())
 
 
 def main(args: argparse.Namespace) -> None:
@@ -147,7 +145,7 @@ def main(args: argparse.Namespace) -> None:
             print(f"{name:<6}{r['params'] / 1e6:>7.2f}M{r['global_batch']:>6}{n:>3}{mesh:>14}{r['compile_s']:>10.1f}"
                   f"{r['step_s']:>8.3f}{r['cpu_s']:>7.2f}{r['argument_bytes'] / MiB:>10.2f}"
                   f"{r['temp_bytes'] / MiB:>10.2f}{r['output_bytes'] / MiB:>9.2f}"
-                  f"{n * r['argument_bytes'] / MiB:>9.1f}{r['loss']:>9.5f}  {_load()}", flush=True)
+                  f"{n * r['argument_bytes'] / MiB:>9.1f}{r['loss']:>9.5f}  {load()}", flush=True)
     if args.aot:
         aot(args)
 

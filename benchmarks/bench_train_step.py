@@ -42,7 +42,7 @@ import optax  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from diffusers import FluxTransformer2DModel  # noqa: E402
-from machine import describe  # noqa: E402
+from machine import describe, load  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
 from pnapo_jax import fused_adamw  # noqa: E402
@@ -70,10 +70,6 @@ def _timed(fn: Callable[[], Any]) -> tuple[float, float]:
 
 def _med(times: Times, i: int) -> float:
     return statistics.median(t[i] for t in times)
-
-
-def _load() -> str:
-    return "/".join(f"{x:.1f}" for x in os.getloadavg())
 
 
 def interleaved(fns: dict[Any, Callable[[], Any]], runs: int, warmup: int) -> dict[Any, Times]:
@@ -447,7 +443,7 @@ def main(args: argparse.Namespace) -> None:
     for n in threads:
         fns[f"torch eager, {n} thread{'s' * (n > 1)}"] = with_threads(theirs.step, n)
     times = interleaved(fns, args.runs, args.warmup)
-    load = _load()
+    load_after = load()
 
     print(f"\n{'full train step':<26}{'wall s':>8}{'min s':>8}{'CPU s':>8}{'%peak wall':>11}{'%peak CPU':>10}"
           f"{'ours/this wall':>15}{'CPU':>6}")
@@ -458,7 +454,7 @@ def main(args: argparse.Namespace) -> None:
               f"{100 * flops / _med(t, 0) / peak['wall']:>10.0f}%{100 * flops / _med(t, 1) / peak['cpu']:>9.0f}%"
               f"{ratio[0]:>15.2f}{ratio[1]:>6.2f}")
     print(f"{args.runs} interleaved runs after {args.warmup} warm-up; target: ours/torch <= 0.80; our compile "
-          f"{compile_s:.1f} s excluded; load average (1/5/15 min) after: {load} on {os.cpu_count()} cores")
+          f"{compile_s:.1f} s excluded; load average (1/5/15 min) after: {load_after} on {os.cpu_count()} cores")
     print(f"step FLOPs: {flops / 1e9:.1f} G in the dots of our HLO (matmuls + attention; %peak uses these) | "
           f"torch FlopCounterMode {torch_counted / 1e9:.1f} G (it counts 0 for CPU scaled_dot_product_attention) "
           f"| XLA cost analysis {xla_flops / 1e9:.1f} G (all ops, elementwise included)")
@@ -482,7 +478,7 @@ def breakdown(ours: Ours, theirs: Torch, batch: dict[str, np.ndarray], hlo: Hlo,
         fns[("torch", name)] = their_parts[name]
     times = interleaved(fns, args.runs, 1)
     print(f"\nparts timed alone (torch {torch_threads} thread{'s' * (torch_threads > 1)}); CPU = process CPU s; "
-          f"GFLOP = dots in our HLO; floor = those at the jax matmul peak per CPU-second; load after: {_load()}")
+          f"GFLOP = dots in our HLO; floor = those at the jax matmul peak per CPU-second; load after: {load()}")
     print(f"{'part':<26}{'ours wall':>10}{'CPU':>7}{'torch wall':>11}{'CPU':>7}{'ours/torch CPU':>15}{'GFLOP':>7}"
           f"{'floor CPU-s':>12}{'ours %pk':>9}{'torch %pk':>10}")
     for name, (_, compiled) in our_parts.items():
@@ -497,14 +493,14 @@ def breakdown(ours: Ours, theirs: Torch, batch: dict[str, np.ndarray], hlo: Hlo,
     profile = op_profile(ours.step, hlo, steps=3)
     total = sum(profile.values())
     print(f"\nour step by op category (jax.profiler, thread-time shares; CPU s = share x {cpu:.3f} CPU-s/step); "
-          f"load after: {_load()}")
+          f"load after: {load()}")
     for name, seconds in sorted(profile.items(), key=lambda kv: -kv[1]):
         print(f"  {name:<72}{100 * seconds / total:>5.1f}%{cpu * seconds / total:>7.3f} CPU-s")
 
     flops, seconds = dots_alone(hlo.dots, reps=5)
     print(f"our step's {len(hlo.dots)} dots run alone: {flops / 1e9:.1f} GFLOP in {seconds:.3f} CPU-s "
           f"({flops / seconds / 1e9:.0f} GFLOP per CPU-s; the 2048^3 peak is {peak['cpu'] / 1e9:.0f}) -> "
-          f"everything else costs {cpu - seconds:.3f} of the step's {cpu:.3f} CPU-s; load after: {_load()}")
+          f"everything else costs {cpu - seconds:.3f} of the step's {cpu:.3f} CPU-s; load after: {load()}")
 
 
 if __name__ == "__main__":

@@ -32,7 +32,7 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 from jax.flatten_util import ravel_pytree  # noqa: E402
-from machine import describe  # noqa: E402
+from machine import describe, load  # noqa: E402
 from noise_modes import METHODS, demo_config  # noqa: E402
 
 from pnapo_jax import cli, export, sharding, train  # noqa: E402
@@ -49,10 +49,6 @@ SCALE_NOTE = ("The objectives' scales differ (IPO's gradient at the base is exac
 
 SIGNAL_NOTE = ("‖mean g‖² overstates ‖E g‖² by V / R (R draws), so V / ‖mean g‖² cannot exceed about R when the "
                "mean gradient is below the noise; V / ‖E g‖² uses the unbiased estimate (mean of <g_r, g_s>, r != s).")
-
-
-def load() -> str:
-    return "/".join(f"{x:.2f}" for x in os.getloadavg())
 
 
 def spread(gram_RxR: np.ndarray) -> dict[str, float]:

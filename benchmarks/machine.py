@@ -29,6 +29,12 @@ def cpu() -> str:
             f"{fields.get('cpu family', '?')} model {fields.get('model', '?')}), {os.cpu_count()} CPUs, {isa}")
 
 
+def load() -> str:
+    """The 1/5/15-min load averages as `a/b/c`: above the core count, other processes share the cores and skew
+    CPU timings, so benchmarks print it before and after what they time."""
+    return "/".join(f"{x:.2f}" for x in os.getloadavg())
+
+
 def describe() -> str:
     """The CPU plus, where loaded, the versions and kernels of jax and torch."""
     parts = [cpu()]

@@ -85,6 +85,7 @@ def _files(tmp: str) -> dict[str, str]:
             ("config.json", sd3_demo_config), (weights, truncated))][0]),
         "unknown_class": os.path.dirname([write(f"unknown_class/{name}", data) for name, data in (
             ("config.json", json.dumps({"_class_name": "UNet2DConditionModel"})), (weights, truncated))][0]),
+        "demo_renamed": os.path.join(tmp, "demo_renamed"),  # the demo base, one tensor renamed (`_weights`)
         "sd3_pipeline": os.path.dirname(write("sd3_pipeline/model_index.json", json.dumps(
             {"_class_name": "StableDiffusion3Pipeline"}))),
         "clip_scorer": os.path.dirname([write(f"clip_scorer/{n}", "{}") for n in (  # the files parse looks for
@@ -97,8 +98,8 @@ def _files(tmp: str) -> dict[str, str]:
 
 
 def _weights(f: dict[str, str]) -> None:
-    """A tensor of each backbone's naming beside its config (what looks_like reads), and a FLUX config beside the
-    broken weight files."""
+    """A tensor of each backbone's naming beside its config (what looks_like reads), a FLUX config beside the
+    broken weight files, and the demo base with one tensor renamed."""
     import numpy as np
     import safetensors.numpy
 
@@ -109,6 +110,8 @@ def _weights(f: dict[str, str]) -> None:
         safetensors.numpy.save_file({"transformer_blocks.0.attn.to_q.weight": np.zeros((32, 32), np.float32)},
                                     os.path.join(f[folder], name))
     config = open(os.path.join(f["flux_transformer"], "config.json")).read()
+    demo_base = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "pnapo_jax", "assets", "demo_base")
+    mismatched(demo_base, f["demo_renamed"], "renamed", "proj_out.weight")
     for folder in ("weights_pickle", "weights_truncated"):
         with open(os.path.join(f[folder], "config.json"), "w") as fh:
             fh.write(config)
@@ -123,6 +126,7 @@ def _built(tmp: str) -> dict[str, str]:
             "truncated_dataset": os.path.join(tmp, "truncated_dataset", "1.0.0"),
             "hostile_dataset": os.path.join(tmp, "hostile_dataset", "1.0.0"),
             "weights_nan": os.path.join(tmp, "weights_nan"), "weights_tiny": os.path.join(tmp, "weights_tiny"),
+            **{f"weights_{case}": os.path.join(tmp, f"weights_{case}") for case in MISMATCHES},
             "trained": os.path.join(tmp, "trained")}
 
 
@@ -147,6 +151,8 @@ def _build(f: dict[str, str]) -> None:
             os._exit(code)
     if os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) or not os.path.isdir(f["dataset"]):
         raise RuntimeError(f"writing the probe's dataset {f['dataset']} and weights failed")
+    for case in MISMATCHES:
+        mismatched(f["weights_tiny"], f[f"weights_{case}"], case, "proj_out.bias")
     shutil.copytree(f["dataset"], f["truncated_dataset"])
     shard = sorted(p for p in os.listdir(f["truncated_dataset"]) if ".array_record" in p)[0]
     shard = os.path.join(f["truncated_dataset"], shard)
@@ -157,6 +163,28 @@ def _build(f: dict[str, str]) -> None:
     spec["pythonClassName"] = "subprocess.Popen"
     with open(features, "w") as fh:
         fh.write(json.dumps(spec))
+
+
+MISMATCHES = ("dropped", "renamed", "reshaped")  # what `mismatched` does to a tensor
+
+
+def mismatched(src: str, dst: str, case: str, key: str) -> None:
+    """A copy of weights folder `src` in which tensor `key` is dropped, renamed (`key` + `_renamed`) or reshaped
+    (one row more), its config.json untouched: tensors that do not match the config."""
+    import shutil
+
+    import numpy as np
+    import safetensors.numpy
+
+    shutil.copytree(src, dst)
+    file = os.path.join(dst, "diffusion_pytorch_model.safetensors")
+    tensors = safetensors.numpy.load_file(file)
+    x = tensors.pop(key)
+    if case == "renamed":
+        tensors[f"{key}_renamed"] = x
+    elif case == "reshaped":
+        tensors[key] = np.zeros((x.shape[0] + 1, *x.shape[1:]), x.dtype)
+    safetensors.numpy.save_file(tensors, file)
 
 
 def _tiny_weights(folder: str, nan: bool = False) -> None:
@@ -260,6 +288,10 @@ def cases(f: dict[str, str], tmp: str) -> list[Case]:
           for field, value in (("config.seed", 5), ("config.model.num_layers", 2),
                                ("config.train.global_batch_size", 16))],
         main("main/pretrained_nan", "weights_nan", f"--config.model.pretrained={f['weights_nan']}"),
+        # the tiny weights with one tensor dropped, renamed, reshaped: the folder, the kind of mismatch, the tensor
+        *[main(f"main/pretrained_tensor_{case}", f"weights_{case} does not match the model config: {kind} (1): "
+               "proj_out.bias", f"--config.model.pretrained={f[f'weights_{case}']}")
+          for case, kind in zip(MISMATCHES, ("missing tensors", "missing tensors", "wrong shapes"), strict=True)],
         # weights (issue 13 item 13) and the other backbone's folder
         main("main/pretrained_sd3_folder", "sd3_transformer", f"--config.model.pretrained={f['sd3_transformer']}"),
         Case("main/sd3_run_flux_folder", "pnapo_jax.main", (
@@ -343,6 +375,9 @@ def cases(f: dict[str, str], tmp: str) -> list[Case]:
                "--prompt=x", f"--out={out}.png"),
         sample("sample/sd3_demo_truncated_weights", "sd3_demo_truncated/diffusion_pytorch_model.safetensors",
                f"--pipeline={f['sd3_demo_truncated']}", "--prompt=x", f"--out={out}.png"),
+        sample("sample/pipeline_tensor_renamed", "demo_renamed does not match the model config: missing tensors (1): "
+               "proj_out.weight; unexpected tensors (1): proj_out.weight_renamed", f"--pipeline={f['demo_renamed']}",
+               "--prompt=x", f"--out={out}.png"),
         sample("sample/unknown_transformer_class", "UNet2DConditionModel", f"--pipeline={f['unknown_class']}",
                "--prompt=x", f"--out={out}.png"),
         sample("sample/sd3_demo_beyond_its_positions", "--height", "--pipeline=pnapo_jax/assets/demo_base_sd3",
@@ -363,6 +398,8 @@ def cases(f: dict[str, str], tmp: str) -> list[Case]:
            f"--prompts={f['prompts']}", f"--out={out}"),
         ev("evaluate/sd3_transformer", "sd3_transformer", f"--models=a={f['sd3_transformer']}",
            f"--prompts={f['prompts']}", f"--out={out}"),
+        ev("evaluate/model_tensor_renamed", "demo_renamed does not match the model config",
+           f"--models=a={f['demo_renamed']}", f"--prompts={f['prompts']}", f"--out={out}"),
         ev("evaluate/missing_prompts", "nonexistent.txt", f"--models={demo_model}", f"--prompts={nowhere}.txt",
            f"--out={out}"),
         ev("evaluate/blank_prompt", "blank_prompts.txt", f"--models={demo_model}", f"--prompts={f['blank_prompts']}",

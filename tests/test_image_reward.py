@@ -163,8 +163,9 @@ def test_image_reward_weight_errors(tmp_path):
     del broken["blip.text_encoder.encoder.layer.1.crossattention.self.key.weight"]
     broken["mlp.layers.0.weight"] = broken["mlp.layers.0.weight"][:, :4]
     folder = _folder(tmp_path / "broken", broken)
-    with pytest.raises(UserError, match=r"ImageReward\.pt does not match .*missing keys: text_encoder\.encoder\."
-                                        r"layer\.1\.crossattention\.self\.key\.weight; wrong shapes: mlp\.layers\.0"):
+    with pytest.raises(UserError, match=r"ImageReward\.pt does not match .*missing tensors \(1\): text_encoder\."
+                                        r"encoder\.layer\.1\.crossattention\.self\.key\.weight; wrong shapes \(1\): "
+                                        r"mlp\.layers\.0"):
         image_reward.load(folder)
     (folder / "med_config.json").unlink()
     with pytest.raises(UserError, match="no med_config.json"):

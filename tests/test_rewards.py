@@ -246,7 +246,8 @@ def test_hf_load_errors_name_the_keys(tmp_path):
     clip_model.load(tmp_path)
     tensors["extra.weight"] = tensors.pop("visual_projection.weight")
     safetensors.torch.save_file(tensors, file)
-    with pytest.raises(ValueError, match=r"missing keys: visual_projection\.weight; unexpected keys: extra\.weight"):
+    with pytest.raises(UserError, match=r"missing tensors \(1\): visual_projection\.weight; "
+                                        r"unexpected tensors \(1\): extra\.weight"):
         clip_model.load(tmp_path)
 
 
@@ -258,11 +259,12 @@ def test_open_clip_load_errors_name_the_keys(tmp_path, open_clip):
     tensors["attn_mask"] = torch.zeros(20, 20)  # a buffer older versions stored
     tensors["logit_bias"] = tensors.pop("visual.ln_post.bias")
     safetensors.torch.save_file(tensors, file)
-    with pytest.raises(ValueError, match=r"missing keys: visual\.ln_post\.bias; unexpected keys: logit_bias"):
+    with pytest.raises(UserError, match=r"missing tensors \(1\): visual\.ln_post\.bias; "
+                                        r"unexpected tensors \(1\): logit_bias"):
         open_clip_layout.load(tmp_path)
     wide = {**OPEN_CLIP_TINY, "text_cfg": {**OPEN_CLIP_TINY["text_cfg"], "mlp_ratio": 2.0}}
     _save_open_clip(model, tmp_path, wide)
-    with pytest.raises(ValueError, match=r"wrong shapes: transformer\.resblocks\.0\.mlp\.c_fc\.bias in .*: "
+    with pytest.raises(UserError, match=r"wrong shapes \(\d+\): transformer\.resblocks\.0\.mlp\.c_fc\.bias in .*: "
                                          r"expected \(64,\), found \(40,\)"):
         open_clip_layout.load(tmp_path)
 

@@ -25,6 +25,7 @@ from jax.sharding import Mesh, NamedSharding
 from pnapo_jax import sharding, text
 from pnapo_jax.config import DEFAULT_RULES
 from pnapo_jax.convert import hf as hf_files
+from pnapo_jax.errors import UserError
 from pnapo_jax.models import clip, hf, t5
 
 # name -> (config overrides, sequence length); lengths beyond max_distance reach the logarithmic buckets.
@@ -178,15 +179,16 @@ def test_load_errors_name_the_keys(tmp_path):
     torch_t5().save_pretrained(tmp_path)
     _rewrite(tmp_path, lambda k: None if k == "encoder.final_layer_norm.weight" else k,
              {"encoder.block.0.layer.0.SelfAttention.extra.weight": torch.zeros(2)})
-    with pytest.raises(ValueError, match=r"missing keys: encoder\.final_layer_norm\.weight; unexpected keys: "
-                                         r"encoder\.block\.0\.layer\.0\.SelfAttention\.extra\.weight"):
+    with pytest.raises(UserError, match=r"missing tensors \(1\): encoder\.final_layer_norm\.weight; "
+                                        r"unexpected tensors \(1\): encoder\.block\.0\.layer\.0\.SelfAttention\."
+                                        r"extra\.weight"):
         hf_files.load_t5(tmp_path)
     torch_clip().save_pretrained(tmp_path / "clip")
     config = json.loads((tmp_path / "clip" / "config.json").read_text())
     (tmp_path / "clip" / "config.json").write_text(json.dumps({**config, "intermediate_size": 44}))
-    with pytest.raises(ValueError, match=r"wrong shapes: encoder\.layers\.0\.mlp\.fc1\.bias in .*: expected \(44,\), "
-                                         r"found \(40,\), encoder\.layers\.0\.mlp\.fc1\.weight in .*: "
-                                         r"expected \(44, 32\), found \(40, 32\)"):
+    with pytest.raises(UserError, match=r"wrong shapes \(\d+\): encoder\.layers\.0\.mlp\.fc1\.bias in .*: "
+                                        r"expected \(44,\), found \(40,\), encoder\.layers\.0\.mlp\.fc1\.weight in .*: "
+                                        r"expected \(44, 32\), found \(40, 32\)"):
         hf_files.load_clip_text(tmp_path / "clip")
 
 
@@ -261,5 +263,5 @@ def test_clip_with_projection_matches_transformers(tmp_path, name):
     assert len(states) == len(ref.hidden_states) == cfg.num_hidden_layers + 1
     for ours, theirs in zip(states, ref.hidden_states, strict=True):
         assert _rel_err(ours, theirs.numpy()) <= 1e-4
-    with pytest.raises(ValueError, match="unexpected keys.*text_projection"):  # not a plain CLIPTextModel
+    with pytest.raises(UserError, match="unexpected tensors.*text_projection"):  # not a plain CLIPTextModel
         hf_files.load_clip_text(tmp_path)

@@ -65,7 +65,7 @@ def load_pretrained(config: ml_collections.ConfigDict, cfg: flux.FluxConfig, sha
     mismatch = {k: (v, getattr(cfg, k)) for k, v in loaded_cfg.to_diffusers().items()
                 if k != "_class_name" and v != flux.FluxConfig.to_diffusers(cfg)[k]}
     if mismatch:
-        raise ValueError(f"{m.pretrained}: config.json differs from config.model (file, config): {mismatch}")
+        raise UserError(f"{m.pretrained}: config.json differs from config.model (file, config): {mismatch}")
     return params
 
 

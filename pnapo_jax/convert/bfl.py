@@ -49,7 +49,10 @@ def load_single_file(file: str | os.PathLike, config: Any, to_single: KeyMap, sw
     with files.open_safetensors(file) as f:
         stored = {k.removeprefix(prefix): k for k in f.keys()}
         layout.check_backbone(type(config), file, None, stored)
-        layout.check_keys([*fused, *buffers], dict.fromkeys(stored, file), file)
+        shapes = {single_key: (sum(lay.entries[k].shape[0] for k in names), *lay.entries[names[0]].shape[1:])
+                  for single_key, names in fused.items()}
+        shapes.update((key, x.shape) for key, x in buffers.items())
+        layout.check_keys(shapes, {k: tuple(f.get_slice(name).get_shape()) for k, name in stored.items()}, file)
         for key, expected in buffers.items():
             layout.check_buffer(stored[key], file, expected, f.get_tensor(stored[key]))
 
@@ -59,7 +62,6 @@ def load_single_file(file: str | os.PathLike, config: Any, to_single: KeyMap, sw
                 rows = [lay.entries[k].shape[0] for k in names]
                 x = f.get_tensor(stored[single_key])
                 files.check_finite(stored[single_key], file, x)
-                layout.check_shape(stored[single_key], file, (sum(rows), *lay.entries[names[0]].shape[1:]), x.shape)
                 x = _swap_halves_if_needed(single_key, x, swapped)
                 for name, part in zip(names, np.split(x, np.cumsum(rows)[:-1]), strict=True):
                     yield name, part, file

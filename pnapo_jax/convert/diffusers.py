@@ -40,7 +40,8 @@ def load_diffusers_transformer(path: str | os.PathLike, dtype: Any = None, shard
     cfg = config_cls.from_diffusers(config, **config_overrides)
     lay = layout.layout(cfg, scanned=cfg.scan_layers)
     buffers = layout.buffers(cfg)
-    layout.check_keys([*lay.entries, *buffers], where, str(folder))
+    expected = {**{key: e.shape for key, e in lay.entries.items()}, **{key: x.shape for key, x in buffers.items()}}
+    layout.check_keys(expected, files.header_shapes(where), str(folder), where)
     for key, x, source in files.iter_tensors({k: where[k] for k in buffers}):
         layout.check_buffer(key, source, buffers[key], x)
     ordered = {key: where[key] for key in sorted(where, key=layout.by_leaf) if key not in buffers}

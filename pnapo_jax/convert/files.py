@@ -8,7 +8,7 @@ import json
 import os
 import pathlib
 import re
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Collection, Iterable, Iterator, Mapping
 from typing import Any
 
 import huggingface_hub
@@ -28,6 +28,7 @@ INDEX_NAME = f"{WEIGHTS_NAME}.index.json"
 TRANSFORMER_SUBFOLDER = "transformer"
 DEFAULT_CACHE_DIR = "~/.cache/pnapo_jax"
 _HUB_ID_RE = re.compile(r"^[\w.-]+/[\w.-]+$")
+_MAX_LISTED = 8  # names shown per kind of mismatch; the count says how many there are
 
 
 def resolve_transformer_dir(path: str | os.PathLike, cache_dir: str | os.PathLike | None = None) -> pathlib.Path:
@@ -145,9 +146,39 @@ def keys_by_file(files: Iterable[str]) -> dict[str, str]:
         with open_safetensors(file) as f:
             for key in f.keys():
                 if key in where:
-                    raise ValueError(f"{key} is stored twice: in {where[key]} and in {file}")
+                    raise UserError(f"{key} is stored twice: in {where[key]} and in {file}")
                 where[key] = file
     return where
+
+
+def header_shapes(where: Mapping[str, str]) -> dict[str, tuple[int, ...]]:
+    """Each tensor's shape (`where`: name -> its file), read from the headers only."""
+    shapes = {}
+    for file in sorted(set(where.values())):
+        with open_safetensors(file) as f:
+            shapes.update((k, tuple(f.get_slice(k).get_shape())) for k in f.keys() if k in where)
+    return shapes
+
+
+def mismatch(missing: Collection[str], unexpected: Collection[str], misshaped: Collection[str] = ()) -> str:
+    """How a checkpoint's tensors differ from those of the model config, in one line ('' if they do not): each
+    kind's count and its first names."""
+    parts = []
+    for what, names in (("missing tensors", missing), ("unexpected tensors", unexpected),
+                        ("wrong shapes", misshaped)):
+        if names:
+            names = sorted(names)
+            more = ", ..." if len(names) > _MAX_LISTED else ""
+            parts.append(f"{what} ({len(names)}): {', '.join(names[:_MAX_LISTED])}{more}")
+    return "; ".join(parts)
+
+
+def check_tensors(source: str, missing: Collection[str], unexpected: Collection[str],
+                  misshaped: Collection[str] = ()) -> None:
+    """Weights that do not match the model config are the user's to fix (another model's folder, a bad
+    conversion): one UserError line naming `source` (their folder or file) and the tensors."""
+    if problems := mismatch(missing, unexpected, misshaped):
+        raise UserError(f"{source} does not match the model config: {problems}")
 
 
 def iter_tensors(where: Mapping[str, str]) -> Iterator[tuple[str, np.ndarray, str]]:

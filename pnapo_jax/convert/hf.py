@@ -28,7 +28,6 @@ WEIGHTS_NAME = "model.safetensors"
 INDEX_NAME = f"{WEIGHTS_NAME}.index.json"
 _INDEXED_RE = re.compile(r"^(block|layer|layers)_(\d+)$")
 _LEAF_NAMES = {"kernel": "weight", "embedding": "weight", "scale": "weight"}
-_MAX_LISTED = 8
 
 
 def hf_key(path: tuple[str, ...]) -> str:
@@ -52,12 +51,6 @@ def weight_files(folder: pathlib.Path) -> list[str]:
     return [str(folder / name) for name in files.weight_files(folder, WEIGHTS_NAME, INDEX_NAME)]
 
 
-def _listed(names: Collection[str]) -> str:
-    names = sorted(names)
-    more = f" ... ({len(names)} in all)" if len(names) > _MAX_LISTED else ""
-    return ", ".join(names[:_MAX_LISTED]) + more
-
-
 def dtypes(dtype: Dtype = None, param_dtype: Dtype = None) -> dict[str, str]:
     """Config dtype fields: compute `dtype` (default float32) and storage `param_dtype` (default `dtype`)."""
     dtype = jnp.dtype(dtype or jnp.float32).name
@@ -79,7 +72,7 @@ def load_params(folder: str | os.PathLike, init_params: Callable[[Any, jax.Array
     `stored_keys(keys in the files)` gives, for each key our params expect, the key it is stored under
     (checkpoint conventions: prefixes, tied copies); stored keys it leaves out are ignored. Tensors are read
     one at a time (bf16 included), transposed, cast and placed with `shardings` (a tree like the params, or
-    None). Missing, unexpected and mis-shaped keys raise a ValueError naming them.
+    None). Missing, unexpected and mis-shaped keys are one UserError line naming them.
     """
     folder = pathlib.Path(folder)
     where = files.keys_by_file(weight_files(folder))
@@ -100,22 +93,15 @@ def load_params(folder: str | os.PathLike, init_params: Callable[[Any, jax.Array
 
 def check_keys(folder: pathlib.Path, where: Mapping[str, str], stored: Mapping[str, str],
                expected: Mapping[str, tuple[int, ...]]) -> None:
-    """One ValueError naming every missing, unexpected and mis-shaped key (shapes read from the headers).
+    """One UserError line naming every missing, unexpected and mis-shaped key (shapes read from the headers).
 
     `where`: stored key -> its file; `stored`: our key -> stored key; `expected`: our key -> stored shape.
     """
-    found = {}
-    for file in set(where.values()):
-        with files.open_safetensors(file, "flax") as f:
-            found.update((k, tuple(f.get_slice(k).get_shape())) for k in f.keys())
-    missing = set(expected) - set(stored)
+    found = files.header_shapes(where)
     unexpected = [f"{k} (stored as {stored[k]} in {where[stored[k]]})" for k in set(stored) - set(expected)]
     misshaped = [f"{stored[k]} in {where[stored[k]]}: expected {tuple(shape)}, found {found[stored[k]]}"
                  for k, shape in expected.items() if k in stored and found[stored[k]] != tuple(shape)]
-    problems = [f"{what}: {_listed(names)}" for what, names in (
-        ("missing keys", missing), ("unexpected keys", unexpected), ("wrong shapes", misshaped)) if names]
-    if problems:
-        raise ValueError(f"{folder} does not match the model config: " + "; ".join(problems))
+    files.check_tensors(str(folder), set(expected) - set(stored), unexpected, misshaped)
 
 
 def _load(folder: str | os.PathLike, hf_config_cls: type, config_cls: type, model: Any, dtype: Any,

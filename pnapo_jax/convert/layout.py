@@ -17,14 +17,13 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from pnapo_jax.convert import keys
+from pnapo_jax.convert import files, keys
 from pnapo_jax.errors import UserError
 from pnapo_jax.models import flux, sd3
 
 Path = tuple[str, ...]
 _PER_LAYER_RE = re.compile(r"^(.+)_(\d+)$")
 _BLOCK_KEY_RE = re.compile(r"^([a-z_]+)\.(\d+)\.(.+)$")  # `transformer_blocks.3.rest`, `double_blocks.3.rest`
-_MAX_LISTED = 8
 
 
 @dataclasses.dataclass(frozen=True)
@@ -161,27 +160,29 @@ def check_backbone(config_cls: type, source: str, class_name: str | None, stored
                         f"config.model.pretrained at {expected.upper()} weights")
 
 
-def _listed(names: list[str]) -> str:
-    more = f" ... ({len(names)} in all)" if len(names) > _MAX_LISTED else ""
-    return ", ".join(names[:_MAX_LISTED]) + more
-
-
-def check_keys(expected: Iterable[str], found: Iterable[str] | Mapping[str, str], source: str) -> None:
-    """Raise one ValueError naming the missing and unexpected keys; a mapping `found` gives each key's file."""
-    expected, where = set(expected), found if isinstance(found, Mapping) else None
-    found = set(found)
-    missing, unexpected = sorted(expected - found), sorted(found - expected)
-    if where is not None:
-        unexpected = [f"{k} (in {where[k]})" for k in unexpected]
-    problems = [f"{what} keys: {_listed(names)}" for what, names in (("missing", missing), ("unexpected", unexpected))
-                if names]
-    if problems:
-        raise ValueError(f"{source} does not match the model config: " + "; ".join(problems))
+def check_keys(expected: Mapping[str, tuple[int, ...]], found: Mapping[str, tuple[int, ...]], source: str,
+               where: Mapping[str, str] | None = None) -> None:
+    """A checkpoint's tensors (`found`: name -> shape, from the headers) against the model config's (`expected`:
+    name -> stored shape): one UserError line naming `source` and the missing, unexpected and mis-shaped names
+    with their counts; `where` (name -> file) names each unexpected or mis-shaped tensor's file."""
+    named = (lambda k: f"{k} in {where[k]}") if where is not None else str
+    misshaped = [f"{named(k)}: expected {tuple(shape)}, found {tuple(found[k])}" for k, shape in expected.items()
+                 if k in found and tuple(found[k]) != tuple(shape)]
+    files.check_tensors(source, set(expected) - set(found), [named(k) for k in set(found) - set(expected)],
+                        misshaped)
 
 
 def check_shape(key: str, source: str, expected: tuple[int, ...], found: tuple[int, ...]) -> None:
+    """One tensor of a checkpoint file (`source`) against the shape the model config gives it."""
     if tuple(found) != tuple(expected):
-        raise ValueError(f"{key} in {source}: expected shape {tuple(expected)}, found {tuple(found)}")
+        raise UserError(f"{key} in {source}: expected shape {tuple(expected)}, found {tuple(found)}")
+
+
+def check_tree(expected: Iterable[str], found: Iterable[str], what: str) -> None:
+    """A tree our code built (params, shardings, adapters) against the layout: a mismatch is a bug, a ValueError."""
+    expected, found = set(expected), set(found)
+    if problems := files.mismatch(expected - found, found - expected):
+        raise ValueError(f"{what} does not match the model config: {problems}")
 
 
 def by_leaf(key: str) -> tuple[str, int]:
@@ -229,7 +230,7 @@ def _flat_shardings(shardings: Any, lay: Layout) -> dict[Path, Any]:
     if shardings is None:
         return {}
     flat = traverse_util.flatten_dict(shardings)
-    check_keys(map("/".join, lay.leaves), map("/".join, flat), "the shardings tree")
+    check_tree(map("/".join, lay.leaves), map("/".join, flat), "the shardings tree")
     return flat
 
 
@@ -237,9 +238,11 @@ def export_layout(cfg: Any, params: Any) -> tuple[Layout, dict[Path, Any]]:
     """The layout of `params` (scanned or per-layer, boxed or not) and its flat leaves, checked against `cfg`."""
     flat = traverse_util.flatten_dict(nn.meta.unbox(params))
     lay = layout(cfg, scanned=is_scanned(cfg, flat))
-    check_keys(map("/".join, lay.leaves), map("/".join, flat), "the params tree")
-    for path, shape in lay.leaves.items():
-        check_shape("/".join(path), "params", shape, flat[path].shape)
+    check_tree(map("/".join, lay.leaves), map("/".join, flat), "the params tree")
+    misshaped = {"/".join(path): (shape, flat[path].shape) for path, shape in lay.leaves.items()
+                 if tuple(flat[path].shape) != tuple(shape)}
+    if misshaped:
+        raise ValueError(f"the params tree does not match the model config: (expected, found) shapes {misshaped}")
     return lay, flat
 
 

@@ -35,7 +35,7 @@ def lora_state_dict(cfg: flux.FluxConfig, lora: Any) -> dict[str, Any]:
         out[f"{module}.lora_A.weight"] = a
         out[f"{module}.lora_B.weight"] = (b * cfg.lora_scale).astype(b.dtype)
         used.update("/".join(path) for path in paths)
-    layout.check_keys(used, map("/".join, flat), "the LoRA params tree")
+    layout.check_tree(used, map("/".join, flat), "the LoRA params tree")
     return out
 
 

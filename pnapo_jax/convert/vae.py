@@ -89,7 +89,7 @@ def load_vae(path: str | os.PathLike, dtype: Any = None, **config_overrides: Any
 
     `dtype` is the params' and the computation's dtype (default: float32); `config_overrides` are VAEConfig
     fields and win over it, e.g. `param_dtype="float32"` with `dtype="bfloat16"` keeps fp32 weights.
-    Raises ValueError naming the missing, unexpected or mis-shaped keys.
+    Weights that do not match the config are one UserError line naming the folder and the tensors.
     """
     folder = resolve_vae_dir(path)
     if dtype is not None:
@@ -98,10 +98,9 @@ def load_vae(path: str | os.PathLike, dtype: Any = None, **config_overrides: Any
     cfg = config_from_diffusers(files.read_json(folder / files.CONFIG_NAME), **config_overrides)
     entries = vae_layout(cfg)
     where = files.keys_by_file([str(folder / name) for name in files.weight_files(folder)])
-    layout.check_keys(entries, where, f"VAE folder {folder}")
+    layout.check_keys({key: shape for key, (_, shape) in entries.items()}, files.header_shapes(where),
+                      f"VAE folder {folder}", where)
     params = {}
-    for key, x, source in files.iter_tensors(where):
-        leaf_path, shape = entries[key]
-        layout.check_shape(key, source, shape, x.shape)
-        params[leaf_path] = jnp.asarray(_flax_layout(x), cfg.param_dtype)
+    for key, x, _ in files.iter_tensors(where):
+        params[entries[key][0]] = jnp.asarray(_flax_layout(x), cfg.param_dtype)
     return cfg, traverse_util.unflatten_dict(params)

@@ -146,15 +146,12 @@ def params_from_state_dict(cfg: ImageRewardConfig, state: Mapping[str, np.ndarra
     naming the file and the missing or mis-shaped keys; unused keys are ignored."""
     state = {k.removeprefix(_PREFIX): v for k, v in state.items()}
     expected = hf_files.param_keys(init_params, cfg)
-    missing = sorted(k for k in expected if k not in state)
+    missing = [k for k in expected if k not in state]
     misshaped = [f"{k}: expected {shape}, found {state[k].shape}" for k, (_, shape) in expected.items()
                  if k in state and tuple(state[k].shape) != tuple(shape)]
-    if missing or misshaped:
-        more = lambda xs: ", ".join(xs[:6]) + (f" ... ({len(xs)} in all)" if len(xs) > 6 else "")
-        problems = [f"{what}: {more(xs)}" for what, xs in (("missing keys", missing), ("wrong shapes", misshaped))
-                    if xs]
+    if problems := files.mismatch(missing, (), misshaped):
         raise UserError(f"{file} does not match ImageReward's architecture (med_config.json, vision_config.json): "
-                        + "; ".join(problems))
+                        f"{problems}")
     out = {}
     for key, (path, _) in expected.items():
         x = np.asarray(state[key])

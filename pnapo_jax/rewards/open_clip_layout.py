@@ -122,7 +122,7 @@ def _stored_shape(key: str, part: int | None, hf_shape: tuple[int, ...]) -> tupl
 
 
 def load(folder: str | os.PathLike, dtype: Any = None, param_dtype: Any = None) -> tuple[CLIPConfig, dict[str, Any]]:
-    """(config, params) from an open_clip folder; missing, unexpected and mis-shaped keys raise a ValueError."""
+    """(config, params) from an open_clip folder; missing, unexpected and mis-shaped keys are one UserError line."""
     folder = pathlib.Path(folder)
     for name in (CONFIG_NAME, WEIGHTS_NAME):
         if not (folder / name).is_file():
