@@ -178,10 +178,10 @@ def check_shape(key: str, source: str, expected: tuple[int, ...], found: tuple[i
         raise UserError(f"{key} in {source}: expected shape {tuple(expected)}, found {tuple(found)}")
 
 
-def check_tree(expected: Iterable[str], found: Iterable[str], what: str) -> None:
+def check_tree(expected: Iterable[str], found: Iterable[str], what: str, misshaped: Iterable[str] = ()) -> None:
     """A tree our code built (params, shardings, adapters) against the layout: a mismatch is a bug, a ValueError."""
     expected, found = set(expected), set(found)
-    if problems := files.mismatch(expected - found, found - expected):
+    if problems := files.mismatch(expected - found, found - expected, list(misshaped)):
         raise ValueError(f"{what} does not match the model config: {problems}")
 
 
@@ -238,11 +238,9 @@ def export_layout(cfg: Any, params: Any) -> tuple[Layout, dict[Path, Any]]:
     """The layout of `params` (scanned or per-layer, boxed or not) and its flat leaves, checked against `cfg`."""
     flat = traverse_util.flatten_dict(nn.meta.unbox(params))
     lay = layout(cfg, scanned=is_scanned(cfg, flat))
-    check_tree(map("/".join, lay.leaves), map("/".join, flat), "the params tree")
-    misshaped = {"/".join(path): (shape, flat[path].shape) for path, shape in lay.leaves.items()
-                 if tuple(flat[path].shape) != tuple(shape)}
-    if misshaped:
-        raise ValueError(f"the params tree does not match the model config: (expected, found) shapes {misshaped}")
+    misshaped = [f"{'/'.join(path)}: expected {tuple(shape)}, found {flat[path].shape}"
+                 for path, shape in lay.leaves.items() if path in flat and tuple(flat[path].shape) != tuple(shape)]
+    check_tree(map("/".join, lay.leaves), map("/".join, flat), "the params tree", misshaped)
     return lay, flat
 
 

@@ -89,7 +89,8 @@ def load_base(folder: str | pathlib.Path = DEFAULT_BASE, dtype: Any = jnp.float3
               ) -> tuple[ModelConfig, dict[str, Any]]:
     """(config, params, float32 unless `dtype`) of a shipped base model, or of another `save_base` output, of either
     backbone."""
-    return convert.load_diffusers_transformer(folder, dtype=dtype, config_cls=type(base_config(folder)))
+    config_class = backbones.BACKBONES[folder_backbone(folder)].config_class
+    return convert.load_diffusers_transformer(folder, dtype=dtype, config_cls=config_class)
 
 
 def sample_latents(cfg: ModelConfig, params: Any, prompts: Sequence[str], noise_BxIxC: jax.Array, num_steps: int,
