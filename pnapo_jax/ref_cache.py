@@ -20,7 +20,7 @@ import ml_collections
 import numpy as np
 from etils import epath
 
-from pnapo_jax import objective
+from pnapo_jax import objective, reference
 from pnapo_jax.backbones import record_conditioning
 from pnapo_jax.convert import files
 from pnapo_jax.data.batch import LATENT_KEYS, NOISE_KEYS, REF_CACHE_KEYS, TEXT_KEYS
@@ -37,12 +37,16 @@ def folder(config: ml_collections.ConfigDict, workdir: str | epath.Path) -> epat
 
 
 def _meta(config: ml_collections.ConfigDict, data: str, num_records: int, t_G: np.ndarray) -> dict[str, Any]:
-    """Everything the cached errors depend on: the records, the reference weights, its inputs' t and guidance."""
+    """Everything the cached errors depend on: the records, the reference weights, its inputs' t and guidance.
+    The weights by content (reference.fingerprint), not path: a copy elsewhere, e.g. the embedded base in
+    another install, reuses the cache."""
     m = config.model
+    weights = {k: v for k, v in reference.fingerprint(m).items() if k != "source"}
     return {"data": data or f"synthetic (num {config.data.synthetic_num}, seed {config.seed})",
             "records": num_records, "grid_t": [round(float(t), 7) for t in t_G], "guidance": config.pnapo.guidance,
-            "pretrained": m.pretrained, "random_init_seed": None if m.pretrained else config.seed,
-            "reference_dtype": m.reference_dtype, "model": json.loads(m.to_json_best_effort())}
+            "weights": weights, "random_init_seed": None if m.pretrained else config.seed,
+            "reference_dtype": m.reference_dtype,
+            "model": {k: v for k, v in json.loads(m.to_json_best_effort()).items() if k != "pretrained"}}
 
 
 def _errors_fn(setup: Setup, guidance: float) -> Callable:

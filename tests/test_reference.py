@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 from etils import epath
 
-from pnapo_jax import convert, export, reference, train
+from pnapo_jax import convert, export, ref_cache, reference, train
 from pnapo_jax.errors import UserError
-from pnapo_jax.setup import make_setup
+from pnapo_jax.setup import base_params, init_state, make_setup
 
 ROOT = epath.Path(__file__).parent.parent
 sys.path.insert(0, str(ROOT / "configs"))
@@ -105,3 +105,26 @@ def test_seeded_init_resumes_and_a_switch_to_pretrained_is_named(tmp_path):
     _save_weights(_config("", 1), tmp_path / "base", seed=0)
     with pytest.raises(UserError, match=re.escape(f"source 'the seeded init' -> {str(tmp_path / 'base')!r}")):
         reference.check_or_record(_config(str(tmp_path / "base"), 2), run, resuming=True)
+
+
+def test_reference_error_cache_follows_the_weights_content_not_their_path(tmp_path):
+    """The cache of the reference's errors (pnapo_jax/ref_cache.py) depends on the weights, not where they lie: the
+    same weights copied elsewhere (another clone's embedded base, a new install) reuse it; other weights at the
+    same path are refused."""
+    def cache(pretrained: str, lines: list[str]) -> dict[str, np.ndarray]:
+        config = _config(pretrained, 1)
+        config.t_sampling.kind, config.t_sampling.grid_size, config.pnapo.ref_cache = "grid", 2, True
+        config.data.synthetic_num = 8
+        setup = make_setup(config, jax.devices()[:1])
+        _, frozen = init_state(setup, base_params(setup))
+        return ref_cache.load_or_build(config, setup, frozen, train.make_source(config, ""), "", tmp_path / "run",
+                                       lines.append)
+
+    base, copy = tmp_path / "base", tmp_path / "copy"
+    _save_weights(_config(str(base), 1), base, seed=0)
+    shutil.copytree(base, copy)
+    built, lines = cache(str(base), []), []
+    assert cache(str(copy), lines).keys() == built.keys() and lines == []  # read back, nothing computed again
+    _save_weights(_config(str(base), 1), base, seed=1)
+    with pytest.raises(UserError, match=r"holds reference errors for another setup \(differs in weights\)"):
+        cache(str(base), [])
