@@ -3,7 +3,7 @@ without dynamic beta, on the same pairs, for the same steps, each tuned on the s
 
     python benchmarks/noise_modes.py --out=/tmp/noise_modes                 # ~1 h on 2 free cores
     python benchmarks/noise_modes.py --out=/tmp/nm_reflow --base=DIR        # from another base (e.g. reflowed)
-    python benchmarks/noise_modes.py --out=/tmp/nm --tune=false --pick=/tmp/noise_modes/picked.json  # reuse a pick
+    python benchmarks/noise_modes.py --out=/tmp/nm --pick=/tmp/noise_modes/picked.json  # reuse picks (others: tuned)
     python benchmarks/noise_modes.py --out=/tmp/nm --methods=independent_unshared,ipo,sft   # issue 18's cells
     python benchmarks/noise_modes.py --out=/tmp/nm --methods=,shared_noise,iterative         # issue 18, items 2, 4
 
@@ -245,7 +245,7 @@ def main(args: argparse.Namespace) -> None:
         p = pick(tuning[method], args.fidelity_bound)
         picked[method] = dict(beta=p["beta"], lr=p["lr"])
         print(f"{method}: picked beta {p['beta']:g}, lr {p['lr']:g}", flush=True)
-    (out / "picked.json").write_text(json.dumps(picked, indent=2))
+    (out / "picked.json").write_text(json.dumps({m: picked[m] for m in methods}, indent=2))  # this run's methods
 
     runs = {m: [dict(seed=s, evals=run(args, m, picked[m]["beta"], picked[m]["lr"], s, pairs, args.eval_every),
                      errors=last_errors(run_dir(args, m, picked[m]["beta"], picked[m]["lr"], s)),
@@ -306,7 +306,8 @@ if __name__ == "__main__":
     parser.add_argument("--lrs", default="1e-5,4e-5", help="the tuning grid's learning rates")
     parser.add_argument("--tune_seed", type=int, default=0)
     parser.add_argument("--seeds", default="1,2,3", help="the seeds each method's pick is reported on")
-    parser.add_argument("--pick", default="", help="picked.json of an earlier run: skip tuning, use its picks")
+    parser.add_argument("--pick", default="", help="picked.json of an earlier run: its methods skip tuning and use "
+                        "its picks; the other methods are tuned")
     parser.add_argument("--steps", type=int, default=60, help="train steps per run")
     parser.add_argument("--eval_every", type=int, default=15, help="steps between held-out sampling evals of the "
                         "seed runs")
