@@ -109,10 +109,13 @@ def test_policy_params_from_a_transformer_folder_are_its_weights_not_the_bases(g
 def test_script_end_to_end_on_the_fast_demo(gv, tmp_path, capsys):
     out = tmp_path / "gv.json"
     args = gv.parser().parse_args(["--pairs=synthetic", "--demo_variant=fast", "--batch=2", "--draws=3",
-                                   "--methods=independent_unshared,shared_noise", f"--out={out}"])
+                                   "--methods=independent_unshared,shared_noise,independent+shared_noise",
+                                   f"--out={out}"])
     gv.main(args)
     text = capsys.readouterr().out
-    assert "shared_noise: skipped, no pairs" in text and "load before" in text and "relative variance" in text
+    # both methods of the shared-noise pairs (PNAPO and the Flow-DPO control) need them: neither runs on --pairs
+    assert "\nshared_noise: skipped, no pairs" in text and "\nindependent+shared_noise: skipped, no pairs" in text
+    assert "load before" in text and "relative variance" in text
     result = json.loads(out.read_text())["methods"]
     assert set(result) == {"independent_unshared"}
     for kind in ("fixed", "redrawn"):
