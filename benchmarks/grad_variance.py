@@ -33,7 +33,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 from jax.flatten_util import ravel_pytree  # noqa: E402
 from machine import describe, load  # noqa: E402
-from noise_modes import GENERATION_VARIANTS, METHODS, demo_config  # noqa: E402
+from noise_modes import METHODS, demo_config, own_pairs_variant  # noqa: E402
 
 from pnapo_jax import cli, export, sharding, train  # noqa: E402
 from pnapo_jax.data.pipeline import global_batch  # noqa: E402
@@ -166,8 +166,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
           f"{args.policy or 'the base'}", flush=True)
     results = {}
     for m in methods:
-        own = any(v in GENERATION_VARIANTS for v in m.split("+"))  # trains on its own pairs, as in noise_modes
-        pairs = args.shared_noise_pairs if own else args.pairs
+        pairs = args.shared_noise_pairs if own_pairs_variant(m) else args.pairs  # the pairs it trains on
         if not pairs or (pairs != "synthetic" and not Path(pairs).exists()):
             print(f"{m}: skipped, no pairs (--shared_noise_pairs={pairs!r} not found)", flush=True)
             continue

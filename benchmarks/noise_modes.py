@@ -128,10 +128,15 @@ def regen_costs(workdir: Path) -> dict[str, float]:
     return {k: sum(x[f"regen/{k}"] for x in lines) for k in ("seconds", "images", "model_forwards")} if lines else {}
 
 
+def own_pairs_variant(variants: str) -> str | None:
+    """The GENERATION_VARIANTS member of a method's variants ("a+b"), whose pairs it trains on; None: OUT/pairs."""
+    return next((v for v in variants.split("+") if v in GENERATION_VARIANTS), None)
+
+
 def method_pairs(args: argparse.Namespace, method: str, shared: str) -> str:
     """The pairs `method` trains on: `shared` (OUT/pairs), or for GENERATION_VARIANTS its own OUT/<variant>/pairs
     of the same prompts, generated with its settings (resumably, once)."""
-    variant = next((v for v in METHODS[method].split("+") if v in GENERATION_VARIANTS), None)
+    variant = own_pairs_variant(METHODS[method])
     if variant is None:
         return shared
     gen = demo_config(variant, args.demo_variant)
