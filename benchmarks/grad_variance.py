@@ -154,6 +154,8 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         return out
     if not args.pairs:
         raise UserError("--pairs: the pairs dataset to take the gradients on (or --table=JSON to print a result)")
+    if args.pairs != "synthetic" and not Path(args.pairs).exists():
+        raise UserError(f"--pairs={args.pairs}: not found (a pairs dataset, e.g. noise_modes' OUT/pairs)")
     methods = [m for m in args.methods.split(",") if m]
     unknown = [m for m in methods if m not in NAMES or m == "iterative"]
     if unknown:

@@ -13,6 +13,7 @@ from jax.flatten_util import ravel_pytree
 
 from pnapo_jax import train
 from pnapo_jax.data.pipeline import global_batch
+from pnapo_jax.errors import UserError
 from pnapo_jax.setup import base_params, make_setup
 from pnapo_jax.sharding import batch_sharding
 from pnapo_jax.step import batch_gradients
@@ -126,3 +127,13 @@ def test_script_end_to_end_on_the_fast_demo(gv, tmp_path, capsys):
     gv.main(gv.parser().parse_args([f"--table={out}"]))  # the table again, from the JSON
     again = capsys.readouterr().out.strip()
     assert sum(line.startswith("| ") for line in again.splitlines()) == 2 and text.strip().endswith(again)
+
+
+def test_missing_pairs_are_one_line_naming_the_flag_before_any_work(gv, tmp_path):
+    """A --pairs that does not exist is refused up front, naming --pairs (it used to skip every method and write an
+    empty result, the skip line naming --shared_noise_pairs)."""
+    args = gv.parser().parse_args([f"--pairs={tmp_path / 'nope'}", "--methods=independent_unshared",
+                                   f"--out={tmp_path / 'gv.json'}"])
+    with pytest.raises(UserError, match=rf"^--pairs={tmp_path / 'nope'}: not found"):
+        gv.main(args)
+    assert not (tmp_path / "gv.json").exists()
